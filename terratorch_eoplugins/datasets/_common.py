@@ -1,0 +1,128 @@
+"""Shared helpers for the package's torchgeo datasets: clear errors, file checks, splits, collation.
+
+Every loader in :mod:`terratorch_eoplugins.datasets` reports bad input through these helpers so
+that messages always name the offending file or argument and say what was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+from torchgeo.datasets import DatasetNotFoundError
+
+logger = logging.getLogger("terratorch_eoplugins.datasets")
+
+
+class EODataError(ValueError):
+    """A data file exists but does not match the expected format (shape, dtype, field, CRS...)."""
+
+
+class EODatasetNotFoundError(DatasetNotFoundError):
+    """torchgeo's :class:`DatasetNotFoundError` with a message naming the missing path.
+
+    Data cannot be downloaded by this package (no network at run time), so the message points
+    at the synthetic-world generator as the offline alternative.
+    """
+
+    def __init__(self, path: str | Path, what: str, hint: str | None = None) -> None:
+        msg = f"{what} not found: {str(path)!r}."
+        msg += " " + (hint or "Download the dataset manually, or write the synthetic world with `eoplugins synth --out DIR`.")
+        FileNotFoundError.__init__(self, msg)
+
+
+def require_dir(path: str | Path, what: str, hint: str | None = None) -> Path:
+    """Return ``path`` as a :class:`Path`, raising :class:`EODatasetNotFoundError` if it is not a directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise EODatasetNotFoundError(p, what, hint)
+    return p
+
+
+def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
+    """Return ``path`` as a :class:`Path`, raising :class:`EODatasetNotFoundError` if it is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EODatasetNotFoundError(p, what, hint)
+    return p
+
+
+def check_array(arr: np.ndarray, path: str | Path, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
+                dtypes: Iterable[Any] | None = None) -> np.ndarray:
+    """Validate an array read from ``path``: number of dimensions, shape (``None`` = any) and dtype.
+
+    Raises :class:`EODataError` naming the file, what was found and what was expected.
+    """
+    if ndim is not None and arr.ndim != ndim:
+        raise EODataError(f"{path}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
+    if shape is not None:
+        if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+            exp = "x".join("*" if s is None else str(s) for s in shape)
+            raise EODataError(f"{path}: expected shape {exp}, got {'x'.join(map(str, arr.shape))}")
+    if dtypes is not None:
+        allowed = [np.dtype(d) for d in dtypes]
+        if arr.dtype not in allowed:
+            raise EODataError(f"{path}: expected dtype {' or '.join(str(d) for d in allowed)}, got {arr.dtype}")
+    return arr
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Deterministically shuffle ``range(n)`` with ``seed`` and cut it by ``fractions`` (summing to 1)."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must sum to 1, got {list(fractions)}")
+    perm = np.random.default_rng(seed).permutation(n)
+    cuts = np.round(np.cumsum(fractions)[:-1] * n).astype(int)
+    return [np.sort(p) for p in np.split(perm, cuts)]
+
+
+def subsample_fraction(indices: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Keep ``fraction`` (0, 1] of ``indices`` (at least one), chosen deterministically by ``seed``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    idx = list(indices)
+    if fraction >= 1.0 or not idx:
+        return idx
+    k = max(1, int(round(fraction * len(idx))))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(idx, size=k, replace=False))
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Collate a list of sample dicts.
+
+    Tensors with equal shapes are stacked; tensors of different shapes (e.g. date vectors of
+    different lengths) and non-tensor metadata (CRS strings, file names, dicts) are kept as lists.
+    Nested dicts (multi-modal ``image``) are collated recursively.
+    """
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        first = vals[0]
+        if isinstance(first, Mapping):
+            out[key] = collate_samples(vals)
+        elif isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.shape == first.shape for v in vals):
+            out[key] = torch.stack(vals)
+        elif isinstance(first, (int, float, np.integer, np.floating)) and not isinstance(first, bool):
+            out[key] = default_collate(vals)
+        else:
+            out[key] = list(vals)
+    return out
+
+
+def filter_batch_keys(batch: dict[str, Any], keep: Iterable[str] | None) -> dict[str, Any]:
+    """Drop batch entries that a model would receive as unexpected keyword arguments.
+
+    terratorch tasks forward every batch key except ``image``/``mask``/``filename`` to
+    ``backbone.forward(**kwargs)``; baselines such as Prithvi reject unknown keys. ``keep`` lists
+    the extra keys the configured model accepts (``None`` keeps everything).
+    """
+    if keep is None:
+        return batch
+    allowed = {"image", "mask", "target", "filename", *keep}
+    return {k: v for k, v in batch.items() if k in allowed}
