@@ -38,8 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--products", nargs="+", default=None, help="subset of products (default: all available)")
     p.add_argument("--overwrite", action="store_true", help="rewrite even if the same world is already there")
     p.set_defaults(func=_synth)
+    d = sub.add_parser("demo", help="quickstart: synthetic world, terratorch fit + test, metrics vs. majority class",
+                       add_help=False)
+    d.set_defaults(func=None)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from terratorch_eoplugins.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

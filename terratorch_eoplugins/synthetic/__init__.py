@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import time
@@ -104,7 +105,7 @@ def write_world(out_dir: str | Path, size: str = "tiny", seed: int = 0, products
         if name in EXTRA_PRODUCTS:
             module = importlib.import_module(f"terratorch_eoplugins.synthetic.{name}")
             kwargs = {"size": size, "seed": seed}
-            if "world" in getattr(module, f"write_{name}").__code__.co_varnames:
+            if "world" in inspect.signature(getattr(module, f"write_{name}")).parameters:
                 kwargs["world"] = world
             written[name] = Path(getattr(module, f"write_{name}")(out, **kwargs))
     manifest.write_text(json.dumps({

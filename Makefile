@@ -1,0 +1,29 @@
+# Quickstart targets. Both create .venv with the Python given by PY (3.11+), install the package, then run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: demo test install clean-demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is left unpinned on purpose: PyPI's build (CUDA-enabled, runs on CPU) matches PyPI's torchvision.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## demo: install, write the demo synthetic world if absent, train + test the PASTIS demo config, print metrics
+demo: $(VENV)/.installed
+	$(BIN)/eoplugins demo --config configs/micro_unet_pastis.yaml --data-dir data/demo --size demo
+
+## test: install, then run the whole test suite (what .ci/run calls)
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean-demo:
+	rm -rf data/demo runs

@@ -1,0 +1,140 @@
+"""The quickstart demo: synthetic world -> ``terratorch fit`` -> ``terratorch test`` -> metrics vs. a trivial baseline.
+
+Runs the real terratorch CLI in subprocesses, exactly as a user would type it, then reads the metrics
+that the CSV logger wrote and compares the test mIoU with the majority-class baseline computed with
+the same torchmetrics metric on the same test pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def _terratorch(args: list[str], env: dict[str, str]) -> None:
+    exe = shutil.which("terratorch", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    cmd = [exe] if exe else [sys.executable, "-m", "terratorch"]
+    print("$", " ".join(["terratorch", *args]), flush=True)
+    subprocess.run([*cmd, *args], check=True, env=env)
+
+
+def _last_metrics(metrics_csv: Path) -> dict[str, float]:
+    """Merge the rows of a Lightning CSVLogger file, later values winning."""
+    out: dict[str, float] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if v not in ("", None):
+                    try:
+                        out[k] = float(v)
+                    except ValueError:
+                        pass
+    return out
+
+
+def majority_baseline(data_config: Path, root: str | None = None) -> dict[str, float]:
+    """mIoU and pixel accuracy on the test split of always predicting the train split's most frequent class."""
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    import terratorch_eoplugins  # noqa: F401
+
+    cfg = yaml.safe_load(data_config.read_text())
+    if root is not None:
+        cfg.setdefault("init_args", {})["root"] = root
+    module_name, cls_name = cfg["class_path"].rsplit(".", 1)
+    cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+    dm = cls(**cfg.get("init_args", {}))
+    dm.setup("fit")
+    counts = torch.zeros(dm.num_classes, dtype=torch.long)
+    for i in range(len(dm.train_dataset)):
+        m = dm.train_dataset[i]["mask"]
+        counts += torch.bincount(m[m >= 0].flatten(), minlength=dm.num_classes)[: dm.num_classes]
+    majority = int(counts.argmax())
+    dm.setup("test")
+    miou = MulticlassJaccardIndex(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
+    acc = MulticlassAccuracy(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="micro")
+    for i in range(len(dm.test_dataset)):
+        m = dm.test_dataset[i]["mask"][None]
+        pred = torch.full_like(m, majority)
+        miou.update(pred, m)
+        acc.update(pred, m)
+    return {"majority_class": majority, "mIoU": float(miou.compute()), "Pixel_Accuracy": float(acc.compute())}
+
+
+def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "data/demo", size: str = "demo",
+             max_epochs: int | None = None, runs_dir: str = "runs") -> dict[str, float]:
+    """Write the world if absent, train and test ``config`` through the terratorch CLI, print a summary."""
+    from terratorch_eoplugins.synthetic import write_world
+
+    t0 = time.perf_counter()
+    written = write_world(data_dir, size=size, products=["s2_tiles", "s1_tiles", "pastis"])
+    pastis_root = str(written["pastis"])
+    print(f"synthetic world ({size}) ready in {data_dir} [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    env = dict(os.environ)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "demo_" + Path(config).stem
+    common = [f"--data.init_args.root={pastis_root}", f"--trainer.logger.init_args.save_dir={runs_dir}",
+              f"--trainer.default_root_dir={runs_dir}"]
+    fit_args = ["fit", "-c", config, *common, f"--trainer.logger.init_args.name={name}",
+                f"--trainer.logger.init_args.version=fit-{stamp}"]
+    if max_epochs is not None:
+        fit_args.append(f"--trainer.max_epochs={max_epochs}")
+    t1 = time.perf_counter()
+    _terratorch(fit_args, env)
+    fit_s = time.perf_counter() - t1
+    fit_dir = Path(runs_dir) / name / f"fit-{stamp}"
+    ckpts = sorted((fit_dir / "checkpoints").glob("best-*.ckpt"))
+    if not ckpts:
+        raise FileNotFoundError(f"no best-*.ckpt written under {fit_dir / 'checkpoints'}")
+    best = ckpts[-1]
+    t2 = time.perf_counter()
+    _terratorch(["test", "-c", config, *common, f"--trainer.logger.init_args.name={name}",
+                 f"--trainer.logger.init_args.version=test-{stamp}", f"--ckpt_path={best}"], env)
+    test_s = time.perf_counter() - t2
+    test_dir = Path(runs_dir) / name / f"test-{stamp}"
+    metrics = _last_metrics(test_dir / "metrics.csv")
+    data_piece = Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
+    base = majority_baseline(data_piece, root=pastis_root)
+
+    print("\n================ demo summary ================")
+    print(f"config            {config}")
+    print(f"fit / test time   {fit_s:.0f} s / {test_s:.0f} s   (total {time.perf_counter() - t0:.0f} s)")
+    print(f"checkpoint        {best}")
+    print(f"fit metrics       {fit_dir / 'metrics.csv'}")
+    print(f"test metrics      {test_dir / 'metrics.csv'}")
+    for key in ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score", "test/Accuracy"):
+        if key in metrics:
+            print(f"{key:18s}{metrics[key]:.4f}")
+    print(f"majority baseline mIoU {base['mIoU']:.4f}  pixel acc {base['Pixel_Accuracy']:.4f}"
+          f"  (always class {base['majority_class']})")
+    miou = metrics.get("test/mIoU", float("nan"))
+    verdict = "ABOVE" if miou > base["mIoU"] else "NOT above"
+    print(f"test mIoU {miou:.4f} is {verdict} the majority-class baseline {base['mIoU']:.4f}")
+    return {"test_mIoU": miou, "majority_mIoU": base["mIoU"], "fit_seconds": fit_s}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="eoplugins demo", description=__doc__)
+    p.add_argument("--config", default="configs/micro_unet_pastis.yaml")
+    p.add_argument("--data-dir", default="data/demo")
+    p.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--runs-dir", default="runs")
+    a = p.parse_args(argv)
+    res = run_demo(a.config, a.data_dir, a.size, a.max_epochs, a.runs_dir)
+    return 0 if res["test_mIoU"] > res["majority_mIoU"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
