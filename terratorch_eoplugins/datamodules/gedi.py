@@ -1,0 +1,52 @@
+"""Lightning datamodule for GEDI-collocated Sentinel-1/2 chips (:class:`GEDIChips`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from terratorch_eoplugins.datamodules._base import EODataModule
+from terratorch_eoplugins.datasets.gedi import GEDIChips
+
+
+class GEDIDataModule(EODataModule):
+    """Train/val/test :class:`GEDIChips` with spatial-block splits.
+
+    Batches hold ``image`` ``[B,14,H,W]``, the sparse target map ``mask`` (``ignore_value`` away from
+    footprints: set the same value as the task's ``ignore_index``), and, when listed in
+    ``batch_keys``, ``footprints``, ``footprint_mask``, ``waveform``, ``rh98``, ``cover``, ``pai``,
+    ``shot_number``, ``crs``, ``transform``, ``bounds``, ``location_coords``.
+
+    YAML::
+
+        data:
+          class_path: terratorch_eoplugins.datamodules.gedi.GEDIDataModule
+          init_args: {root: data/demo/GEDI, chip_size: 64, targets: [rh98], batch_size: 8}
+    """
+
+    def __init__(self, root: str = "data/demo/GEDI", composite: str | None = None, chip_size: int = 64,
+                 targets: Sequence[str] = ("rh98",), ignore_value: float = -1.0, require_footprints: bool = True,
+                 max_footprints: int | None = None, waveform_length: int = 1420, waveform_mode: str = "pad",
+                 filter_quality: bool = True, filter_degrade: bool = True, min_sensitivity: float | None = 0.9,
+                 filter_l2b_quality: bool = True, power_beams_only: bool = False, night_only: bool = False,
+                 block_chips: int = 2, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                 label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto",
+                 batch_size: int = 8, num_workers: int = 0, batch_keys: Sequence[str] | None = ()) -> None:
+        """Collect the :class:`GEDIChips` arguments (see there); ``composite`` defaults to
+        ``root/S2L2A_S1GRD_composite.tif``. ``label_fraction`` applies to the training split only."""
+        super().__init__(GEDIChips, batch_size=batch_size, num_workers=num_workers, batch_keys=batch_keys,
+                         root=str(root), composite=None if composite is None else str(Path(composite)),
+                         chip_size=chip_size, targets=tuple(targets), ignore_value=ignore_value,
+                         require_footprints=require_footprints, max_footprints=max_footprints,
+                         waveform_length=waveform_length, waveform_mode=waveform_mode,
+                         filter_quality=filter_quality, filter_degrade=filter_degrade,
+                         min_sensitivity=min_sensitivity, filter_l2b_quality=filter_l2b_quality,
+                         power_beams_only=power_beams_only, night_only=night_only, block_chips=block_chips,
+                         split_fractions=tuple(split_fractions), label_fraction=label_fraction, seed=seed,
+                         s2_units=s2_units)
+
+    def setup(self, stage: str) -> None:
+        """Build the split datasets; ``predict`` uses the test split."""
+        super().setup(stage)
+        if stage == "predict":
+            self.predict_dataset = self.dataset_class(split="test", **self.kwargs)
