@@ -1,21 +1,26 @@
 """Model families and their terratorch registrations.
 
-Importing this package registers every backbone/decoder/neck of the plugin. Each module adds its
-names to :data:`REGISTERED` so that tests and ``eoplugins registry`` can enumerate them.
+Importing this package registers every backbone/decoder/neck of the plugin. Each model module lists
+what it registers in a module-level ``REGISTERED = {"backbone": [...], "decoder": [...], "neck": [...]}``
+so that tests and ``eoplugins registry`` can enumerate and build them.
 """
 
 from __future__ import annotations
 
-from terratorch_eoplugins.models import baselines  # noqa: F401  (registers unet_classic, micro_unet)
+import importlib
 
-#: kind -> names registered by this package (kept in sync by each model module's registrations).
-REGISTERED: dict[str, list[str]] = {
-    "backbone": ["unet_classic", "micro_unet"],
-    "decoder": [],
-    "neck": [],
-}
+#: model modules imported (and so registered) by ``import terratorch_eoplugins``
+_MODULES: tuple[str, ...] = (
+    "baselines",
+)
+
+_loaded = [importlib.import_module(f"terratorch_eoplugins.models.{name}") for name in _MODULES]
 
 
 def registered_names() -> dict[str, list[str]]:
     """The backbone, decoder and neck names this package adds to terratorch's registries."""
-    return {k: list(v) for k, v in REGISTERED.items()}
+    out: dict[str, list[str]] = {"backbone": [], "decoder": [], "neck": []}
+    for module in _loaded:
+        for kind, names in getattr(module, "REGISTERED", {}).items():
+            out[kind].extend(names)
+    return out

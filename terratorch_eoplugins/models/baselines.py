@@ -20,6 +20,8 @@ import torch
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
+REGISTERED = {"backbone": ["unet_classic", "micro_unet"]}
+
 
 class _DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, mid: int | None = None) -> None:

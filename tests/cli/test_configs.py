@@ -17,13 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
-#: data piece -> product folder of the synthetic world it reads
-DATA_ROOTS = {
-    "pastis": "PASTIS-R",
-    "burnscars": "hls_burn_scars",
-    "gedi": "GEDI",
-    "cropnet": "CropNet",
-}
+#: configs point at the demo world by default; the tests swap this prefix for the tiny world's folder
+DEMO_PREFIX = "data/demo/"
 
 RUN_BOTH = r"""
 import sys, warnings
@@ -36,12 +31,16 @@ for sub in sys.argv[1].split(","):
 
 
 def _data_root_override(config: Path, world: Path) -> list[str]:
+    """``--data.init_args.<arg>=<tiny world path>`` for every data argument that points into the demo world."""
     cfg = yaml.safe_load(config.read_text())
     data = cfg.get("data")
-    piece = Path(data).stem if isinstance(data, str) else None
-    if piece is None or piece not in DATA_ROOTS:
-        return []
-    return [f"--data.init_args.root={world / DATA_ROOTS[piece]}"]
+    if isinstance(data, str):
+        data = yaml.safe_load((config.parent / data).read_text())
+    overrides = []
+    for key, value in (data or {}).get("init_args", {}).items():
+        if isinstance(value, str) and value.startswith(DEMO_PREFIX):
+            overrides.append(f"--data.init_args.{key}={world / value[len(DEMO_PREFIX):]}")
+    return overrides
 
 
 def _run(subcommands: str, config: Path, world: Path, tmp: Path, env: dict[str, str], extra: list[str]) -> None:
