@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
-from terratorch_eoplugins.datasets._common import collate_samples, filter_batch_keys
+from terratorch_eoplugins.datasets._common import collate_samples, filter_batch_keys, split_modalities
 
 
 class EODataModule(NonGeoDataModule):
@@ -19,17 +19,24 @@ class EODataModule(NonGeoDataModule):
     * ``batch_keys`` names the extra sample keys (dates, georeferencing...) that reach the model;
       everything else is dropped after collation so that baselines which reject unknown keyword
       arguments (Prithvi, ``TemporalWrapper``) work. ``None`` keeps every key.
+    * ``image_modalities`` optionally splits a stacked ``image`` tensor into a dict of modalities by
+      channel indices, e.g. ``{"S2L2A": [0, ..., 11], "S1GRD": [12, 13]}`` for TerraMind's multimodal input.
     """
 
     def __init__(self, dataset_class: type, batch_size: int = 8, num_workers: int = 0,
-                 batch_keys: Sequence[str] | None = (), **kwargs: Any) -> None:
+                 batch_keys: Sequence[str] | None = (), image_modalities: Mapping[str, Sequence[int]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset_class, batch_size, num_workers, **kwargs)
         self.batch_keys = None if batch_keys is None else list(batch_keys)
+        self.image_modalities = None if image_modalities is None else {k: list(v) for k, v in image_modalities.items()}
         self.collate_fn = self._collate
         self.aug = lambda batch: batch  # datasets return normalised tensors
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return filter_batch_keys(collate_samples(samples), self.batch_keys)
+        batch = filter_batch_keys(collate_samples(samples), self.batch_keys)
+        if self.image_modalities is not None:
+            batch["image"] = split_modalities(batch["image"], self.image_modalities)
+        return batch
 
     def _dataloader_factory(self, split: str) -> DataLoader:
         dataset = self._valid_attribute(f"{split}_dataset", "dataset")

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from terratorch_eoplugins.datamodules._base import EODataModule
 from terratorch_eoplugins.datasets._common import filter_batch_keys
 from terratorch_eoplugins.datasets.cropnet import CROPNET_SPLIT_YEARS, WEATHER_VARIABLES, CropNet, cropnet_collate
@@ -59,6 +61,9 @@ class CropNetDataModule(EODataModule):
         hrrr_root: str = "WRF-HRRR Computed Dataset/data",
         usda_root: str = "USDA Crop Dataset",
         crop_dirs: Mapping[str, str] | None = None,
+        standardize_label: bool = False,
+        label_mean: Sequence[float] | None = None,
+        label_std: Sequence[float] | None = None,
     ) -> None:
         """Configure the datamodule.
 
@@ -77,6 +82,12 @@ class CropNetDataModule(EODataModule):
             stats_samples: county-years of the train split used to estimate image statistics.
             image_mean, image_std, weather_mean, weather_std, weather_long_mean, weather_long_std:
                 explicit statistics (skip the estimation of that group).
+            standardize_label: feed ``(label - label_mean) / label_std`` to the task (terratorch's scalar
+                regression has no target scaling, and log yields sit far from a fresh head's zero output);
+                predictions map back with :meth:`destandardize`. Metrics logged by the task are then in
+                standardised units; :func:`~terratorch_eoplugins.datasets.cropnet.cropnet_metrics` on
+                destandardised predictions gives the protocol's yield metrics.
+            label_mean, label_std: explicit label statistics (default: mean/std of the train split's labels).
         """
         if stats_samples < 1:
             raise ValueError(f"stats_samples must be >= 1, got {stats_samples}")
@@ -101,6 +112,9 @@ class CropNetDataModule(EODataModule):
             "weather_long_mean": _list(weather_long_mean), "weather_long_std": _list(weather_long_std),
         }
         self._train_raw: CropNet | None = None
+        self.standardize_label = standardize_label
+        self.label_mean = None if label_mean is None else torch.tensor([float(v) for v in label_mean])
+        self.label_std = None if label_std is None else torch.tensor([float(v) for v in label_std])
 
     @property
     def num_outputs(self) -> int:
@@ -131,8 +145,31 @@ class CropNetDataModule(EODataModule):
                         self.stats[k] = v
         return {k: list(v) for k, v in self.stats.items() if v is not None}
 
+    def label_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of ``label`` over the train split (from the USDA records; no image is read)."""
+        if self.label_mean is None or self.label_std is None:
+            if self._train_raw is None:
+                self._train_raw = CropNet(split="train", **self.kwargs)  # type: ignore[arg-type]
+            cols = {"yield": ["log_yield"], "production": ["log_production"],
+                    "both": ["log_production", "log_yield"]}[self.kwargs["target"]]
+            values = torch.tensor([[r[c] for c in cols] for r in self._train_raw.records], dtype=torch.float32)
+            if len(values) < 2:
+                raise ValueError(f"standardize_label needs >= 2 train county-years, got {len(values)}")
+            self.label_mean = values.mean(0) if self.label_mean is None else self.label_mean
+            self.label_std = values.std(0).clamp_min(1e-6) if self.label_std is None else self.label_std
+        return self.label_mean, self.label_std
+
+    def destandardize(self, pred: torch.Tensor) -> torch.Tensor:
+        """Map standardised predictions back to log units (identity when ``standardize_label`` is off)."""
+        if not self.standardize_label:
+            return pred
+        mean, std = self.label_statistics()
+        return pred * std.to(pred) + mean.to(pred)
+
     def setup(self, stage: str) -> None:
         """Build the datasets that ``stage`` (fit, validate, test, predict) needs."""
+        if self.standardize_label:
+            self.label_statistics()
         if stage == "fit":
             self.train_dataset = self._make("train")
         if stage in ("fit", "validate"):
@@ -144,6 +181,9 @@ class CropNetDataModule(EODataModule):
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = cropnet_collate(samples)
+        if self.standardize_label:
+            mean, std = self.label_statistics()
+            batch["label"] = (batch["label"] - mean) / std
         if self.batch_keys is None:
             return batch
         batch = filter_batch_keys(batch, ["label", *self.batch_keys])

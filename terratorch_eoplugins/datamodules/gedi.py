@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from terratorch_eoplugins.datamodules._base import EODataModule
@@ -31,10 +31,13 @@ class GEDIDataModule(EODataModule):
                  filter_l2b_quality: bool = True, power_beams_only: bool = False, night_only: bool = False,
                  block_chips: int = 2, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
                  label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto",
-                 batch_size: int = 8, num_workers: int = 0, batch_keys: Sequence[str] | None = ()) -> None:
+                 batch_size: int = 8, num_workers: int = 0, batch_keys: Sequence[str] | None = (),
+                 image_modalities: Mapping[str, Sequence[int]] | None = None) -> None:
         """Collect the :class:`GEDIChips` arguments (see there); ``composite`` defaults to
-        ``root/S2L2A_S1GRD_composite.tif``. ``label_fraction`` applies to the training split only."""
+        ``root/S2L2A_S1GRD_composite.tif``. ``label_fraction`` applies to the training split only.
+        ``image_modalities`` splits the 14-band chips into named modalities (see :class:`EODataModule`)."""
         super().__init__(GEDIChips, batch_size=batch_size, num_workers=num_workers, batch_keys=batch_keys,
+                         image_modalities=image_modalities,
                          root=str(root), composite=None if composite is None else str(Path(composite)),
                          chip_size=chip_size, targets=tuple(targets), ignore_value=ignore_value,
                          require_footprints=require_footprints, max_footprints=max_footprints,

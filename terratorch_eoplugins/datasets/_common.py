@@ -126,3 +126,20 @@ def filter_batch_keys(batch: dict[str, Any], keep: Iterable[str] | None) -> dict
         return batch
     allowed = {"image", "mask", "target", "filename", *keep}
     return {k: v for k, v in batch.items() if k in allowed}
+
+
+def split_modalities(image: Tensor, modalities: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Split a batched ``[B, C, ...]`` tensor into ``{modality: image[:, indices]}``.
+
+    Raises :class:`EODataError` if an index is outside the ``C`` channels.
+    """
+    if not isinstance(image, Tensor):
+        raise EODataError(f"image_modalities needs a stacked image tensor, got {type(image).__name__}")
+    n = image.shape[1]
+    out = {}
+    for name, idx in modalities.items():
+        bad = [i for i in idx if not -n <= i < n]
+        if bad:
+            raise EODataError(f"image_modalities[{name!r}] indexes channels {bad}, but the image has {n} channels")
+        out[name] = image[:, list(idx)]
+    return out

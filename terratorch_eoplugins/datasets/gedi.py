@@ -824,25 +824,36 @@ class GEDIChips(NonGeoDataset):
 
     def plot(self, sample: dict[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:
         """Plot the RGB composite with footprints, their waveforms and the target map (and prediction)."""
-        img = sample["image"].detach().cpu().numpy()
+        image = sample["image"]
+        if isinstance(image, dict):  # modality dict (``image_modalities``): S2 channels come first
+            image = torch.cat([v for v in image.values()], dim=0)
+        img = image.detach().cpu().numpy()
         rgb = img[[3, 2, 1]].transpose(1, 2, 0)
         lo, hi = np.percentile(rgb, 2), np.percentile(rgb, 98)
         rgb = np.clip((rgb - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-        fm = sample["footprint_mask"].detach().cpu().numpy().astype(bool)
-        foot = sample["footprints"].detach().cpu().numpy()[fm]
         tgt = self.targets[0]
-        vals = sample[tgt].detach().cpu().numpy()[fm]
         mask = sample["mask"].detach().cpu().numpy()
         mask = mask if mask.ndim == 2 else mask[0]
+        if "footprint_mask" in sample and "footprints" in sample and tgt in sample:
+            fm = sample["footprint_mask"].detach().cpu().numpy().astype(bool)
+            foot = sample["footprints"].detach().cpu().numpy()[fm]
+            vals = sample[tgt].detach().cpu().numpy()[fm]
+        else:  # batch filtered to image/mask (as terratorch tasks plot it): footprints from the target map
+            fm = None
+            foot = np.argwhere(mask != self.ignore_value)
+            vals = mask[mask != self.ignore_value]
         panels = 4 if "prediction" in sample else 3
         fig, axs = plt.subplots(1, panels, figsize=(4 * panels, 4))
         axs[0].imshow(rgb)
         if len(foot):
             sc = axs[0].scatter(foot[:, 1], foot[:, 0], c=vals, s=12, cmap="viridis", edgecolors="w", linewidths=0.3)
             fig.colorbar(sc, ax=axs[0], fraction=0.046)
-        waves = sample["waveform"].detach().cpu().numpy()[fm]
-        for w in waves[:20]:
-            axs[1].plot(w, np.arange(len(w)), lw=0.7)
+        if fm is not None and "waveform" in sample:
+            waves = sample["waveform"].detach().cpu().numpy()[fm]
+            for w in waves[:20]:
+                axs[1].plot(w, np.arange(len(w)), lw=0.7)
+        else:
+            axs[1].text(0.5, 0.5, "waveforms not in this batch", ha="center", va="center", transform=axs[1].transAxes)
         axs[1].invert_yaxis()
         shown = np.ma.masked_equal(mask, self.ignore_value)
         im = axs[2].imshow(shown, cmap="viridis", interpolation="nearest")
