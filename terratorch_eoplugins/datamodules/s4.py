@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from terratorch_eoplugins.datamodules.pastis import PASTISDataModule
 from terratorch_eoplugins.datasets._common import EODataError, logger
@@ -168,6 +170,33 @@ class S4PASTIS(PASTIS):
         if self.pair_transforms is not None:
             sample = self.pair_transforms(sample)
         return sample
+
+
+    def plot(self, sample: dict[str, Any], show_titles: bool = True, suptitle: str | None = None,
+             date_index: int | None = None) -> Figure:
+        """Plot one aligned date: optical RGB, radar VV/VH/VV-VH (with their dates) and the mask."""
+        opt = np.asarray(sample["image"]["optical"], np.float32)
+        rad = np.asarray(sample["image"]["radar"], np.float32)
+        t = opt.shape[1]
+        di = t // 2 if date_index is None else date_index
+        if not -t <= di < t:
+            raise ValueError(f"date_index={date_index} out of range for {t} aligned dates")
+        panels = [(self._stretch(opt[[2, 1, 0], di].transpose(1, 2, 0)), "optical RGB"),
+                  (self._stretch(rad[[0, 1, 2], di].transpose(1, 2, 0)), "radar VV/VH/ratio")]
+        dates = sample.get("dates")
+        if isinstance(dates, dict):
+            panels = [(img, f"{title} day {int(dates[m][di])}") for (img, title), m in zip(panels, ("optical", "radar"))]
+        if "mask" in sample:
+            panels.append((self._colorize(np.asarray(sample["mask"])), "Mask"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+        for ax, (img, title) in zip(axes[0], panels):
+            ax.imshow(img, interpolation="nearest")
+            ax.axis("off")
+            if show_titles:
+                ax.set_title(title)
+        if suptitle is not None:
+            fig.suptitle(suptitle)
+        return fig
 
 
 class S4PASTISDataModule(PASTISDataModule):

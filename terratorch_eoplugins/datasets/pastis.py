@@ -403,6 +403,10 @@ class PASTIS(NonGeoDataset):
             sem[sem == VOID_CLASS] = self.void_label
         return sem
 
+    def load_mask(self, index: int) -> np.ndarray:
+        """Semantic mask ``H x W`` (int64, void mapped to ``void_label``) of patch ``index``, without its images."""
+        return self._load_mask(self.patches[index])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Load sample ``index`` (see the class docstring for the keys)."""
         patch = self.patches[index]
