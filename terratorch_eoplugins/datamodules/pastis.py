@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets.pastis import PASTIS, PASTIS_CLASSES, VOID_CLASS, protocol_folds
+from terratorch_eoplugins.datasets.pastis import PASTIS, PASTIS_CLASSES, VOID_CLASS, pastis_num_classes, protocol_folds
 
 __all__ = ["PASTISDataModule"]
 
@@ -69,7 +69,7 @@ class PASTISDataModule(EODataModule):
     @property
     def num_classes(self) -> int:
         """Classes predicted by the model: 19 when void is mapped to ``void_label``, else 20."""
-        return len(PASTIS_CLASSES) if self.void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+        return pastis_num_classes(self.void_label)
 
     @property
     def class_names(self) -> list[str]:

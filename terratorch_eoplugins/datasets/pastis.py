@@ -136,6 +136,11 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
+
+def pastis_num_classes(void_label: int | None) -> int:
+    """Classes a model predicts: 19 when void (19) is remapped to ``void_label``, 20 when it is kept."""
+    return len(PASTIS_CLASSES) if void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+
 class PASTIS(NonGeoDataset):
     """PASTIS-R semantic segmentation of crop types from Sentinel-2 / Sentinel-1 time series.
 
@@ -350,7 +355,7 @@ class PASTIS(NonGeoDataset):
     @property
     def num_classes(self) -> int:
         """Number of classes the model predicts: 19 when void is mapped away, 20 otherwise."""
-        return len(PASTIS_CLASSES) if self.void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+        return pastis_num_classes(self.void_label)
 
     @property
     def class_names(self) -> list[str]:
