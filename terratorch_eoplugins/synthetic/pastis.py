@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from pyproj import Transformer
 
-from terratorch_eoplugins.synthetic.world import S2_BANDS, VOID_CLASS, World, _rng
+from terratorch_eoplugins.datasets.pastis import VOID_CLASS
+from terratorch_eoplugins.synthetic.world import S2_BANDS, World, _rng
 
 PATCH = 128
 #: PASTIS S2 bands (B2, B3, B4, B5, B6, B7, B8, B8A, B11, B12) as indices into :data:`S2_BANDS`.

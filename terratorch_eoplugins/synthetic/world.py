@@ -31,13 +31,7 @@ S2_WAVELENGTHS: tuple[float, ...] = (0.443, 0.490, 0.560, 0.665, 0.705, 0.740, 0
 S2_L2A_OFFSET = 1000
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
 
-#: PASTIS nomenclature: 0 background, 1-18 crops, 19 void.
-PASTIS_CLASSES: tuple[str, ...] = (
-    "Background", "Meadow", "Soft winter wheat", "Corn", "Winter barley", "Winter rapeseed", "Spring barley",
-    "Sunflower", "Grapevine", "Beet", "Winter triticale", "Winter durum wheat", "Fruits, vegetables, flowers",
-    "Potatoes", "Leguminous fodder", "Soybeans", "Orchard", "Mixed cereal", "Sorghum", "Void label",
-)
-VOID_CLASS = 19
+#: The world's crop classes are PASTIS' (1-18; 0 = not a crop parcel): see ``datasets.pastis.PASTIS_CLASSES``.
 
 #: Land-cover codes of :attr:`World.landcover`.
 LANDCOVER: dict[int, str] = {0: "cropland", 1: "forest", 2: "grassland", 3: "urban", 4: "water"}

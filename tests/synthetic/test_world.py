@@ -17,8 +17,9 @@ from terratorch_eoplugins.synthetic import write_world
 from terratorch_eoplugins.synthetic.pastis import MAX_PATCH_CLOUD, PASTIS_S2_INDEX, PATCH
 from terratorch_eoplugins.synthetic.tiles import TIMESTAMP_FORMAT, reflectance_to_dn
 from terratorch_eoplugins.synthetic.world import (
-    FOREST, S2_BANDS, S2_L2A_OFFSET, VOID_CLASS, WorldSpec, make_world, smooth_noise, _rng,
+    FOREST, S2_BANDS, S2_L2A_OFFSET, WorldSpec, make_world, smooth_noise, _rng,
 )
+from terratorch_eoplugins.datasets.pastis import VOID_CLASS
 
 
 def test_same_seed_same_world_other_seed_other_world() -> None:
