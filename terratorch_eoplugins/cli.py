@@ -43,14 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.set_defaults(func=None)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
-    c = sub.add_parser("s4-clouds", help="S4 cloud robustness: mIoU by cloud-cover ratio of the test series",
-                       add_help=False)
-    c.set_defaults(func=None)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["s4-clouds"]:
-        from terratorch_eoplugins.analysis.s4_clouds import main as clouds_main
-
-        return clouds_main(argv[1:])
     if argv[:1] == ["demo"]:
         from terratorch_eoplugins.demo import main as demo_main
 

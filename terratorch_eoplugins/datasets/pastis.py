@@ -136,10 +136,10 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-
 def pastis_num_classes(void_label: int | None) -> int:
     """Classes a model predicts: 19 when void (19) is remapped to ``void_label``, 20 when it is kept."""
     return len(PASTIS_CLASSES) if void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+
 
 class PASTIS(NonGeoDataset):
     """PASTIS-R semantic segmentation of crop types from Sentinel-2 / Sentinel-1 time series.

@@ -12,8 +12,6 @@ import importlib
 #: model modules imported (and so registered) by ``import terratorch_eoplugins``
 _MODULES: tuple[str, ...] = (
     "baselines",
-    "s4",
-    "lianet",
 )
 
 _loaded = [importlib.import_module(f"terratorch_eoplugins.models.{name}") for name in _MODULES]
