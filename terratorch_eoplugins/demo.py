@@ -115,7 +115,7 @@ def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "da
     print(f"test metrics      {test_dir / 'metrics.csv'}")
     for key in ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score", "test/Accuracy"):
         if key in metrics:
-            print(f"{key:18s}{metrics[key]:.4f}")
+            print(f"{key:21s}{metrics[key]:.4f}")
     print(f"majority baseline mIoU {base['mIoU']:.4f}  pixel acc {base['Pixel_Accuracy']:.4f}"
           f"  (always class {base['majority_class']})")
     miou = metrics.get("test/mIoU", float("nan"))
