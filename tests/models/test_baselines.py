@@ -81,5 +81,6 @@ def test_micro_unet_learns_pastis_phenology_beyond_majority(tiny_world_dir: Path
             correct += (pred[valid] == batch["mask"][valid]).sum().item()
             total += valid.sum().item()
     miou, base = float(model_iou.compute()), float(base_iou.compute())
+    print(f"\nPASTIS tiny val mIoU {miou:.3f} vs majority {base:.3f}; pixel accuracy {correct / total:.3f}")
     assert miou > base + 0.1, (miou, base)
     assert correct / total > 0.5
