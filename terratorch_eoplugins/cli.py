@@ -27,6 +27,12 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compression(args: argparse.Namespace) -> int:
+    from terratorch_eoplugins.analysis.compression import main as compression_main
+
+    return compression_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eoplugins`` command."""
     parser = argparse.ArgumentParser(prog="eoplugins", description=__doc__)
@@ -43,6 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.set_defaults(func=None)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
+    lc = sub.add_parser("compression", help="LIANet rate-distortion: bits per pixel and PSNR over random patches")
+    lc.add_argument("--ckpt", nargs="+", required=True, help="LIANet pretraining checkpoint(s) of the same region")
+    lc.add_argument("--tiles-root", required=True, help="folder of the region's S2 tile folders")
+    lc.add_argument("--tiles", nargs="+", default=None, help="tile folders forming the region (default: all)")
+    lc.add_argument("--patches", type=int, default=100)
+    lc.add_argument("--patch-size", type=int, default=128)
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--out", default="rate_distortion.png", help="rate-distortion plot (PNG); '' to skip")
+    lc.add_argument("--json", default=None, help="also write the statistics to this JSON file")
+    lc.set_defaults(func=_compression)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from terratorch_eoplugins.demo import main as demo_main

@@ -12,6 +12,7 @@ import importlib
 #: model modules imported (and so registered) by ``import terratorch_eoplugins``
 _MODULES: tuple[str, ...] = (
     "baselines",
+    "lianet",
 )
 
 _loaded = [importlib.import_module(f"terratorch_eoplugins.models.{name}") for name in _MODULES]

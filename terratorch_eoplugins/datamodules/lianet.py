@@ -1,0 +1,518 @@
+"""LIANet datamodules: pretraining over a region's Sentinel-2 tiles, fine-tuning on PASTIS and HLS Burn Scars.
+
+Fine-tuning samples are (acquisition date x labelled patch) pairs, as in the paper. Each labelled patch
+is mapped to its origin in the pretraining region's pixel grid through its real georeferencing:
+
+* PASTIS: the patch polygon of ``metadata.geojson`` (Lambert-93) is reprojected to the region's UTM CRS
+  and its top-left corner becomes the pixel origin (rounded to the nearest pixel);
+* HLS Burn Scars: each 30 m scene mask is reprojected (nearest) onto the region's 10 m grid, cut into
+  ``patch_size`` windows on the scene's own grid (the reference's 0..1408 grid), windows without burned
+  pixels dropped.
+
+Times come from the region's acquisitions (days since 2015-01-01 with time of day, like pretraining):
+PASTIS pairs every patch with every acquisition of the region (``dates="region"``, the reference) or with
+its own S2 dates matched to acquisitions on the same day (``dates="patch"``); each Burn Scars scene is
+paired with the first acquisition on or after its date (post-fire) within ``max_gap_days``. Patches
+outside the region and dates outside the pretrained period raise :class:`EODataError` (Burn Scars scenes
+of other tiles are skipped with a warning: the region is one tile of a sparse dataset).
+
+Batch: ``image`` is a placeholder ``(1, P, P)`` of zeros (LIANet takes no imagery; its size sets the patch
+size) or, with ``image="s2"``, the acquisition's 12-band reflectance window (for baselines); ``mask``;
+``origin_px`` ``(2,)`` float (column, row); ``time_days``; ``time_index``; metadata (``date``, ``patch_id``).
+Only ``batch_keys`` reach the model (default: ``origin_px``, ``time_days``, ``time_index``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import matplotlib.pyplot as plt
+import numpy as np
+import pyproj
+import rasterio
+import rasterio.warp
+import torch
+from affine import Affine
+from matplotlib.figure import Figure
+from rasterio.crs import CRS
+from rasterio.windows import Window
+from torchgeo.datasets import NonGeoDataset
+
+from terratorch_eoplugins.datamodules._base import EODataModule
+from terratorch_eoplugins.datasets._common import EODataError, logger
+from terratorch_eoplugins.datasets.burnscars import HLSBurnScars
+from terratorch_eoplugins.datasets.pastis import PASTIS, PASTIS_CLASSES, PASTIS_PALETTE, VOID_CLASS, protocol_folds
+from terratorch_eoplugins.datasets.s2_tiles import RGB, S2Region, S2TileSampler, dn_to_reflectance, scan_region
+from terratorch_eoplugins.nn.time_encoding import days_since_epoch
+
+__all__ = [
+    "LIANetBurnScars", "LIANetBurnScarsDataModule", "LIANetPASTIS", "LIANetPASTISDataModule",
+    "LIANetPretrainDataModule", "polygon_origin", "reproject_mask",
+]
+
+DEFAULT_KEYS = ("origin_px", "time_days", "time_index")
+
+
+# ---------------------------------------------------------------------------------- pretraining
+class LIANetPretrainDataModule(EODataModule):
+    """Random (acquisition, patch) samples of a region's S2 tiles (:class:`S2TileSampler`).
+
+    Args:
+        root: folder with the tile folders (``root/{TILE}/{YYYYMMDDTHHMMSS}.tif``).
+        tiles: tile names forming the region (default: every folder under ``root``).
+        patch_size: patch side (128 in the paper; smaller trains faster on a CPU).
+        samples_per_epoch: random samples per training epoch (the paper: 1,024,000).
+        val_samples: fixed validation samples (also used for ``test``).
+        batch_size, num_workers: loader settings (batch 64 in the paper).
+        seed: seed of the validation samples.
+        max_cloud: reject windows with a mean cloud probability above this (``None``: keep clouds, as the paper).
+        boa_offset: L2A offset subtracted from the digital numbers.
+        batch_keys: sample keys passed on besides ``image``.
+    """
+
+    def __init__(self, root: str = "data/demo/S2_TILES", tiles: Sequence[str] | None = None, patch_size: int = 128,
+                 samples_per_epoch: int = 1024, val_samples: int = 64, batch_size: int = 64, num_workers: int = 0,
+                 seed: int = 0, max_cloud: float | None = None, boa_offset: float = 1000.0,
+                 batch_keys: Sequence[str] | None = ("origin_px", "time_days", "time_index", "date")) -> None:
+        super().__init__(S2TileSampler, batch_size=batch_size, num_workers=num_workers, batch_keys=batch_keys)
+        self.root, self.tiles = Path(root), (list(tiles) if tiles is not None else None)
+        self.patch_size, self.samples_per_epoch, self.val_samples = patch_size, samples_per_epoch, val_samples
+        self.seed, self.max_cloud, self.boa_offset = seed, max_cloud, boa_offset
+        self._region: S2Region | None = None
+
+    @property
+    def region(self) -> S2Region:
+        """The region grid and acquisitions (scanned once)."""
+        if self._region is None:
+            self._region = scan_region(self.root, self.tiles)
+        return self._region
+
+    def _make(self, split: str, length: int) -> S2TileSampler:
+        return S2TileSampler(self.root, self.tiles, split=split, patch_size=self.patch_size, length=length,
+                             seed=self.seed, boa_offset=self.boa_offset, max_cloud=self.max_cloud, region=self.region)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_dataset = self._make("train", self.samples_per_epoch)
+        if stage in ("fit", "validate"):
+            self.val_dataset = self._make("val", self.val_samples)
+        if stage in ("test", "predict"):
+            self.test_dataset = self._make("val", self.val_samples)
+            self.predict_dataset = self.test_dataset
+
+
+# ----------------------------------------------------------------------------- georeferencing
+def _transformer(src_crs: Any, dst_crs: CRS, what: str) -> pyproj.Transformer:
+    try:
+        return pyproj.Transformer.from_crs(pyproj.CRS.from_user_input(src_crs), pyproj.CRS.from_user_input(dst_crs.to_wkt()),
+                                           always_xy=True)
+    except (pyproj.exceptions.CRSError, pyproj.exceptions.ProjError, TypeError, ValueError) as err:
+        raise EODataError(f"{what}: cannot transform from CRS {str(src_crs)[:80]!r} to the region CRS "
+                          f"{dst_crs.to_string()} ({err})") from None
+
+
+def polygon_origin(geometry: Any, src_crs: Any, region: S2Region, size: int, what: str = "patch") -> tuple[int, int]:
+    """(column, row) of the top-left pixel of a ``size`` x ``size`` patch polygon in the region grid.
+
+    The polygon vertices are reprojected to the region CRS; raises :class:`EODataError` if the CRS cannot
+    be transformed or the patch leaves the region.
+    """
+    coords = np.asarray(geometry.exterior.coords if hasattr(geometry, "exterior") else geometry, np.float64)
+    tr = _transformer(src_crs, region.crs, what)
+    try:
+        xs, ys = tr.transform(coords[:, 0], coords[:, 1], errcheck=True)
+    except pyproj.exceptions.ProjError as err:
+        raise EODataError(f"{what}: cannot reproject its polygon to {region.crs.to_string()} ({err})") from None
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+        raise EODataError(f"{what}: polygon reprojects to non-finite coordinates in {region.crs.to_string()}")
+    cols, rows = region.pixel_of(xs.min(), ys.max())
+    col, row = int(np.round(cols)), int(np.round(rows))
+    h, w = region.shape
+    if col < 0 or row < 0 or col + size > w or row + size > h:
+        raise EODataError(f"{what} lies outside the pretrained region: origin (column {col}, row {row}) of a "
+                          f"{size}x{size} patch in a {h}x{w} pixel grid ({region.root}); fine-tuning patches must "
+                          "come from the pretraining region")
+    return col, row
+
+
+def reproject_mask(mask: np.ndarray, src_crs: Any, src_transform: Affine, region: S2Region,
+                   what: str = "mask") -> tuple[np.ndarray, int, int] | None:
+    """Mask reprojected (nearest, no data -1) onto the region grid over its footprint.
+
+    Returns ``(array, col0, row0)`` (position of the array's top-left pixel in the region grid), or
+    ``None`` if the footprint does not intersect the region.
+    """
+    h, w = mask.shape
+    left, top = src_transform * (0, 0)
+    right, bottom = src_transform * (w, h)
+    try:
+        src = CRS.from_user_input(src_crs)
+        bx = rasterio.warp.transform_bounds(src, region.crs, min(left, right), min(top, bottom), max(left, right),
+                                            max(top, bottom))
+    except Exception as err:
+        raise EODataError(f"{what}: cannot transform its bounds to the region CRS {region.crs.to_string()} "
+                          f"({err})") from None
+    if not all(np.isfinite(bx)):
+        raise EODataError(f"{what}: bounds reproject to non-finite coordinates in {region.crs.to_string()}")
+    c0, r0 = region.pixel_of(bx[0], bx[3])
+    c1, r1 = region.pixel_of(bx[2], bx[1])
+    c0, r0 = int(np.floor(float(c0) + 1e-6)), int(np.floor(float(r0) + 1e-6))
+    c1, r1 = int(np.ceil(float(c1) - 1e-6)), int(np.ceil(float(r1) - 1e-6))
+    rh, rw = region.shape
+    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, rw), min(r1, rh)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    dst = np.full((r1 - r0, c1 - c0), -1, np.int16)
+    rasterio.warp.reproject(mask.astype(np.int16), dst, src_transform=src_transform, src_crs=src,
+                            dst_transform=region.transform @ Affine.translation(c0, r0), dst_crs=region.crs,
+                            src_nodata=-1, dst_nodata=-1, resampling=rasterio.enums.Resampling.nearest)
+    return dst, c0, r0
+
+
+# ---------------------------------------------------------------------------- fine-tuning data
+class _LIANetSamples(NonGeoDataset):
+    """(date x patch) samples in a pretraining region; subclasses fill :attr:`samples` and :meth:`_mask`."""
+
+    classes: tuple[str, ...] = ()
+
+    def __init__(self, region: S2Region, patch_size: int, image: str, boa_offset: float) -> None:
+        if image not in ("placeholder", "s2"):
+            raise ValueError(f"image must be 'placeholder' or 's2', got {image!r}")
+        self.region, self.patch_size, self.image, self.boa_offset = region, int(patch_size), image, float(boa_offset)
+        self.times = region.times
+        self.days = region.acquisition_days
+        self.samples: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _mask(self, sample: Mapping[str, Any]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _s2(self, col: int, row: int, t: int) -> np.ndarray:
+        when, p = self.times[t], self.patch_size
+        for tile in self.region.tiles:
+            tc, tr = col - tile.offset[0], row - tile.offset[1]
+            if 0 <= tc and 0 <= tr and tc + p <= tile.shape[1] and tr + p <= tile.shape[0]:
+                path = dict(tile.files).get(when)
+                if path is not None:
+                    with rasterio.open(path) as src:
+                        return dn_to_reflectance(src.read(window=Window(tc, tr, p, p)), self.boa_offset)
+        raise EODataError(f"{self.region.root}: no tile file of {when.isoformat()} covers the window at column {col}, "
+                          f"row {row}")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        col, row = s["origin"]
+        t = s["time_index"]
+        p = self.patch_size
+        image = self._s2(col, row, t) if self.image == "s2" else np.zeros((1, p, p), np.float32)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "mask": torch.from_numpy(self._mask(s).astype(np.int64)),
+            "origin_px": torch.tensor([col, row], dtype=torch.float32),
+            "time_days": torch.tensor(self.days[t], dtype=torch.float32),
+            "time_index": torch.tensor(t, dtype=torch.long),
+            "date": self.times[t].isoformat(),
+            "patch_id": str(s["id"]),
+        }
+
+    def plot(self, sample: Mapping[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:
+        """S2 window (when loaded), mask and, if present, prediction."""
+        panels = []
+        img = np.asarray(sample["image"], np.float32)
+        if img.shape[0] >= 12:
+            panels.append((np.clip(img[list(RGB)].transpose(1, 2, 0) * 3.5, 0, 1), "Sentinel-2 (RGB)"))
+        panels.append((self._colorize(np.asarray(sample["mask"])), "Mask"))
+        if "prediction" in sample:
+            pred = np.asarray(sample["prediction"])
+            if pred.ndim == 3:
+                pred = pred.argmax(0)
+            panels.append((self._colorize(pred), "Prediction"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+        for ax, (im, title) in zip(axes[0], panels):
+            ax.imshow(im, interpolation="nearest")
+            ax.axis("off")
+            if show_titles:
+                ax.set_title(title)
+        fig.suptitle(suptitle if suptitle is not None else
+                     (f"{sample.get('patch_id', '')} {sample.get('date', '')}" if show_titles else ""))
+        return fig
+
+    def _colorize(self, labels: np.ndarray) -> np.ndarray:
+        palette = PASTIS_PALETTE if len(self.classes) > 2 else np.array([(0.1, 0.4, 0.1), (0.9, 0.2, 0.1)], np.float32)
+        out = np.ones((*labels.shape, 3), np.float32)
+        ok = (labels >= 0) & (labels < len(palette))
+        out[ok] = palette[labels[ok]]
+        return out
+
+
+class LIANetPASTIS(_LIANetSamples):
+    """PASTIS patches x acquisition dates in a LIANet pretraining region.
+
+    Args:
+        root: the ``PASTIS-R`` folder (read with :class:`~terratorch_eoplugins.datasets.pastis.PASTIS`).
+        region: the pretraining region (:func:`~terratorch_eoplugins.datasets.s2_tiles.scan_region`).
+        split, protocol, fold_rotation: PASTIS split (``"pangaea"``: folds 1-3/4/5).
+        dates: ``"region"`` (every acquisition of the region, the reference) or ``"patch"`` (the patch's own
+            S2 dates, each matched to an acquisition on the same day).
+        image: ``"placeholder"`` or ``"s2"``.
+        void_label: value of the void class in masks.
+        label_fraction, seed: subset of the split's patches.
+        outside: ``"error"`` (default) or ``"skip"`` for patches outside the region.
+        num_dates: keep this many of each patch's dates (``round(linspace)``; ``None`` = all, the reference).
+    """
+
+    classes = PASTIS_CLASSES
+
+    def __init__(self, root: str | Path, region: S2Region, split: str = "train", protocol: str = "pangaea",
+                 fold_rotation: int = 0, dates: str = "region", image: str = "placeholder", void_label: int | None = -1,
+                 label_fraction: float = 1.0, seed: int = 0, outside: str = "error", boa_offset: float = 1000.0,
+                 num_dates: int | None = None) -> None:
+        super().__init__(region, PASTIS.patch_size, image, boa_offset)
+        if num_dates is not None and num_dates < 1:
+            raise ValueError(f"num_dates must be a positive int or None, got {num_dates}")
+        if dates not in ("region", "patch"):
+            raise ValueError(f"dates must be 'region' or 'patch', got {dates!r}")
+        if outside not in ("error", "skip"):
+            raise ValueError(f"outside must be 'error' or 'skip', got {outside!r}")
+        self.pastis = PASTIS(root, split=split, protocol=protocol, fold_rotation=fold_rotation, modalities=("S2",),
+                             num_dates=None, void_label=void_label, normalize=False, label_fraction=label_fraction,
+                             seed=seed)
+        self.void_label = void_label
+        meta = gpd.read_file(self.pastis.metadata_path)
+        geoms = {int(i): g for i, g in zip(meta["ID_PATCH"].astype(np.int64), meta.geometry)}
+        src_crs = meta.crs
+        by_day: dict[dt.date, int] = {}
+        for i, t in enumerate(self.times):
+            by_day.setdefault(t.date(), i)
+        first, last = self.times[0].date(), self.times[-1].date()
+        skipped = 0
+        for k, patch in enumerate(self.pastis.patches):
+            pid = patch["id_patch"]
+            what = f"PASTIS patch {pid} ({self.pastis.metadata_path})"
+            try:
+                origin = polygon_origin(geoms[pid], src_crs, region, self.patch_size, what)
+            except EODataError:
+                if outside == "skip":
+                    skipped += 1
+                    continue
+                raise
+            if dates == "region":
+                indices = list(range(len(self.times)))
+            else:
+                indices = []
+                for d in patch["dates"]["S2"]:
+                    if d not in by_day:
+                        where = "outside" if (d < first or d > last) else "inside"
+                        raise EODataError(f"{what}: S2 date {d.isoformat()} has no pretraining acquisition on that day "
+                                          f"({where} the pretrained period {first}..{last})")
+                    indices.append(by_day[d])
+            if num_dates is not None and len(indices) > num_dates:
+                indices = [indices[i] for i in np.round(np.linspace(0, len(indices) - 1, num_dates)).astype(int)]
+            self.samples += [{"origin": origin, "time_index": t, "id": pid, "index": k} for t in indices]
+        if skipped:
+            logger.warning("LIANet PASTIS: skipped %d patch(es) outside the region %s", skipped, region.root)
+        if not self.samples:
+            raise EODataError(f"{root}: no PASTIS patch of split {split!r} lies in the region {region.root}")
+        self._mask_cache: dict[int, np.ndarray] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.pastis.num_classes
+
+    def _mask(self, sample: Mapping[str, Any]) -> np.ndarray:
+        k = sample["index"]
+        if k not in self._mask_cache:
+            self._mask_cache[k] = self.pastis.load_mask(k)
+        return self._mask_cache[k]
+
+
+class LIANetBurnScars(_LIANetSamples):
+    """HLS Burn Scars windows x their post-fire acquisition in a LIANet pretraining region.
+
+    Args:
+        root: the ``hls_burn_scars`` folder (``training/``, ``validation/``).
+        region: the pretraining region.
+        split: ``"train"`` (``training/``) or ``"val"``/``"test"`` (``validation/``), the original split.
+        patch_size, stride: windows on each scene's reprojected 10 m mask.
+        keep_unburned: keep windows without burned pixels (the reference drops them).
+        max_gap_days: the paired acquisition is the first on or after the scene date within this many days.
+        image: ``"placeholder"`` or ``"s2"``.
+        require_data: drop windows with no-data pixels in the paired acquisition.
+    """
+
+    classes = ("Not burned", "Burn scar")
+
+    def __init__(self, root: str | Path, region: S2Region, split: str = "train", patch_size: int = 128,
+                 stride: int | None = None, keep_unburned: bool = False, max_gap_days: float = 30.0,
+                 image: str = "placeholder", require_data: bool = True, boa_offset: float = 1000.0) -> None:
+        super().__init__(region, patch_size, image, boa_offset)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        stride = int(stride or patch_size)
+        if split == "train":  # the whole training/ folder: PANGAEA's train + val parts
+            scenes = HLSBurnScars(root, split="train", normalize=False).scenes
+            scenes = scenes + HLSBurnScars(root, split="val", normalize=False).scenes
+            scenes = sorted(scenes, key=lambda s: str(s["image"]))
+        else:
+            scenes = HLSBurnScars(root, split="test", normalize=False).scenes
+        self._masks: list[np.ndarray] = []
+        outside = 0
+        p = self.patch_size
+        for scene in scenes:
+            with rasterio.open(scene["mask"]) as src:
+                mask, crs, transform = src.read(1), src.crs, src.transform
+            if mask.dtype.kind == "f":
+                mask = np.where(np.isnan(mask), -1, mask)
+            what = f"HLS Burn Scars scene {scene['mask']}"
+            warped = reproject_mask(mask, crs, transform, region, what)
+            if warped is None:
+                outside += 1
+                continue
+            arr, c0, r0 = warped
+            t = self._pair(scene["date"], what, max_gap_days)
+            m_id = len(self._masks)
+            self._masks.append(arr)
+            # window grid anchored at the scene's own top-left corner in the region grid
+            sx, sy = _transformer(crs, region.crs, what).transform(*(transform * (0, 0)))
+            sc, sr = region.pixel_of(sx, sy)
+            gc, gr = int(np.round(sc)) - c0, int(np.round(sr)) - r0
+            for i in range(gr % stride, arr.shape[0] - p + 1, stride):
+                for j in range(gc % stride, arr.shape[1] - p + 1, stride):
+                    win = arr[i:i + p, j:j + p]
+                    if (win < 0).all() or (not keep_unburned and not (win == 1).any()):
+                        continue
+                    if require_data and not self._has_data(c0 + j, r0 + i, t):
+                        continue
+                    self.samples.append({"origin": (c0 + j, r0 + i), "time_index": t, "mask_id": m_id,
+                                         "offset": (i, j), "id": f"{Path(scene['image']).name}@{i},{j}"})
+        if outside:
+            logger.warning("LIANet BurnScars: skipped %d scene(s) of %s outside the region %s", outside, root,
+                           region.root)
+        if not self.samples:
+            raise EODataError(f"{root}: no {p}x{p} burn-scar window of split {split!r} lies in the region "
+                              f"{region.root} (with data and burned pixels)")
+
+    def _pair(self, date: dt.date, what: str, max_gap: float) -> int:
+        ref = days_since_epoch(date)
+        for i, d in enumerate(self.days):
+            if d >= ref and d - ref <= max_gap + 1:
+                return i
+        raise EODataError(f"{what}: no pretraining acquisition within {max_gap:g} days after {date.isoformat()} "
+                          f"(pretrained period {self.times[0].date()}..{self.times[-1].date()})")
+
+    def _has_data(self, col: int, row: int, t: int) -> bool:
+        when, p = self.times[t], self.patch_size
+        for tile in self.region.tiles:
+            tc, tr = col - tile.offset[0], row - tile.offset[1]
+            path = dict(tile.files).get(when)
+            if path is not None and 0 <= tc and 0 <= tr and tc + p <= tile.shape[1] and tr + p <= tile.shape[0]:
+                with rasterio.open(path) as src:
+                    return bool((src.read(1, window=Window(tc, tr, p, p)) != 0).all())
+        return False
+
+    @property
+    def num_classes(self) -> int:
+        return 2
+
+    def _mask(self, sample: Mapping[str, Any]) -> np.ndarray:
+        i, j = sample["offset"]
+        return self._masks[sample["mask_id"]][i:i + self.patch_size, j:j + self.patch_size]
+
+
+class _LIANetFinetuneDataModule(EODataModule):
+    def __init__(self, tiles_root: str, tiles: Sequence[str] | None, batch_size: int, num_workers: int,
+                 batch_keys: Sequence[str] | None) -> None:
+        super().__init__(NonGeoDataset, batch_size=batch_size, num_workers=num_workers, batch_keys=batch_keys)
+        self.tiles_root, self.tiles = Path(tiles_root), (list(tiles) if tiles is not None else None)
+        self._region: S2Region | None = None
+
+    @property
+    def region(self) -> S2Region:
+        """The pretraining region (grid and acquisitions) read from ``tiles_root``."""
+        if self._region is None:
+            self._region = scan_region(self.tiles_root, self.tiles)
+        return self._region
+
+    def _make(self, split: str) -> NonGeoDataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_dataset = self._make("train")
+        if stage in ("fit", "validate"):
+            self.val_dataset = self._make("val")
+        if stage in ("test", "predict"):
+            self.test_dataset = self._make("test")
+            self.predict_dataset = self.test_dataset
+
+
+class LIANetPASTISDataModule(_LIANetFinetuneDataModule):
+    """PASTIS (date x patch) samples for a LIANet backbone pretrained on ``tiles_root``.
+
+    Args:
+        root: ``PASTIS-R`` folder.
+        tiles_root, tiles: the pretraining region's S2 tiles (same as the pretraining datamodule).
+        protocol, fold_rotation: PASTIS split (``"pangaea"`` folds 1-3 / 4 / 5 or the official rotation).
+        dates: ``"region"`` or ``"patch"`` (see :class:`LIANetPASTIS`).
+        image: ``"placeholder"`` (LIANet) or ``"s2"`` (baselines on the same samples).
+        void_label: value of the void class (ignored by the loss with ``ignore_index`` = this value).
+        label_fraction, seed: fraction of train patches kept.
+        num_dates: dates kept per patch (``None``: all, the reference protocol).
+        batch_size, num_workers, batch_keys: loader settings (batch 32 in the paper).
+    """
+
+    def __init__(self, root: str = "data/demo/PASTIS-R", tiles_root: str = "data/demo/S2_TILES",
+                 tiles: Sequence[str] | None = None, protocol: str = "pangaea", fold_rotation: int = 0,
+                 dates: str = "region", image: str = "placeholder", void_label: int | None = -1,
+                 label_fraction: float = 1.0, seed: int = 0, num_dates: int | None = None, batch_size: int = 32,
+                 num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS) -> None:
+        super().__init__(tiles_root, tiles, batch_size, num_workers, batch_keys)
+        protocol_folds(protocol, fold_rotation)  # validate early
+        self.num_dates = num_dates
+        self.root, self.protocol, self.fold_rotation = Path(root), protocol, fold_rotation
+        self.dates, self.image, self.void_label = dates, image, void_label
+        self.label_fraction, self.seed = label_fraction, seed
+
+    @property
+    def num_classes(self) -> int:
+        return len(PASTIS_CLASSES) if self.void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+
+    @property
+    def ignore_index(self) -> int | None:
+        return VOID_CLASS if self.void_label is None else self.void_label
+
+    def _make(self, split: str) -> LIANetPASTIS:
+        return LIANetPASTIS(self.root, self.region, split=split, protocol=self.protocol, fold_rotation=self.fold_rotation,
+                            dates=self.dates, image=self.image, void_label=self.void_label,
+                            label_fraction=self.label_fraction if split == "train" else 1.0, seed=self.seed,
+                            num_dates=self.num_dates)
+
+
+class LIANetBurnScarsDataModule(_LIANetFinetuneDataModule):
+    """HLS Burn Scars windows x post-fire acquisition for a LIANet backbone pretrained on ``tiles_root``.
+
+    Train = the scenes of ``training/``, validation and test = ``validation/`` (the original split, as in the
+    paper); scenes outside the region are skipped. See :class:`LIANetBurnScars` for the arguments.
+    """
+
+    def __init__(self, root: str = "data/demo/hls_burn_scars", tiles_root: str = "data/demo/S2_TILES_BURNSCARS",
+                 tiles: Sequence[str] | None = None, patch_size: int = 128, stride: int | None = None,
+                 keep_unburned: bool = False, max_gap_days: float = 30.0, image: str = "placeholder",
+                 batch_size: int = 32, num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS) -> None:
+        super().__init__(tiles_root, tiles, batch_size, num_workers, batch_keys)
+        self.root, self.patch_size, self.stride = Path(root), patch_size, stride
+        self.keep_unburned, self.max_gap_days, self.image = keep_unburned, max_gap_days, image
+
+    num_classes = 2
+    ignore_index = -1
+
+    def _make(self, split: str) -> LIANetBurnScars:
+        return LIANetBurnScars(self.root, self.region, split=split, patch_size=self.patch_size, stride=self.stride,
+                               keep_unburned=self.keep_unburned, max_gap_days=self.max_gap_days, image=self.image)

@@ -1,0 +1,322 @@
+"""Multiresolution 2-D hash-grid encoding (LIANet / Instant-NGP style), pure PyTorch.
+
+A pixel coordinate ``p = (x, y)`` (column, row in the region's pixel frame) is scaled at level
+``l`` to ``p * N_l / S`` with ``N_l = round(base_resolution * growth**l)`` and ``S`` the region side
+in pixels. The four grid nodes around it are hashed into a table of ``T = 2**log2_table_size`` rows
+of ``F`` features,
+
+    h_l(ix, iy) = ((ix * C1) XOR (iy * C2) XOR seed_l) mod T,
+
+with the xxHash primes ``C1 = 0x9E3779B185EBCA87``, ``C2 = 0xC2B2AE3D27D4EB4F`` (64-bit wrap-around)
+and ``seed_l = 0xD6E8FEB86659FD93 XOR (l * 0x9E3779B97F4A7C15)`` (mod 2**64), and the four rows are
+blended bilinearly (or averaged). Levels are concatenated: the output is ``[N, L * F]`` with level
+``l`` in columns ``l*F:(l+1)*F``.
+
+Memory: the forward pass computes one level at a time with a fused weighted gather
+(:func:`torch.nn.functional.embedding_bag`) straight into the output, and saves only the input
+coordinates for the backward pass, which recomputes the indices and scatters the gradient into
+the table level by level. No ``[L * N, F]`` per-corner intermediate is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["HashGridEncoding2D", "collision_statistics", "naive_hash_grid", "hash_2d", "level_resolutions", "level_seeds", "HASH_PRIMES", "SEED_BASE",
+           "SEED_STEP"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(value: int) -> int:
+    """Two's-complement reinterpretation of an unsigned 64-bit integer as a signed int64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+#: xxHash64 primes used for the x and y grid coordinates (as signed int64).
+HASH_PRIMES: tuple[int, int] = (_signed64(0x9E3779B185EBCA87), _signed64(0xC2B2AE3D27D4EB4F))
+SEED_BASE = 0xD6E8FEB86659FD93
+SEED_STEP = 0x9E3779B97F4A7C15
+
+
+def level_seeds(levels: int, per_level: bool = True) -> list[int]:
+    """Signed int64 seeds: ``SEED_BASE XOR (l * SEED_STEP)`` per level, or the level-0 seed for all levels."""
+    return [_signed64(SEED_BASE ^ ((l if per_level else 0) * SEED_STEP)) for l in range(levels)]
+
+
+def level_resolutions(levels: int, base_resolution: int, growth: float) -> list[int]:
+    """Grid resolution ``N_l = round(base_resolution * growth**l)`` of each level."""
+    return [int(round(base_resolution * growth**l)) for l in range(levels)]
+
+
+def hash_2d(ix: Tensor, iy: Tensor, seed: int, table_size: int) -> Tensor:
+    """``((ix * C1) XOR (iy * C2) XOR seed) mod table_size`` on int64 tensors (wrap-around products).
+
+    ``table_size`` must be a power of two (the modulo is a bit mask, equal to Python's ``%`` on the
+    signed value).
+    """
+    h = torch.bitwise_xor(ix * HASH_PRIMES[0], iy * HASH_PRIMES[1])
+    h = torch.bitwise_xor(h, torch.tensor(seed, dtype=torch.int64, device=h.device))
+    return torch.bitwise_and(h, table_size - 1)
+
+
+def _level_lookup(coords: Tensor, scale: float, seed: int, table_size: int, bilinear: bool) -> tuple[Tensor, Tensor]:
+    """Corner indices ``[N, 4]`` (order 00, 10, 01, 11) and blending weights ``[N, 4]`` at one level."""
+    pos = coords * scale
+    base = torch.floor(pos)
+    frac = pos - base
+    i0 = base.to(torch.int64)
+    # (ix + 1) * C1 = ix * C1 + C1 (mod 2**64): four corners from two products per axis
+    ax0 = i0[:, 0] * HASH_PRIMES[0]
+    ay0 = i0[:, 1] * HASH_PRIMES[1]
+    ax1, ay1 = ax0 + HASH_PRIMES[0], ay0 + HASH_PRIMES[1]
+    ay0 = torch.bitwise_xor(ay0, seed)
+    ay1 = torch.bitwise_xor(ay1, seed)
+    mask = table_size - 1
+    idx = torch.stack([torch.bitwise_xor(ax0, ay0), torch.bitwise_xor(ax1, ay0),
+                       torch.bitwise_xor(ax0, ay1), torch.bitwise_xor(ax1, ay1)], dim=1).bitwise_and_(mask)
+    if bilinear:
+        fx, fy = frac[:, 0], frac[:, 1]
+        gx, gy = 1.0 - fx, 1.0 - fy
+        w = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=1)
+    else:
+        w = torch.full((coords.shape[0], 4), 0.25, dtype=coords.dtype, device=coords.device)
+    return idx, w
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Level-by-level fused lookup; saves only the coordinates, recomputes indices in backward."""
+
+    @staticmethod
+    def forward(ctx, coords: Tensor, table: Tensor, scales: tuple[float, ...], seeds: tuple[int, ...],  # type: ignore[override]
+                shared: bool, bilinear: bool) -> Tensor:
+        n = coords.shape[0]
+        t_size, feat = table.shape[-2], table.shape[-1]
+        levels = len(scales)
+        out = torch.empty(n, levels * feat, dtype=table.dtype, device=table.device)
+        c = coords.to(table.dtype) if table.dtype in (torch.float32, torch.float64) else coords.float()
+        for level in range(levels):
+            idx, w = _level_lookup(c, scales[level], seeds[level], t_size, bilinear)
+            tab = table if shared else table[level]
+            out[:, level * feat:(level + 1) * feat] = F.embedding_bag(
+                idx, tab, per_sample_weights=w.to(tab.dtype), mode="sum")
+        ctx.save_for_backward(coords)
+        ctx.meta = (scales, seeds, shared, bilinear, table.shape, table.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (coords,) = ctx.saved_tensors
+        scales, seeds, shared, bilinear, shape, dtype = ctx.meta
+        grad_table = None
+        if ctx.needs_input_grad[1]:
+            grad_table = torch.zeros(shape, dtype=dtype, device=grad_out.device)
+            t_size, feat = shape[-2], shape[-1]
+            c = coords.to(dtype) if dtype in (torch.float32, torch.float64) else coords.float()
+            for level in range(len(scales)):
+                idx, w = _level_lookup(c, scales[level], seeds[level], t_size, bilinear)
+                g = grad_out[:, level * feat:(level + 1) * feat]
+                dst = grad_table if shared else grad_table[level]
+                for corner in range(4):
+                    dst.index_add_(0, idx[:, corner], g * w[:, corner:corner + 1].to(g.dtype))
+        return None, grad_table, None, None, None, None
+
+
+class HashGridEncoding2D(nn.Module):
+    """Multiresolution hash encoding of 2-D pixel coordinates ``[N, 2]`` -> features ``[N, L * F]``.
+
+    Args:
+        levels: number of resolution levels ``L``.
+        features_per_level: features per level ``F``.
+        log2_table_size: ``log2(T)``; ``T`` rows per table.
+        base_resolution: grid resolution ``N_0`` of the coarsest level.
+        growth: per-level growth factor ``b`` (``N_l = round(N_0 * b**l)``).
+        region_size: side ``S`` of the region in pixels; level ``l`` scales coordinates by ``N_l / S``.
+        shared_table: one ``[T, F]`` table for all levels (LIANet v1.0.1) or ``[L, T, F]`` (v1.0.0).
+        per_level_seeds: independent hash seed per level (otherwise the level-0 seed everywhere).
+        bilinear: bilinear blending of the four corners (otherwise their plain mean).
+        init_range: tables are initialised ``U(-init_range, init_range)``; default 1e-2 for a shared
+            table, 1e-4 for per-level tables (the reference's two releases).
+        backend: ``"torch"`` (always available), ``"tcnn"`` (tiny-cuda-nn, requires it and CUDA) or
+            ``"auto"`` (``"torch"``; tiny-cuda-nn uses its own hash function, so its values differ from
+            the formula above and it is never selected implicitly).
+    """
+
+    def __init__(self, levels: int = 13, features_per_level: int = 128, log2_table_size: int = 19,
+                 base_resolution: int = 16, growth: float = 2.0, region_size: float = 10980.0,
+                 shared_table: bool = True, per_level_seeds: bool = True, bilinear: bool = True,
+                 init_range: float | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if levels < 1 or features_per_level < 1:
+            raise ValueError(f"levels and features_per_level must be >= 1, got {levels} and {features_per_level}")
+        if not 1 <= log2_table_size <= 30:
+            raise ValueError(f"log2_table_size must be in 1..30, got {log2_table_size}")
+        if base_resolution < 1 or growth <= 0:
+            raise ValueError(f"base_resolution must be >= 1 and growth > 0, got {base_resolution} and {growth}")
+        if not region_size or region_size <= 0:
+            raise ValueError(f"region_size must be a positive number of pixels, got {region_size}")
+        if backend not in ("auto", "torch", "tcnn"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
+        self.levels = int(levels)
+        self.features_per_level = int(features_per_level)
+        self.log2_table_size = int(log2_table_size)
+        self.table_size = 1 << self.log2_table_size
+        self.base_resolution = int(base_resolution)
+        self.growth = float(growth)
+        self.region_size = float(region_size)
+        self.shared_table = bool(shared_table)
+        self.per_level_seeds = bool(per_level_seeds)
+        self.bilinear = bool(bilinear)
+        self.resolutions = level_resolutions(self.levels, self.base_resolution, self.growth)
+        self.scales = tuple(n / self.region_size for n in self.resolutions)
+        self.seeds = tuple(level_seeds(self.levels, self.per_level_seeds))
+        rng = init_range if init_range is not None else (1e-2 if self.shared_table else 1e-4)
+        shape = (self.table_size, self.features_per_level) if self.shared_table else (
+            self.levels, self.table_size, self.features_per_level)
+        self.table = nn.Parameter(torch.empty(shape).uniform_(-rng, rng))
+        self.backend = "torch"
+        self._tcnn: nn.Module | None = None
+        if backend == "tcnn":
+            self._build_tcnn()
+
+    @property
+    def out_dim(self) -> int:
+        """``L * F``."""
+        return self.levels * self.features_per_level
+
+    def _build_tcnn(self) -> None:
+        try:
+            import tinycudann as tcnn  # type: ignore[import-not-found]
+        except ImportError as err:
+            raise RuntimeError("backend='tcnn' needs the tinycudann package (not importable here)") from err
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend='tcnn' needs CUDA")
+        self._tcnn = tcnn.Encoding(2, {
+            "otype": "HashGrid", "n_levels": self.levels, "n_features_per_level": self.features_per_level,
+            "log2_hashmap_size": self.log2_table_size, "base_resolution": self.base_resolution,
+            "per_level_scale": self.growth, "interpolation": "Linear" if self.bilinear else "Nearest",
+        })
+        self.backend = "tcnn"
+
+    def extra_repr(self) -> str:
+        return (f"levels={self.levels}, features_per_level={self.features_per_level}, table_size=2**{self.log2_table_size}, "
+                f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, region_size={self.region_size:g}, "
+                f"shared_table={self.shared_table}, per_level_seeds={self.per_level_seeds}, bilinear={self.bilinear}")
+
+    def forward(self, coords: Tensor) -> Tensor:
+        """Encode pixel coordinates ``[N, 2]`` (x = column, y = row) into ``[N, L * F]`` features."""
+        if not isinstance(coords, Tensor) or coords.ndim != 2 or coords.shape[1] != 2:
+            shape = tuple(coords.shape) if isinstance(coords, Tensor) else type(coords).__name__
+            raise ValueError(f"coords must be a float tensor of shape [N, 2] (x, y pixel coordinates), got {shape}")
+        if not coords.is_floating_point():
+            coords = coords.float()
+        if self._tcnn is not None:
+            return self._tcnn((coords / self.region_size).clamp(0, 1)).float()
+        return _HashGridFunction.apply(coords, self.table, self.scales, self.seeds, self.shared_table, self.bilinear)
+
+    def node_indices(self, level: int, ix: Tensor, iy: Tensor) -> Tensor:
+        """Table row of grid node ``(ix, iy)`` at ``level`` (for collision analysis)."""
+        return hash_2d(ix.to(torch.int64), iy.to(torch.int64), self.seeds[level], self.table_size)
+
+
+def collision_statistics(levels: int = 13, log2_table_size: int = 19, base_resolution: int = 16, growth: float = 2.0,
+                         region_size: float = 10980.0, per_level_seeds: bool = True, shared_table: bool = True,
+                         n_pixels: int = 1 << 20, exact_limit: int = 1 << 24, seed: int = 0) -> dict[str, object]:
+    """Hash-collision rates of an encoding configuration (LIANet supplement, section 8, eq. 1).
+
+    Returns a dict with
+
+    * ``level_rate``: per level, the fraction of the level's grid nodes inside the region that share
+      their table row with another node of the same level (exact count when the level has at most
+      ``exact_limit`` nodes, else the expectation ``1 - (1 - 1/T)**(n - 1)`` of a uniform hash, flagged
+      in ``level_exact``);
+    * ``full_rate``: over ``n_pixels`` random pixel positions, the fraction whose lower-corner rows
+      coincide with those of another, spatially distinct sampled position at *every* level (identical
+      concatenated embedding up to interpolation);
+    * ``cross_level_rate`` (shared tables): fraction of nodes ``(ix, iy)`` of each level whose row is the
+      row of the same integer node at another level, i.e. structural aliasing between levels, which
+      per-level seeds remove.
+    """
+    t_size = 1 << log2_table_size
+    res = level_resolutions(levels, base_resolution, growth)
+    seeds = level_seeds(levels, per_level_seeds)
+    level_rate, level_exact = [], []
+    for level, n_l in enumerate(res):
+        side = int(math.floor((region_size - 1) * n_l / region_size)) + 2  # nodes touched along one axis
+        n_nodes = side * side
+        if n_nodes <= exact_limit:
+            ii = torch.arange(side, dtype=torch.int64)
+            iy, ix = torch.meshgrid(ii, ii, indexing="ij")
+            h = hash_2d(ix.reshape(-1), iy.reshape(-1), seeds[level], t_size)
+            counts = torch.bincount(h, minlength=t_size)
+            level_rate.append(float((counts[h] > 1).double().mean()))
+            level_exact.append(True)
+        else:
+            level_rate.append(1.0 - (1.0 - 1.0 / t_size) ** (n_nodes - 1))
+            level_exact.append(False)
+    gen = torch.Generator().manual_seed(seed)
+    pix = torch.randint(0, int(region_size), (n_pixels, 2), generator=gen, dtype=torch.int64)
+    pix = torch.unique(pix, dim=0)
+    sig = torch.empty(pix.shape[0], levels, dtype=torch.int64)
+    for level, n_l in enumerate(res):
+        cell = torch.floor(pix.double() * (n_l / region_size)).to(torch.int64)
+        sig[:, level] = hash_2d(cell[:, 0], cell[:, 1], seeds[level], t_size)
+    _, inverse, counts = torch.unique(sig, dim=0, return_inverse=True, return_counts=True)
+    full = int((counts[inverse] > 1).sum())
+    out: dict[str, object] = {
+        "resolutions": res, "level_rate": level_rate, "level_exact": level_exact,
+        "full_rate": full / pix.shape[0], "full_count": full, "n_pixels": int(pix.shape[0]),
+    }
+    if shared_table:
+        cross = []
+        probe = torch.randint(0, max(2, res[0]), (min(n_pixels, 1 << 16), 2), generator=gen, dtype=torch.int64)
+        for level in range(levels):
+            mine = hash_2d(probe[:, 0], probe[:, 1], seeds[level], t_size)
+            hit = torch.zeros(probe.shape[0], dtype=torch.bool)
+            for other in range(levels):
+                if other != level:
+                    hit |= hash_2d(probe[:, 0], probe[:, 1], seeds[other], t_size) == mine
+            cross.append(float(hit.double().mean()))
+        out["cross_level_rate"] = cross
+    return out
+
+
+def naive_hash_grid(coords: Tensor, table: Tensor, resolutions: Sequence[int], region_size: float,
+                    seeds: Sequence[int], bilinear: bool = True) -> Tensor:
+    """Direct vectorised formula over all levels at once (the memory-heavy ``[L * N, F]`` reference path).
+
+    Kept for tests and the benchmark: every level's four corners are gathered as ``[L * N, F]`` tensors
+    and blended with ordinary autograd.
+    """
+    n, levels = coords.shape[0], len(resolutions)
+    shared = table.ndim == 2
+    t_size, feat = table.shape[-2], table.shape[-1]
+    scales = torch.tensor([r / region_size for r in resolutions], dtype=coords.dtype, device=coords.device)
+    pos = coords[None, :, :] * scales[:, None, None]  # [L, N, 2]
+    base = torch.floor(pos)
+    frac = pos - base
+    i0 = base.to(torch.int64)
+    seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=coords.device)[:, None]
+    level_off = (torch.arange(levels, device=coords.device)[:, None] * t_size) if not shared else 0
+    flat = table if shared else table.reshape(levels * t_size, feat)
+
+    def corner(dx: int, dy: int) -> Tensor:
+        ix, iy = i0[..., 0] + dx, i0[..., 1] + dy
+        h = torch.bitwise_and(torch.bitwise_xor(torch.bitwise_xor(ix * HASH_PRIMES[0], iy * HASH_PRIMES[1]), seed_t),
+                              t_size - 1)
+        return flat[(h + level_off).reshape(-1)]  # [L*N, F]
+
+    f00, f10, f01, f11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
+    if bilinear:
+        fx = frac[..., 0].reshape(-1, 1)
+        fy = frac[..., 1].reshape(-1, 1)
+        enc = (1 - fx) * (1 - fy) * f00 + fx * (1 - fy) * f10 + (1 - fx) * fy * f01 + fx * fy * f11
+    else:
+        enc = 0.25 * (f00 + f10 + f01 + f11)
+    return enc.view(levels, n, feat).permute(1, 0, 2).reshape(n, levels * feat)

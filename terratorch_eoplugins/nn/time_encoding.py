@@ -1,0 +1,118 @@
+"""Time encodings of LIANet: a vector per acquisition time, added to the spatial hash features.
+
+Time values are days since :data:`TIME_EPOCH` (2015-01-01 00:00 UTC, the Sentinel-2 era), time of day
+included as a fraction, as in the reference implementation. Modes:
+
+* ``index``: one learned vector per pretraining acquisition (``nn.Embedding(Q, D)``, N(0, 0.02));
+  takes the acquisition index, so it cannot represent unseen dates.
+* ``sinusoidal``: fixed angular frequencies ``2**0 .. 2**(K-1)`` (rad/day) applied to ``t``, sin and
+  cos, then ``Linear(2K, D)``.
+* ``fourier_learned``: like ``sinusoidal`` with ``K`` learnable frequencies initialised ``N(0, 1)``
+  (the mode of the reference PASTIS/BurnScars checkpoints).
+* ``mlp``: ``[t, sin(annual phase), cos(annual phase)]`` through a 3-layer GELU MLP (hidden 64).
+
+``time_scale`` divides ``t`` before the continuous encodings (1 = raw days, the reference).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TIME_EPOCH", "TIME_MODES", "TimeEncoding", "days_since_epoch"]
+
+#: Origin of the continuous time value.
+TIME_EPOCH = dt.datetime(2015, 1, 1)
+TIME_MODES = ("index", "sinusoidal", "fourier_learned", "mlp")
+_YEAR = 365.2425
+
+
+def days_since_epoch(when: dt.datetime | dt.date | str) -> float:
+    """Days (with fraction of day) from 2015-01-01 00:00 to ``when``."""
+    if isinstance(when, str):
+        when = dt.datetime.fromisoformat(when)
+    if not isinstance(when, dt.datetime):
+        when = dt.datetime(when.year, when.month, when.day)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return (when - TIME_EPOCH).total_seconds() / 86400.0
+
+
+class TimeEncoding(nn.Module):
+    """Map times ``[B]`` (days since 2015-01-01, or acquisition indices for ``index``) to ``[B, out_dim]``.
+
+    Args:
+        mode: one of :data:`TIME_MODES`.
+        out_dim: output size (``L * F`` of the hash encoding it is added to).
+        num_timestamps: ``Q`` learned vectors (``index`` mode).
+        num_frequencies: ``K`` frequencies (``sinusoidal``, ``fourier_learned``).
+        hidden_dim: hidden width of the ``mlp`` mode.
+        time_scale: ``t / time_scale`` feeds the continuous modes.
+    """
+
+    def __init__(self, mode: str = "fourier_learned", out_dim: int = 1664, num_timestamps: int | None = None,
+                 num_frequencies: int = 8, hidden_dim: int = 64, time_scale: float = 1.0) -> None:
+        super().__init__()
+        if mode not in TIME_MODES:
+            raise ValueError(f"time mode must be one of {TIME_MODES}, got {mode!r}")
+        if out_dim < 1:
+            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+        if time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        self.mode, self.out_dim, self.time_scale = mode, int(out_dim), float(time_scale)
+        if mode == "index":
+            if not num_timestamps or num_timestamps < 1:
+                raise ValueError("time mode 'index' needs num_timestamps >= 1 (number of pretraining acquisitions)")
+            self.num_timestamps = int(num_timestamps)
+            self.embedding = nn.Embedding(self.num_timestamps, out_dim)
+            nn.init.normal_(self.embedding.weight, std=0.02)
+        elif mode in ("sinusoidal", "fourier_learned"):
+            if num_frequencies < 1:
+                raise ValueError(f"num_frequencies must be >= 1, got {num_frequencies}")
+            freqs = 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)
+            if mode == "sinusoidal":
+                self.register_buffer("frequencies", freqs)
+            else:
+                self.frequencies = nn.Parameter(torch.randn(num_frequencies))
+            self.proj = nn.Linear(2 * num_frequencies, out_dim)
+            nn.init.normal_(self.proj.weight, std=0.02)
+            nn.init.zeros_(self.proj.bias)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(3, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                     nn.Linear(hidden_dim, out_dim))
+            for m in self.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether :meth:`forward` takes acquisition indices rather than day values."""
+        return self.mode == "index"
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Encode ``t`` ``[B]`` into ``[B, out_dim]``."""
+        if t.ndim != 1:
+            raise ValueError(f"time input must be a 1-D tensor [B], got shape {tuple(t.shape)}")
+        if self.mode == "index":
+            if t.is_floating_point():
+                raise ValueError("time mode 'index' takes integer acquisition indices, got floating-point values")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timestamps):
+                raise ValueError(f"acquisition index out of range 0..{self.num_timestamps - 1}: "
+                                 f"got {int(t.min())}..{int(t.max())}")
+            return self.embedding(t)
+        x = t.float() / self.time_scale
+        if self.mode == "mlp":
+            phase = 2 * math.pi * torch.remainder(t.double() / _YEAR, 1.0).float()
+            return self.mlp(torch.stack([x, torch.sin(phase), torch.cos(phase)], dim=1))
+        angles = x[:, None] * self.frequencies[None, :]
+        return self.proj(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1))
+
+
+def encode_times(times: Sequence[dt.datetime]) -> Tensor:
+    """Days since 2015-01-01 of ``times`` as a float64 tensor."""
+    return torch.tensor([days_since_epoch(t) for t in times], dtype=torch.float64)

@@ -1,0 +1,199 @@
+"""LIANet pretraining: regress Sentinel-2 patches from (patch origin, time) alone.
+
+L1 loss on ``clip((DN - 1000) / 10000, 0, 1)``, AdamW (lr 5e-4, no weight decay) with linear warmup and
+cosine decay (stepped per epoch by default, 5 warmup epochs, as in the reference), gradient clipping
+through the trainer (``gradient_clip_val: 1.0``) and mixed precision through ``trainer.precision``
+where a GPU is available. Validation logs MAE, PSNR and SSIM (data range 1) and saves reconstruction
+plots. The generator's region (grid shape, acquisitions, CRS) comes from the datamodule
+(:class:`~terratorch_eoplugins.datamodules.lianet.LIANetPretrainDataModule`) at ``setup`` and is stored
+with the weights under the checkpoint key ``"lianet"``, so fine-tuning rebuilds the same generator
+with ``torch.load(..., weights_only=True)``. At the end of ``fit`` the generator is also exported to
+``<log_dir>/lianet_generator.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics import MeanAbsoluteError
+from torchgeo.trainers import BaseTask
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from terratorch_eoplugins.models.lianet import CKPT_KEY, LIANetGenerator, generator_config, save_generator
+
+__all__ = ["LIANetPretrainTask", "warmup_cosine"]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR factor: linear warmup ``(step + 1) / warmup`` then cosine from 1 to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LIANetPretrainTask(BaseTask):
+    """torchgeo/Lightning task pretraining a :class:`~terratorch_eoplugins.models.lianet.LIANetGenerator`.
+
+    Args:
+        variant: ``"base"``, ``"large"`` or ``"modified"``.
+        generator_args: overrides of the variant's hyper-parameters (see :class:`LIANetGenerator`); region
+            entries (``region_size``, ``region_shape``, ``acquisitions``, ``region_crs``, ``region_transform``)
+            are filled from the datamodule when absent.
+        lr: AdamW base learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: warmup length in scheduler intervals.
+        scheduler_interval: ``"epoch"`` (reference) or ``"step"``.
+        min_lr_ratio: final LR as a fraction of ``lr``.
+        plot_every_n_epochs: reconstruction plots of the first validation batch (0 = never).
+        export_generator: write ``lianet_generator.pt`` into the log directory at the end of ``fit``.
+    """
+
+    def __init__(self, variant: str = "modified", generator_args: Mapping[str, Any] | None = None, lr: float = 5e-4,
+                 weight_decay: float = 0.0, warmup: int = 5, scheduler_interval: str = "epoch",
+                 min_lr_ratio: float = 0.0, plot_every_n_epochs: int = 1, export_generator: bool = True) -> None:
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        generator_config(variant, **dict(generator_args or {}))  # validate early
+        self.variant = variant
+        self.generator_args = dict(generator_args or {})
+        self._plot_batch: dict[str, Any] | None = None
+        super().__init__()  # torchgeo BaseTask: saves hyper-parameters, configure_models/metrics
+        self.generator: LIANetGenerator | None = None
+
+    monitor = "val/loss"
+
+    def configure_models(self) -> None:
+        """The generator is built in :meth:`setup`, once the datamodule's region is known."""
+
+    def configure_metrics(self) -> None:
+        self.val_mae = MeanAbsoluteError()
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.test_mae = MeanAbsoluteError()
+        self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.test_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    # ------------------------------------------------------------------------------- building
+    def _region_args(self) -> dict[str, Any]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        region = getattr(dm, "region", None)
+        if region is None:
+            return {}
+        return {"region_size": float(region.size), "region_shape": list(region.shape),
+                "acquisitions": region.acquisition_days, "region_crs": region.crs.to_string(),
+                "region_transform": list(tuple(region.transform)[:6])}
+
+    def build_generator(self, extra: Mapping[str, Any] | None = None) -> LIANetGenerator:
+        args = {**(extra or {}), **self.generator_args}
+        return LIANetGenerator(self.variant, **args)
+
+    def setup(self, stage: str) -> None:
+        if self.generator is None:
+            self.generator = self.build_generator(self._region_args())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert self.generator is not None
+        checkpoint[CKPT_KEY] = {"config": copy.deepcopy(self.generator.config)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cfg = dict(checkpoint.get(CKPT_KEY, {}).get("config", {}))
+        if cfg:
+            variant = cfg.pop("variant", self.variant)
+            if variant != self.variant:
+                raise ValueError(f"checkpoint holds a LIANet-{variant} generator, this task trains LIANet-{self.variant}")
+            self.generator = LIANetGenerator(variant, **cfg)
+
+    # -------------------------------------------------------------------------------- steps
+    def forward(self, origin_px: Tensor, time_days: Tensor | None = None, time_index: Tensor | None = None,
+                size: int | tuple[int, int] = 128) -> Tensor:
+        assert self.generator is not None, "call setup() (or fit) first"
+        return self.generator(origin_px, self.generator.resolve_time(time_days, time_index), size)
+
+    def _predict(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        target = batch["image"]
+        pred = self(batch["origin_px"], batch.get("time_days"), batch.get("time_index"), tuple(target.shape[-2:]))
+        return pred, target
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        pred, target = self._predict(batch)
+        loss = F.l1_loss(pred.float(), target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], prefix: str) -> Tensor:
+        pred, target = self._predict(batch)
+        pred = pred.float()
+        loss = F.l1_loss(pred, target)
+        mae, psnr, ssim = (getattr(self, f"{prefix}_{m}") for m in ("mae", "psnr", "ssim"))
+        clipped = pred.clamp(0, 1)
+        mae.update(pred, target)
+        psnr.update(clipped, target)
+        ssim.update(clipped, target)
+        n = target.shape[0]
+        self.log(f"{prefix}/loss", loss, batch_size=n)
+        self.log(f"{prefix}/MAE", mae, batch_size=n)
+        self.log(f"{prefix}/PSNR", psnr, prog_bar=True, batch_size=n)
+        self.log(f"{prefix}/SSIM", ssim, batch_size=n)
+        return pred
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        pred = self._eval_step(batch, "val")
+        if batch_idx == 0:
+            self._plot_batch = {"image": batch["image"][:4].detach().cpu(), "prediction": pred[:4].detach().cpu(),
+                                "date": list(batch.get("date", [""] * 4))[:4],
+                                "origin_px": batch["origin_px"][:4].detach().cpu()}
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        every = self.hparams.plot_every_n_epochs
+        if not every or self._plot_batch is None or self.trainer.sanity_checking or self.current_epoch % every:
+            return
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        b = self._plot_batch
+        dm = getattr(self.trainer, "datamodule", None)
+        ds = getattr(dm, "val_dataset", None)
+        if ds is None or not hasattr(ds, "plot"):
+            return
+        sample = {"image": b["image"][0], "prediction": b["prediction"][0], "date": b["date"][0],
+                  "origin_px": b["origin_px"][0], "tile": ""}
+        fig = ds.plot(sample, suptitle=f"epoch {self.current_epoch}: {b['date'][0]}")
+        logger = self.logger
+        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
+            logger.experiment.add_figure("val/reconstruction", fig, global_step=self.global_step)
+        else:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+            out.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / f"epoch_{self.current_epoch:04d}.png", dpi=80)
+        plt.close(fig)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_generator and self.generator is not None and self.trainer.is_global_zero:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lianet_generator.pt"
+            save_generator(self.generator, out)
+
+    # ---------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.generator is not None
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        interval = self.hparams.scheduler_interval
+        if interval == "epoch":
+            total = int(self.trainer.max_epochs or 1)
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+        warmup, min_ratio = int(self.hparams.warmup), float(self.hparams.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}

@@ -1,0 +1,192 @@
+"""LIANet: parameter budgets, generator checks, checkpoints, datamodule georeferencing, pretraining learns."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from terratorch.registry import BACKBONE_REGISTRY, DECODER_REGISTRY
+
+import terratorch_eoplugins  # noqa: F401
+from terratorch_eoplugins.datamodules.lianet import (
+    LIANetBurnScars,
+    LIANetPASTIS,
+    LIANetPretrainDataModule,
+    polygon_origin,
+)
+from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.datasets.s2_tiles import scan_region
+from terratorch_eoplugins.models.lianet import LIANetGenerator, load_generator, parameter_counts, save_generator
+from terratorch_eoplugins.synthetic.lianet_burn_tiles import write_lianet_burn_tiles
+from terratorch_eoplugins.tasks.lianet_pretrain import LIANetPretrainTask, warmup_cosine
+
+SMALL = dict(levels=6, features_per_level=4, log2_table_size=12, base_resolution=8, growth=2.0, preproj_channels=16,
+             trunk_hidden=16, trunk_blocks=1, trunk_out=16)
+
+
+def test_parameter_counts_match_the_reference() -> None:
+    base, large, mod = (parameter_counts(variant=v) for v in ("base", "large", "modified"))
+    assert round(base["hash_tables"] / 1e6, 1) == 184.5 and round(base["without_tables"] / 1e6, 1) == 69.2
+    assert round(large["hash_tables"] / 1e6, 1) == 184.5 and round(large["without_tables"] / 1e6, 1) == 127.3
+    assert round(mod["hash_tables"] / 1e6, 1) == 67.1 and round(mod["without_tables"] / 1e6, 2) == 3.93
+    head = DECODER_REGISTRY.build("lianet_head", [128])
+    tunable = sum(p.numel() for p in head.parameters()) + 32 * 19 + 19  # + terratorch's 1x1 classifier
+    assert 0.75e6 < tunable < 1e6 and head.out_channels == 32
+
+
+def test_generator_shapes_and_range_checks() -> None:
+    g = LIANetGenerator("modified", **SMALL, region_size=200, region_shape=[200, 150], acquisitions=[1500.4, 1600.4])
+    out = g(torch.tensor([[0.0, 0.0], [100.0, 150.0]]), torch.tensor([1500.4, 1600.4]), (32, 48))
+    assert out.shape == (2, 12, 32, 48) and out.is_contiguous()
+    with pytest.raises(ValueError, match="outside the pretrained region"):
+        g(torch.tensor([[120.0, 0.0]]), torch.tensor([1500.4]), 32)  # 120 + 32 > 150 columns
+    with pytest.raises(ValueError, match=r"shape \[B, 2\]"):
+        g(torch.tensor([1.0, 2.0]), torch.tensor([1500.4]), 8)
+    with pytest.raises(ValueError, match="outside the pretrained period"):
+        g.resolve_time(torch.tensor([1700.0]))
+    gi = LIANetGenerator("modified", **{**SMALL, "time_mode": "index"}, acquisitions=[10.5, 20.5, 30.5])
+    assert gi.resolve_time(torch.tensor([20.4, 30.5])).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="no pretraining acquisition"):
+        gi.resolve_time(torch.tensor([25.0]))
+
+
+def test_resunet_trunk_runs() -> None:
+    g = LIANetGenerator("base", **{**SMALL, "trunk": "resnet50", "decoder_widths": [16, 16, 16, 16]}).eval()
+    assert g(torch.zeros(1, 2), torch.tensor([0]), 32).shape == (1, 12, 32, 32)
+    assert g(torch.zeros(2, 2), torch.tensor([0, 3]), 64).shape == (2, 12, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        g(torch.zeros(1, 2), torch.tensor([0]), 40)
+
+
+def test_checkpoint_roundtrip_and_mismatches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = LIANetGenerator("modified", **SMALL, region_size=300)
+    path = save_generator(g, tmp_path / "gen.pt")
+    bb = BACKBONE_REGISTRY.build("lianet_modified", ckpt_path=str(path), generator_args=SMALL)
+    assert bb.out_channels == [16] and not any(p.requires_grad for p in bb.parameters())
+    bb.train()
+    assert not bb.generator.training  # frozen generator stays in eval mode
+    origin, t = torch.tensor([[5.0, 7.0]]), torch.tensor([1234.5])
+    x = torch.zeros(1, 1, 24, 24)
+    torch.testing.assert_close(bb(x, origin_px=origin, time_days=t)[0], g.features(origin, t, 24))
+    torch.testing.assert_close(bb.reconstruct(origin, t, size=24), g(origin, t, 24))
+    with pytest.raises(ValueError, match="LIANet-modified generator, not LIANet-base"):
+        BACKBONE_REGISTRY.build("lianet_base", ckpt_path=str(path))
+    with pytest.raises(ValueError, match="levels=7 differs"):
+        load_generator(path, variant="modified", levels=7)
+    with pytest.raises(ValueError, match="origin_px"):
+        bb(x)
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"lianet": {"config": object()}}))
+    with pytest.raises(ValueError, match="weights_only"):
+        load_generator(bad)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a LIANet checkpoint"):
+        load_generator(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="needs ckpt_path"):
+        BACKBONE_REGISTRY.build("lianet_modified", pretrained=True, generator_args=SMALL)
+
+
+def test_warmup_cosine_schedule() -> None:
+    f = [warmup_cosine(s, 5, 20) for s in range(21)]
+    assert f[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and f[5] == 1.0 and f[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(f[5:], f[6:]))
+
+
+@pytest.fixture(scope="module")
+def burn_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_lianet_burn_tiles(tmp_path_factory.mktemp("lianet_burn"), "tiny", 0)
+
+
+def test_pastis_patches_land_on_their_pixels(tiny_world_dir: Path) -> None:
+    """The S2 window at each patch's mapped origin is the PASTIS patch's own S2 image of that date."""
+    region = scan_region(tiny_world_dir / "S2_TILES")
+    ds = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="patch", image="s2")
+    assert len(ds) > 0
+    seen = set()
+    for i in range(0, len(ds), max(1, len(ds) // 6)):
+        s = ds[i]
+        k = ds.samples[i]["index"]
+        patch = ds.pastis.patches[k]
+        dates = patch["dates"]["S2"]
+        j = [d.isoformat() for d in dates].index(s["date"][:10])
+        raw = np.load(patch["files"]["S2"])[j].astype(np.float32)  # T x 10 x 128 x 128 (B2..B12, no B1/B9)
+        ours = s["image"].numpy()[[1, 2, 3, 4, 5, 6, 7, 8, 10, 11]] * 10000
+        assert np.corrcoef(raw.ravel(), ours.ravel())[0, 1] > 0.99
+        assert s["mask"].shape == (128, 128) and s["image"].shape == (12, 128, 128)
+        seen.add(tuple(s["origin_px"].tolist()))
+    assert len(seen) > 1
+    region_ds = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="val", dates="region", num_dates=3)
+    assert len(region_ds) == 3 * len(region_ds.pastis)
+
+
+def test_bad_georeferencing_and_dates(tiny_world_dir: Path) -> None:
+    region = scan_region(tiny_world_dir / "S2_TILES")
+    square = [(0, 0), (1280, 0), (1280, -1280), (0, -1280), (0, 0)]
+    with pytest.raises(EODataError, match="cannot transform"):
+        polygon_origin(square, "EPSG:999999", region, 128, "patch X")
+    with pytest.raises(EODataError, match="patch X"):
+        polygon_origin(square, "+proj=geocent +units=m +no_defs +type=crs +foo", region, 128, "patch X")
+    far = [(x + 5e5, y) for x, y in square]
+    with pytest.raises(EODataError, match="outside the pretrained region"):
+        polygon_origin(far, region.crs.to_wkt(), region, 128, "patch Y")
+    sub = scan_region(tiny_world_dir / "S2_TILES")
+    sub.tiles[0].files = sub.tiles[0].files[:2]  # pretend only the first two acquisitions were pretrained
+    with pytest.raises(EODataError, match="no pretraining acquisition on that day"):
+        LIANetPASTIS(tiny_world_dir / "PASTIS-R", sub, split="val", dates="patch")
+
+
+def test_burnscars_windows_show_the_burn_in_the_paired_acquisition(tiny_world_dir: Path, burn_tiles: Path) -> None:
+    region = scan_region(burn_tiles)
+    ds = LIANetBurnScars(tiny_world_dir / "hls_burn_scars", region, split="train", image="s2")
+    assert len(ds) > 0
+    burned, clear = [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        m = s["mask"].numpy()
+        assert (m == 1).any()
+        nir = s["image"].numpy()[8]  # B8A: NIR drops on burn scars
+        burned.append(nir[m == 1].mean())
+        if (m == 0).any():
+            clear.append(nir[m == 0].mean())
+    assert np.mean(burned) < np.mean(clear) - 0.05
+
+
+def test_pretraining_psnr_rises(tiny_world_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    dm = LIANetPretrainDataModule(root=str(tiny_world_dir / "S2_TILES"), patch_size=24, samples_per_epoch=480,
+                                  val_samples=32, batch_size=16)
+    task = LIANetPretrainTask("modified", SMALL, lr=1e-2, warmup=0, scheduler_interval="step", plot_every_n_epochs=1)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, gradient_clip_val=1.0,
+                         inference_mode=False)
+    before = trainer.validate(task, dm, verbose=False)[0]["val/PSNR"]
+    trainer.fit(task, dm)
+    after = trainer.validate(task, dm, verbose=False)[0]["val/PSNR"]
+    assert after > before + 4.0, (before, after)
+    gen = task.generator
+    assert gen.config["region_shape"] == [384, 256] and len(gen.config["acquisitions"]) == 10
+    assert (tmp_path / "lianet_generator.pt").is_file() and (tmp_path / "reconstructions").is_dir()
+    loaded = load_generator(tmp_path / "lianet_generator.pt", variant="modified")
+    o, t = torch.tensor([[3.0, 4.0]]), torch.tensor(gen.config["acquisitions"][:1])
+    torch.testing.assert_close(loaded.eval()(o, t, 16), gen.eval()(o, t, 16))
+
+
+def test_compression_formulas_and_report(tiny_world_dir: Path, tmp_path: Path) -> None:
+    from terratorch_eoplugins.analysis.compression import bits_per_pixel, compression_report, psnr, rate_distortion_plot
+
+    # eq. 2: 1/bpp = Q / (8 B) * sum_c P_c
+    assert bits_per_pixel(1000, 4, [500] * 12) == pytest.approx(1 / (4 / 8000 * 6000))
+    i = np.array([[0.5, 0.2], [0.1, 0.4]])
+    s = i + np.array([[0.1, -0.1], [0.0, 0.0]])
+    assert psnr(i, s) == pytest.approx(10 * np.log10(0.25 / 0.005))  # eq. 3 with max(I) = 0.5
+    gen = LIANetGenerator("modified", **SMALL, region_size=384, region_shape=[384, 256])
+    rep = compression_report(gen, tiny_world_dir / "S2_TILES", n_patches=3, patch_size=32)
+    n_bytes = sum(p.numel() * 4 for p in gen.parameters())
+    assert rep["bpp"] == pytest.approx(8 * n_bytes / (10 * 12 * 384 * 256))
+    assert len(rep["psnr_rgb_values"]) == 3 and np.isfinite(rep["psnr_all"]["median"])
+    assert rate_distortion_plot([rep], tmp_path / "rd.png").is_file()
