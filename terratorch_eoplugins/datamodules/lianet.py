@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
-import matplotlib.pyplot as plt
 import numpy as np
 import pyproj
 import rasterio
@@ -43,9 +42,11 @@ from rasterio.windows import Window
 from torchgeo.datasets import NonGeoDataset
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets._common import EODataError, logger
+from terratorch_eoplugins.datasets._common import EODataError, logger, plot_panels
 from terratorch_eoplugins.datasets.burnscars import HLSBurnScars
-from terratorch_eoplugins.datasets.pastis import PASTIS, PASTIS_CLASSES, PASTIS_PALETTE, VOID_CLASS, protocol_folds
+from terratorch_eoplugins.datasets.pastis import (
+    PASTIS, PASTIS_CLASSES, PASTIS_PALETTE, VOID_CLASS, pastis_num_classes, protocol_folds,
+)
 from terratorch_eoplugins.datasets.s2_tiles import RGB, S2Region, S2TileSampler, dn_to_reflectance, scan_region
 from terratorch_eoplugins.nn.time_encoding import days_since_epoch
 
@@ -234,15 +235,9 @@ class _LIANetSamples(NonGeoDataset):
             if pred.ndim == 3:
                 pred = pred.argmax(0)
             panels.append((self._colorize(pred), "Prediction"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-        for ax, (im, title) in zip(axes[0], panels):
-            ax.imshow(im, interpolation="nearest")
-            ax.axis("off")
-            if show_titles:
-                ax.set_title(title)
-        fig.suptitle(suptitle if suptitle is not None else
-                     (f"{sample.get('patch_id', '')} {sample.get('date', '')}" if show_titles else ""))
-        return fig
+        if suptitle is None and show_titles:
+            suptitle = f"{sample.get('patch_id', '')} {sample.get('date', '')}"
+        return plot_panels(panels, show_titles, suptitle)
 
     def _colorize(self, labels: np.ndarray) -> np.ndarray:
         palette = PASTIS_PALETTE if len(self.classes) > 2 else np.array([(0.1, 0.4, 0.1), (0.9, 0.2, 0.1)], np.float32)
@@ -482,7 +477,7 @@ class LIANetPASTISDataModule(_LIANetFinetuneDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(PASTIS_CLASSES) if self.void_label in (None, VOID_CLASS) else len(PASTIS_CLASSES) - 1
+        return pastis_num_classes(self.void_label)
 
     @property
     def ignore_index(self) -> int | None:

@@ -143,3 +143,18 @@ def split_modalities(image: Tensor, modalities: Mapping[str, Sequence[int]]) -> 
             raise EODataError(f"image_modalities[{name!r}] indexes channels {bad}, but the image has {n} channels")
         out[name] = image[:, list(idx)]
     return out
+
+
+def plot_panels(panels: Sequence[tuple[np.ndarray, str]], show_titles: bool = True, suptitle: str | None = None):
+    """One row of image panels ``(array, title)`` without axes: the layout shared by the datasets' ``plot()``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (img, title) in zip(axes[0], panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.axis("off")
+        if show_titles:
+            ax.set_title(title)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig

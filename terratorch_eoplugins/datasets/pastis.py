@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import geopandas as gpd
-import matplotlib.pyplot as plt
 import numpy as np
 import shapely
 import torch
@@ -37,6 +36,7 @@ from terratorch_eoplugins.datasets._common import (
     EODataError,
     check_array,
     logger,
+    plot_panels,
     require_dir,
     require_file,
     subsample_fraction,
@@ -503,12 +503,4 @@ class PASTIS(NonGeoDataset):
                 pred = pred.argmax(0)
             panels.append((self._colorize(pred), "Prediction"))
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-        for ax, (img, title) in zip(axes[0], panels):
-            ax.imshow(img, interpolation="nearest")
-            ax.axis("off")
-            if show_titles:
-                ax.set_title(title)
-        if suptitle is not None:
-            fig.suptitle(suptitle)
-        return fig
+        return plot_panels(panels, show_titles, suptitle)
