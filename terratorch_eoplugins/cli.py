@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.set_defaults(func=None)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
+    c = sub.add_parser("s4-clouds", help="S4 cloud robustness: mIoU by cloud-cover ratio of the test series",
+                       add_help=False)
+    c.set_defaults(func=None)
     lc = sub.add_parser("compression", help="LIANet rate-distortion: bits per pixel and PSNR over random patches")
     lc.add_argument("--ckpt", nargs="+", required=True, help="LIANet pretraining checkpoint(s) of the same region")
     lc.add_argument("--tiles-root", required=True, help="folder of the region's S2 tile folders")
@@ -60,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lc.add_argument("--json", default=None, help="also write the statistics to this JSON file")
     lc.set_defaults(func=_compression)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["s4-clouds"]:
+        from terratorch_eoplugins.analysis.s4_clouds import main as clouds_main
+
+        return clouds_main(argv[1:])
     if argv[:1] == ["demo"]:
         from terratorch_eoplugins.demo import main as demo_main
 

@@ -12,6 +12,7 @@ import importlib
 #: model modules imported (and so registered) by ``import terratorch_eoplugins``
 _MODULES: tuple[str, ...] = (
     "baselines",
+    "s4",
     "lianet",
 )
 

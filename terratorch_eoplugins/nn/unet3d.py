@@ -1,0 +1,212 @@
+"""3-D U-Net layers for satellite image time series (``[B, C, T, H, W]``).
+
+The building block is the 3-D U-Net of Cicek et al. as used for SITS by Rustowicz et al. and S4: each
+"layer" is a :class:`ConvBlock3d` (two ``Conv3d 3x3x3 + BatchNorm3d + LeakyReLU``), levels are separated by
+max-pooling, and the decoder upsamples with transposed convolutions and concatenates the encoder skips.
+
+* :class:`UNet3DEncoder` is split into *modality-specific* stages (one copy per input modality) followed
+  by *shared* stages, as S4 prescribes (first two layers per modality, last two shared). With one
+  modality it is a plain 3-D U-Net encoder.
+* :class:`UNet3DDecoder` is the up path (transposed convolutions + skips), optionally ending in a
+  1x1x1 convolution to ``out_channels`` per date.
+* :class:`UNet3D` composes both for one modality and handles any ``T >= 1`` and any ``H, W``: inputs are
+  replicate-padded to the pooling factor and the output is cropped back.
+
+Pooling is spatial only by default (kernel ``1x2x2``), so the time axis keeps its length and a series of
+any length ``T >= 1`` works; ``pool_time=True`` also halves T at each level (as in Rustowicz et al.), in
+which case T is replicate-padded to a multiple of the pooling factor and cropped back at the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConvBlock3d", "UNet3DEncoder", "UNet3DDecoder", "UNet3D", "pad_to_multiple", "crop_to"]
+
+
+class ConvBlock3d(nn.Sequential):
+    """Two ``Conv3d(3x3x3) + BatchNorm3d + LeakyReLU`` layers (one U-Net "layer")."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.01) -> None:
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(out_channels),
+            nn.LeakyReLU(negative_slope, inplace=True),
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(out_channels),
+            nn.LeakyReLU(negative_slope, inplace=True),
+        )
+
+
+def _check_5d(x: Tensor, what: str) -> None:
+    if x.ndim != 5:
+        raise ValueError(f"{what} expects a [B, C, T, H, W] tensor, got shape {tuple(x.shape)}")
+    if x.shape[2] < 1:
+        raise ValueError(f"{what} got an empty time series (T = 0) in input of shape {tuple(x.shape)}")
+
+
+def pad_to_multiple(x: Tensor, spatial: int, temporal: int = 1) -> tuple[Tensor, tuple[int, int, int]]:
+    """Replicate-pad ``[B, C, T, H, W]`` at the end of T, H and W up to multiples of the given factors.
+
+    Returns the padded tensor and the original ``(T, H, W)`` for :func:`crop_to`.
+    """
+    t, h, w = x.shape[-3:]
+    pt, ph, pw = (-t) % temporal, (-h) % spatial, (-w) % spatial
+    if pt or ph or pw:
+        x = F.pad(x, (0, pw, 0, ph, 0, pt), mode="replicate")
+    return x, (t, h, w)
+
+
+def crop_to(x: Tensor, size: tuple[int, int, int]) -> Tensor:
+    """Crop the last three dimensions of ``x`` to ``size`` = (T, H, W)."""
+    t, h, w = size
+    return x[..., :t, :h, :w]
+
+
+class UNet3DEncoder(nn.Module):
+    """3-D U-Net encoder whose first ``n_specific`` levels exist once per modality and the rest are shared.
+
+    Args:
+        in_channels: input channels per modality name (e.g. ``{"optical": 10, "radar": 3}``).
+        widths: output channels of each level; a max-pooling separates consecutive levels.
+        n_specific: number of leading levels that are modality-specific (S4: 2 of 4).
+        pool_time: also pool (halve) the time axis between levels.
+        negative_slope: LeakyReLU slope.
+
+    ``forward(x, modality)`` returns the list of level outputs, full resolution first and the bottleneck
+    last (level ``i`` is downsampled by ``2**i`` in H and W, and in T when ``pool_time``).
+    """
+
+    def __init__(self, in_channels: Mapping[str, int], widths: Sequence[int] = (16, 32, 64, 128), n_specific: int = 2,
+                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if not in_channels or any(int(c) < 1 for c in in_channels.values()):
+            raise ValueError(f"in_channels must map each modality to a positive channel count, got {dict(in_channels)}")
+        if len(widths) < 1 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
+        if not 0 <= n_specific <= len(widths):
+            raise ValueError(f"n_specific must be in 0..{len(widths)} (number of levels), got {n_specific}")
+        if n_specific == 0 and len(set(in_channels.values())) > 1:
+            raise ValueError("n_specific=0 shares every level, which needs the same in_channels for every modality, "
+                             f"got {dict(in_channels)}")
+        self.in_channels = {str(k): int(v) for k, v in in_channels.items()}
+        self.widths = widths
+        self.n_specific = n_specific
+        self.pool_time = pool_time
+        kernel = (2, 2, 2) if pool_time else (1, 2, 2)
+        self.pool = nn.MaxPool3d(kernel, kernel)
+
+        def stages(cin: int, levels: range) -> nn.ModuleList:
+            mods = nn.ModuleList()
+            for i in levels:
+                prev = cin if i == 0 else widths[i - 1]
+                mods.append(ConvBlock3d(prev, widths[i], negative_slope))
+            return mods
+
+        self.specific = nn.ModuleDict({m: stages(c, range(n_specific)) for m, c in self.in_channels.items()})
+        shared_in = next(iter(self.in_channels.values()))
+        self.shared = stages(shared_in, range(n_specific, len(widths)))
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modality names with their own first levels."""
+        return list(self.in_channels)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Total downsampling of H and W at the bottleneck."""
+        return 2 ** (len(self.widths) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Total downsampling of T at the bottleneck (1 unless ``pool_time``)."""
+        return self.spatial_factor if self.pool_time else 1
+
+    def forward(self, x: Tensor, modality: str) -> list[Tensor]:
+        """Level outputs ``[B, widths[i], T_i, H_i, W_i]`` for input ``x`` of ``modality``."""
+        if modality not in self.specific:
+            raise ValueError(f"unknown modality {modality!r}; this encoder has {self.modalities}")
+        _check_5d(x, "UNet3DEncoder")
+        cin = self.in_channels[modality]
+        if x.shape[1] != cin:
+            raise ValueError(f"modality {modality!r} expects {cin} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        f, ft = self.spatial_factor, self.temporal_factor
+        if x.shape[-1] % f or x.shape[-2] % f or x.shape[-3] % ft:
+            raise ValueError(f"UNet3DEncoder needs H, W divisible by {f} and T by {ft}, got {tuple(x.shape[-3:])}; "
+                             "use UNet3D or pad_to_multiple")
+        feats: list[Tensor] = []
+        blocks = list(self.specific[modality]) + list(self.shared)
+        for i, block in enumerate(blocks):
+            x = block(x if i == 0 else self.pool(x))
+            feats.append(x)
+        return feats
+
+
+class UNet3DDecoder(nn.Module):
+    """Up path of a 3-D U-Net: transposed convolution (x2), skip concatenation, :class:`ConvBlock3d`.
+
+    Args:
+        widths: the encoder's level widths (full resolution first).
+        out_channels: channels of a final 1x1x1 convolution per date; ``None`` returns the last
+            ``widths[0]``-channel feature map instead.
+        pool_time: the encoder pooled time too (the transposed convolutions then double T as well).
+        negative_slope: LeakyReLU slope.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), out_channels: int | None = None,
+                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if len(widths) < 1:
+            raise ValueError("widths must be non-empty")
+        stride = (2, 2, 2) if pool_time else (1, 2, 2)
+        out_pad = (1, 1, 1) if pool_time else (0, 1, 1)
+        self.widths = widths
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for i in range(len(widths) - 1, 0, -1):
+            self.ups.append(nn.ConvTranspose3d(widths[i], widths[i - 1], 3, stride=stride, padding=1,
+                                               output_padding=out_pad))
+            self.blocks.append(ConvBlock3d(2 * widths[i - 1], widths[i - 1], negative_slope))
+        self.out_channels = widths[0] if out_channels is None else int(out_channels)
+        self.final = None if out_channels is None else nn.Conv3d(widths[0], int(out_channels), 1)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        """Decode encoder level outputs (full resolution first) to ``[B, out_channels, T, H, W]``."""
+        if len(feats) != len(self.widths):
+            raise ValueError(f"UNet3DDecoder expects {len(self.widths)} feature maps, got {len(feats)}")
+        y = feats[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(feats[:-1])):
+            y = block(torch.cat([skip, up(y)], dim=1))
+        return y if self.final is None else self.final(y)
+
+
+class UNet3D(nn.Module):
+    """Single-modality 3-D U-Net for ``[B, C, T, H, W]`` series with padding to the pooling factor.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels per date (``None``: return ``widths[0]`` features).
+        widths: level widths.
+        pool_time: pool the time axis too.
+        negative_slope: LeakyReLU slope.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, widths: Sequence[int] = (16, 32, 64, 128),
+                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.encoder = UNet3DEncoder({"x": in_channels}, widths, n_specific=0, pool_time=pool_time,
+                                     negative_slope=negative_slope)
+        self.decoder = UNet3DDecoder(widths, out_channels, pool_time, negative_slope)
+        self.out_channels = self.decoder.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, T, H, W]`` -> ``[B, out_channels, T, H, W]`` (same T, H, W as the input)."""
+        _check_5d(x, "UNet3D")
+        x, size = pad_to_multiple(x, self.encoder.spatial_factor, self.encoder.temporal_factor)
+        return crop_to(self.decoder(self.encoder(x, "x")), size)

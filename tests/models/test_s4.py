@@ -1,0 +1,291 @@
+"""S4: nearest-timestamp pairing, aligned PASTIS-R pairs, pretraining task (losses, ablations, errors),
+checkpoint -> registered ``s4_unet3d`` backbone, terratorch decoders on it, cloud-robustness evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from terratorch.registry import BACKBONE_REGISTRY
+
+import terratorch_eoplugins  # noqa: F401
+from terratorch_eoplugins.analysis.s4_clouds import (
+    cloud_robustness,
+    confusion_matrix,
+    load_segmentation_checkpoint,
+    mean_iou,
+    series_cloud_ratio,
+)
+from terratorch_eoplugins.datamodules.s4 import S4PASTIS, S4PASTISDataModule, align_nearest_timestamps
+from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.models.s4 import S4UNet3DBackbone
+from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask, augment_series
+
+SMALL = [4, 8, 8, 16]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small convolutions run far faster on one thread than on two contended ones (shared CI cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- nearest-timestamp pairing
+def test_alignment_keeps_the_shorter_series_and_picks_the_nearest_other_date() -> None:
+    radar = [0, 6, 12, 18, 24, 30]
+    optical = [5, 13, 29]
+    idx_r, idx_o = align_nearest_timestamps(radar, optical)
+    assert idx_o.tolist() == [0, 1, 2]  # optical is shorter: kept unchanged
+    assert idx_r.tolist() == [1, 2, 5]  # 5 -> 6, 13 -> 12, 29 -> 30
+    # the same with the arguments swapped
+    idx_o2, idx_r2 = align_nearest_timestamps(optical, radar)
+    assert idx_o2.tolist() == [0, 1, 2] and idx_r2.tolist() == [1, 2, 5]
+
+
+def test_alignment_ties_are_explicit() -> None:
+    # equal lengths: the first series is kept (S4 keeps radar, x_min := x_r when T_min = T_1)
+    idx_a, idx_b = align_nearest_timestamps([10, 20], [0, 21])
+    assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [0, 1]
+    # equally close candidates: the earlier acquisition wins, even when listed later
+    _, idx = align_nearest_timestamps([10], [14, 6, 30])
+    assert idx.tolist() == [1]
+    # unsorted other series and repeated choices are fine
+    _, idx = align_nearest_timestamps([1, 2], [50, 0, 3])
+    assert idx.tolist() == [1, 2]
+
+
+def test_alignment_missing_dates_gaps_and_errors(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="terratorch_eoplugins.datasets"):
+        idx_a, idx_b = align_nearest_timestamps([0, np.nan, 20], [1, np.nan, 19, 40])
+    assert idx_a.tolist() == [0, 2] and idx_b.tolist() == [0, 2] and "missing date" in caplog.text
+    with pytest.raises(EODataError, match="no overlapping dates"):
+        align_nearest_timestamps([0, 10, 20], [100, 120, 130, 150])
+    with pytest.raises(EODataError, match="no overlapping dates.*max_gap_days"):
+        align_nearest_timestamps([0, 10], [30, 45, 60], max_gap_days=15)
+    with caplog.at_level(logging.WARNING, logger="terratorch_eoplugins.datasets"):
+        idx_a, idx_b = align_nearest_timestamps([0, 10, 100], [2, 12, 14, 200], max_gap_days=15)
+    assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [0, 1] and "dropped" in caplog.text
+    with pytest.raises(EODataError, match="radar: no acquisition date \\(T = 0\\)"):
+        align_nearest_timestamps([], [1, 2], names=("radar", "optical"))
+    with pytest.raises(EODataError, match="T = 0"):
+        align_nearest_timestamps([1.0], [np.nan])
+
+
+# ----------------------------------------------------------------------------- aligned PASTIS-R pairs
+def test_s4_pastis_pairs_are_aligned_to_the_nearest_dates(tiny_world_dir: Path) -> None:
+    root = tiny_world_dir / "PASTIS-R"
+    ds = S4PASTIS(root, folds=(1, 2, 3, 4, 5), num_dates=None)
+    full = PASTIS(root, folds=(1, 2, 3, 4, 5), modalities=("S2", "S1A"), num_dates=None)
+    for i in range(len(ds)):
+        s, f = ds[i], full[i]
+        opt, rad = s["image"]["optical"], s["image"]["radar"]
+        d_o, d_r = f["dates"]["S2"].numpy(), f["dates"]["S1A"].numpy()
+        t_min = min(len(d_o), len(d_r))
+        assert opt.shape[1] == rad.shape[1] == t_min and opt.shape[0] == 10 and rad.shape[0] == 3
+        # independent check: each kept date's partner is a closest acquisition of the other series
+        short, other = (s["dates"]["radar"], s["dates"]["optical"]) if len(d_r) <= len(d_o) else (
+            s["dates"]["optical"], s["dates"]["radar"])
+        pool = d_o if len(d_r) <= len(d_o) else d_r
+        for a, b in zip(short.numpy(), other.numpy()):
+            assert abs(a - b) == np.abs(pool - a).min()
+        # the pixels are those of the chosen dates
+        j = int(np.flatnonzero(d_o == s["dates"]["optical"][0].item())[0])
+        assert torch.equal(opt[:, 0], f["image"]["S2"][:, j])
+        assert torch.allclose(s["cloud_cover"], f["cloud_cover"][[int(np.flatnonzero(d_o == d)[0])
+                                                                  for d in s["dates"]["optical"].numpy()]])
+    s = S4PASTIS(root, split="train", num_dates=3, crop_size=32)[0]
+    assert s["image"]["optical"].shape == (10, 3, 32, 32) and s["mask"].shape == (32, 32)
+    import matplotlib.pyplot as plt
+    plt.close(ds.plot(ds[0], suptitle="pair"))
+    with pytest.raises(ValueError, match="radar must be one of"):
+        S4PASTIS(root, radar="S2")
+    with pytest.raises(ValueError, match="crop_size"):
+        S4PASTIS(root, crop_size=500)
+
+
+# ----------------------------------------------------------------------------- pretraining task
+def _batch(tiny_world_dir: Path, crop: int = 32, num_dates: int = 3) -> dict:
+    dm = S4PASTISDataModule(str(tiny_world_dir / "PASTIS-R"), num_dates=num_dates, crop_size=crop, batch_size=2)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_pretraining_losses_decrease_on_the_synthetic_world(tiny_world_dir: Path) -> None:
+    torch.manual_seed(0)
+    batch = _batch(tiny_world_dir, crop=16)
+    assert set(batch) == {"image", "mask"} and set(batch["image"]) == {"optical", "radar"}
+    task = S4PretrainTask(widths=SMALL, num_pixels=64, lr=3e-3)
+    opt = task.configure_optimizers()["optimizer"]
+    first = {k: v.item() for k, v in task.compute_losses(batch).items()}
+    assert first["loss"] == pytest.approx(first["loss_c"] + first["loss_r"], rel=1e-6)
+    # untrained: about log(number of candidates) = log(3 dates x 2 x 2 bottleneck positions), all kept (< 64)
+    assert 0.5 < first["loss_c"] < np.log(3 * 2 * 2) + 0.5
+    for _ in range(20):
+        out = task.compute_losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in task.compute_losses(batch).items()}
+    assert last["loss_c"] < first["loss_c"] - 0.2 and last["loss_r"] < first["loss_r"] - 0.05
+
+
+def test_ablation_modes_select_the_losses(tiny_world_dir: Path) -> None:
+    batch = _batch(tiny_world_dir, crop=16, num_dates=2)
+    lc = S4PretrainTask(widths=SMALL, reconstruction_weight=0.0).compute_losses(batch)
+    assert lc["loss_r"].item() == 0 and lc["loss"].item() == pytest.approx(lc["loss_c"].item())
+    lr = S4PretrainTask(widths=SMALL, contrastive_weight=0.0, lr=1e-3)
+    assert len(lr.model.decoders) == 2
+    out = lr.compute_losses(batch)
+    assert out["loss_c"].item() == 0 and out["loss"].item() == pytest.approx(out["loss_r"].item())
+    one_way = S4PretrainTask(widths=SMALL, reconstruct_from=["radar"])
+    assert list(one_way.model.decoders) == ["radar"]
+    sm = S4PretrainTask(widths=SMALL, mode="single_modal", reconstruction_weight=0.0,
+                        augment={"noise_std": 0.2, "erase_prob": 1.0})
+    radarless = {"image": {"optical": batch["image"]["optical"]}}
+    out = sm.compute_losses(radarless)  # needs no radar at all
+    assert out["loss_c"].item() > 0 and out["loss_r"].item() == 0
+    with pytest.raises(ValueError, match="reconstruction_weight: 0"):
+        S4PretrainTask(widths=SMALL, mode="single_modal")
+    with pytest.raises(ValueError, match="not both 0"):
+        S4PretrainTask(widths=SMALL, contrastive_weight=0, reconstruction_weight=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 8, 8)
+    v = augment_series(x, gain_std=0, offset_std=0, noise_std=0, erase_prob=1.0, erase_frac=0.5, generator=g)
+    assert (v == 0).sum() == 2 * 3 * 2 * 4 * 4 and torch.equal(v[v != 0], x[v != 0])
+
+
+def test_pretraining_bad_input(tiny_world_dir: Path) -> None:
+    task = S4PretrainTask(widths=SMALL)
+    opt, rad = torch.randn(2, 10, 3, 16, 16), torch.randn(2, 3, 3, 16, 16)
+    with pytest.raises(ValueError, match="share B, T, H and W"):
+        task.compute_losses({"image": {"optical": opt, "radar": rad[..., :12]}})  # mismatched H x W
+    with pytest.raises(ValueError, match="share B, T, H and W"):
+        task.compute_losses({"image": {"optical": opt, "radar": rad[:, :, :2]}})  # dates not aligned
+    with pytest.raises(ValueError, match="T = 0"):
+        task.compute_losses({"image": {"optical": opt[:, :, :0], "radar": rad[:, :, :0]}})
+    with pytest.raises(ValueError, match="lacks modality \\['radar'\\]"):
+        task.compute_losses({"image": {"optical": opt}})
+    with pytest.raises(ValueError, match="expects batch\\['image'\\]"):
+        task.compute_losses({"image": opt})
+    with pytest.raises(ValueError, match="expects 10 channels, got 4"):
+        task.compute_losses({"image": {"optical": opt[:, :4], "radar": rad}})
+
+
+# ----------------------------------------------------------------------------- checkpoint -> backbone -> fine-tuning
+@pytest.fixture(scope="module")
+def pretrained_ckpt(tiny_world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, S4PretrainTask]:
+    pl.seed_everything(0)
+    dm = S4PASTISDataModule(str(tiny_world_dir / "PASTIS-R"), num_dates=2, crop_size=16, batch_size=2)
+    task = S4PretrainTask(widths=SMALL, num_pixels=32)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, accelerator="cpu")
+    trainer.fit(task, datamodule=dm)
+    assert np.isfinite(trainer.callback_metrics["val/loss"].item())
+    path = tmp_path_factory.mktemp("s4") / "pretrain.ckpt"
+    trainer.save_checkpoint(path)
+    return path, task
+
+
+def test_backbone_loads_the_pretrained_encoder_and_decoder(pretrained_ckpt: tuple[Path, S4PretrainTask]) -> None:
+    path, task = pretrained_ckpt
+    for modality, cin in (("optical", 10), ("radar", 3)):
+        bb = BACKBONE_REGISTRY.build("s4_unet3d", modality=modality, widths=SMALL, ckpt_path=str(path))
+        src = task.model
+        assert torch.equal(bb.encoder.specific[modality][0][0].weight, src.encoder.specific[modality][0][0].weight)
+        assert torch.equal(bb.encoder.shared[1][3].weight, src.encoder.shared[1][3].weight)
+        assert torch.equal(bb.decoder.ups[0].weight, src.decoders[modality].ups[0].weight)
+        assert bb.decoder.final is None  # the reconstruction conv is replaced by the segmentation head
+        scratch = BACKBONE_REGISTRY.build("s4_unet3d", modality=modality, widths=SMALL)
+        assert not torch.equal(scratch.encoder.shared[0][0].weight, src.encoder.shared[0][0].weight)
+        out = bb.eval()(torch.randn(1, cin, 3, 20, 20), temporal_coords=torch.zeros(1, 3, 2))
+        assert len(out) == 1 and out[0].shape == (1, SMALL[0], 20, 20)
+    with pytest.raises(ValueError, match="widths"):
+        S4UNet3DBackbone("optical", widths=[8, 16, 32, 64], ckpt_path=path)
+    with pytest.raises(ValueError, match="different in_channels"):
+        S4UNet3DBackbone("optical", widths=SMALL, band_indices=[2, 1, 0], ckpt_path=path)
+    with pytest.raises(FileNotFoundError, match="S4 checkpoint not found"):
+        S4UNet3DBackbone("optical", widths=SMALL, ckpt_path=path.parent / "nope.ckpt")
+    with pytest.raises(ValueError, match="pretrained=True needs ckpt_path"):
+        BACKBONE_REGISTRY.build("s4_unet3d", pretrained=True)
+
+
+def test_terratorch_decoders_work_on_the_backbone() -> None:
+    from terratorch.models import EncoderDecoderFactory
+
+    factory = EncoderDecoderFactory()
+    for extra in ({"decoder": "IdentityDecoder"},
+                  {"backbone_output": "pyramid", "decoder": "UNetDecoder", "decoder_channels": [32, 16, 8, 8]}):
+        model = factory.build_model("segmentation", backbone="s4_unet3d", backbone_modality="radar",
+                                    backbone_widths=SMALL, num_classes=5, **extra).eval()
+        out = model(torch.randn(2, 3, 4, 24, 24), dates=torch.zeros(2, 4)).output
+        assert out.shape == (2, 5, 24, 24)
+    bb = BACKBONE_REGISTRY.build("s4_unet3d", widths=SMALL, output="pyramid").eval()
+    assert bb.out_channels == SMALL
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 10, 1, 20, 20))] == [(20, 20), (10, 10), (5, 5), (3, 3)]
+    rgb = BACKBONE_REGISTRY.build("s4_unet3d", widths=SMALL, band_indices=[2, 1, 0]).eval()
+    assert rgb.in_channels == 3 and rgb(torch.randn(1, 10, 2, 8, 8))[0].shape == (1, SMALL[0], 8, 8)
+    with pytest.raises(ValueError, match="single modality"):
+        bb({"S2": torch.randn(1, 10, 1, 8, 8)})
+    with pytest.raises(ValueError, match="T = 0"):
+        bb(torch.randn(1, 10, 0, 8, 8))
+
+
+def test_fine_tuning_from_the_checkpoint_and_cloud_robustness(pretrained_ckpt: tuple[Path, S4PretrainTask],
+                                                              tiny_world_dir: Path, tmp_path: Path) -> None:
+    from terratorch.tasks import SemanticSegmentationTask
+
+    from terratorch_eoplugins.datamodules.pastis import PASTISDataModule
+
+    path, _ = pretrained_ckpt
+    pl.seed_everything(0)
+    task = SemanticSegmentationTask(
+        model_factory="EncoderDecoderFactory",
+        model_args={"backbone": "s4_unet3d", "backbone_modality": "optical", "backbone_widths": SMALL,
+                    "backbone_ckpt_path": str(path), "decoder": "IdentityDecoder", "num_classes": 19},
+        loss="ce", ignore_index=-1, lr=1e-2, optimizer="AdamW")
+    dm = PASTISDataModule(str(tiny_world_dir / "PASTIS-R"), num_dates=2, batch_size=2, label_fraction=1.0)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(task, datamodule=dm)
+    ft = tmp_path / "ft.ckpt"
+    trainer.save_checkpoint(ft)
+    path.rename(path.with_suffix(".moved"))  # the fine-tuned checkpoint must not need the pretraining file
+    try:
+        model = load_segmentation_checkpoint(ft)
+    finally:
+        path.with_suffix(".moved").rename(path)
+    scratch = SemanticSegmentationTask(
+        model_factory="EncoderDecoderFactory",
+        model_args={"backbone": "s4_unet3d", "backbone_modality": "optical", "backbone_widths": SMALL,
+                    "decoder": "IdentityDecoder", "num_classes": 19}, loss="ce", ignore_index=-1).eval()
+    test = PASTIS(tiny_world_dir / "PASTIS-R", folds=(1, 2, 3, 4, 5), num_dates=2)
+    table = cloud_robustness({"s4": (model, "S2"), "scratch": (scratch, "S2")}, test, bins=(0, 0.05, 0.25, 1))
+    assert list(table["bin"]) == ["[0.00, 0.05)", "[0.05, 0.25)", "[0.25, 1.00]", "all"]
+    assert table["n_series"].iloc[:-1].sum() == table["n_series"].iloc[-1] == len(test)
+    ratios = sorted(series_cloud_ratio(test[i]["cloud_cover"]) for i in range(len(test)))
+    assert table["cloud_ratio_mean"].iloc[-1] == pytest.approx(np.mean(ratios))
+    row = table.iloc[-1]
+    assert row["gain_s4_vs_scratch"] == pytest.approx(row["mIoU_s4"] - row["mIoU_scratch"])
+    assert 0 <= row["mIoU_s4"] <= 100
+
+
+def test_miou_and_cloud_ratio_helpers() -> None:
+    cm = confusion_matrix(np.array([0, 1, 1, 2, -5]), np.array([0, 1, 2, 2, -1]), 4)
+    assert cm.sum() == 4 and cm[2, 1] == 1 and cm[2, 2] == 1
+    # IoU: class0 1/1, class1 1/2, class2 1/2, class3 absent (excluded)
+    assert mean_iou(cm) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert series_cloud_ratio(torch.tensor([0.0, 0.5, 0.25, 0.25])) == pytest.approx(0.25)
+    with pytest.raises(EODataError, match="cloudcover-S2"):
+        series_cloud_ratio(None)
+    with pytest.raises(EODataError, match="fractions in \\[0, 1\\]"):
+        series_cloud_ratio([0.2, float("nan")])
+    with pytest.raises(ValueError, match="labels must be in 0..3"):
+        confusion_matrix(np.array([4]), np.array([0]), 4)
