@@ -44,7 +44,9 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
 
 
 def _run(subcommands: str, config: Path, world: Path, tmp: Path, env: dict[str, str], extra: list[str]) -> None:
+    # no checkpoint callbacks: a smoke run must not write multi-GB checkpoints of the large baselines
     args = ["-c", str(config), *_data_root_override(config, world), "--trainer.fast_dev_run=true",
+            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}", *extra]
     proc = subprocess.run([sys.executable, "-c", RUN_BOTH, subcommands, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
