@@ -37,3 +37,14 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
     return env
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: small 3-D convolutions are far faster that way on contended CI cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,13 +16,7 @@ from terratorch_eoplugins.losses import (
     s4_sample_positions,
 )
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small convolutions run far faster on one thread than on two contended ones (shared CI cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

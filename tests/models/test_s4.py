@@ -29,13 +29,7 @@ from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask, augment_serie
 SMALL = [4, 8, 8, 16]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small convolutions run far faster on one thread than on two contended ones (shared CI cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- nearest-timestamp pairing

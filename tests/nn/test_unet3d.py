@@ -10,13 +10,7 @@ from terratorch_eoplugins.nn.unet3d import ConvBlock3d, UNet3D, UNet3DDecoder, U
 
 W = (4, 8, 8, 16)
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small convolutions run far faster on one thread than on two contended ones (shared CI cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
