@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,14 @@ def _compression(args: argparse.Namespace) -> int:
     return compression_main(args)
 
 
+#: subcommands whose module has its own ``main(argv)`` with its own argument parser
+_DELEGATED: dict[str, tuple[str, str]] = {
+    "demo": ("terratorch_eoplugins.demo", "quickstart: synthetic world, terratorch fit + test, metrics vs. majority class"),
+    "s4-clouds": ("terratorch_eoplugins.analysis.s4_clouds",
+                  "S4 cloud robustness: mIoU by cloud-cover ratio of the test series"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eoplugins`` command."""
     parser = argparse.ArgumentParser(prog="eoplugins", description=__doc__)
@@ -44,14 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--products", nargs="+", default=None, help="subset of products (default: all available)")
     p.add_argument("--overwrite", action="store_true", help="rewrite even if the same world is already there")
     p.set_defaults(func=_synth)
-    d = sub.add_parser("demo", help="quickstart: synthetic world, terratorch fit + test, metrics vs. majority class",
-                       add_help=False)
-    d.set_defaults(func=None)
+    for name, (_, help_text) in _DELEGATED.items():  # parsed by their own modules' main(argv)
+        sub.add_parser(name, help=help_text, add_help=False)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
-    c = sub.add_parser("s4-clouds", help="S4 cloud robustness: mIoU by cloud-cover ratio of the test series",
-                       add_help=False)
-    c.set_defaults(func=None)
     lc = sub.add_parser("compression", help="LIANet rate-distortion: bits per pixel and PSNR over random patches")
     lc.add_argument("--ckpt", nargs="+", required=True, help="LIANet pretraining checkpoint(s) of the same region")
     lc.add_argument("--tiles-root", required=True, help="folder of the region's S2 tile folders")
@@ -63,14 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lc.add_argument("--json", default=None, help="also write the statistics to this JSON file")
     lc.set_defaults(func=_compression)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["s4-clouds"]:
-        from terratorch_eoplugins.analysis.s4_clouds import main as clouds_main
-
-        return clouds_main(argv[1:])
-    if argv[:1] == ["demo"]:
-        from terratorch_eoplugins.demo import main as demo_main
-
-        return demo_main(argv[1:])
+    if argv and argv[0] in _DELEGATED:
+        module = importlib.import_module(_DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
