@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
@@ -68,6 +67,8 @@ _PHENOLOGY: dict[int, tuple[float, float, float, float, float, int, float, float
     17: (300, 195, 0.75, 0.05, 1.00, 3, 0.03, 0.50),  # Mixed cereal
     18: (150, 280, 0.80, 0.02, 0.95, 9, -0.05, 0.85),  # Sorghum
 }
+#: :data:`_PHENOLOGY` as a (19, 8) array indexed by class; class 0 (not a crop) has no season, soil brightness 1.
+_PHENOLOGY_TABLE = np.array([_PHENOLOGY.get(c, (0, 0, 0, 0, 1, 0, 0, 0)) for c in range(19)], np.float32)
 # Relative parcel frequencies, roughly PASTIS' long tail (meadow and wheat dominate).
 _CLASS_FREQ = np.array([20, 12, 9, 5, 4, 3, 3, 3, 2.5, 2.5, 2.5, 2, 2, 2, 2, 1.5, 1.5, 1.5], np.float64)
 
@@ -296,7 +297,7 @@ class World:
         pid = self._window(self.parcel_id, window)
         cls = self.parcel_class[pid]
         lc = self._window(self.landcover, window)
-        params = np.array([_PHENOLOGY.get(c, (0, 0, 0, 0, 1, 0, 0, 0)) for c in range(19)], np.float32)
+        params = _PHENOLOGY_TABLE
         sos = params[cls, 0] + self._sos_jitter[pid]
         eos = params[cls, 1] + self._sos_jitter[pid]
         peak = np.clip(params[cls, 2] + self._peak_jitter[pid], 0.05, 0.98)
@@ -331,7 +332,7 @@ class World:
         pid = self._window(self.parcel_id, window)
         cls = self.parcel_class[pid]
         lc = self._window(self.landcover, window)
-        params = np.array([_PHENOLOGY.get(c, (0, 0, 0, 0, 1, 0, 0, 0)) for c in range(19)], np.float32)
+        params = _PHENOLOGY_TABLE
         soil_b = params[cls, 4] * (1 + self._soil_jitter[pid])
         soil = _SOIL[:, None, None] * soil_b[None]
         veg = np.broadcast_to(_VEG[:, None, None], (12, *g.shape)).copy()
@@ -361,7 +362,7 @@ class World:
         pid = self._window(self.parcel_id, window)
         cls = self.parcel_class[pid]
         lc = self._window(self.landcover, window)
-        struct = np.array([_PHENOLOGY.get(c, (0,) * 8)[7] for c in range(19)], np.float32)[cls]
+        struct = _PHENOLOGY_TABLE[cls, 7]
         height = self._window(self.canopy_height, window)
         volume = np.where(lc == FOREST, 0.6 + 0.012 * height, g * (0.4 + 0.6 * struct))
         vv = -16.0 + 9.0 * volume
@@ -389,9 +390,3 @@ def make_world(size: str | WorldSpec = "tiny", seed: int = 0) -> World:
     """Build the :class:`World` of a named size (``tiny``/``demo``) or of an explicit spec."""
     spec = size if isinstance(size, WorldSpec) else WorldSpec.preset(size, seed=seed)
     return World(spec)
-
-
-def day_index(dates: Sequence[dt.datetime], reference: str | dt.date) -> np.ndarray:
-    """Days elapsed since ``reference`` for each date (fractional days dropped)."""
-    ref = to_datetime(reference)
-    return np.array([(to_datetime(d) - ref).days for d in dates], np.int64)
