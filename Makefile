@@ -13,6 +13,8 @@ $(BIN)/python:
 # torch is left unpinned on purpose: PyPI's build (CUDA-enabled, runs on CPU) matches PyPI's torchvision.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[test]"
+	# natten (neighborhood attention, DUNIA) compiles against the installed torch: no build isolation
+	$(PIP) install -q --no-build-isolation "natten>=0.17"
 	touch $@
 
 install: $(VENV)/.installed
