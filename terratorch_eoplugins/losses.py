@@ -135,3 +135,173 @@ class S4ReconstructionLoss(nn.Module):
     def forward(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean L1 over T x C x H x W, averaged over the batch."""
         return s4_reconstruction_l1(prediction, target, mask)
+
+
+# =====================================================================================================
+# DUNIA (Fayad et al., ICML 2025): Zero-CL pixel-waveform alignment, hierarchical VICReg pixel-pixel
+# alignment, reconstruction MSEs (section 3.4, appendix B)
+# =====================================================================================================
+
+__all__ += ["dunia_reconstruction_losses", "hierarchical_vicreg", "vicreg_loss", "zca_whitening_matrix", "zero_cl_loss"]
+
+
+def zca_whitening_matrix(x: Tensor, shrinkage: float = 0.1, eps: float = 1e-6) -> Tensor:
+    """ZCA whitening matrix ``W = E Lambda^{-1/2} E^T`` of the second-moment matrix ``C = x^T x / N`` (``x [N, D]``).
+
+    Numerical stability (Zero-CL with few GEDI footprints, ``G < D_p``, makes ``C`` rank deficient):
+    the eigen-decomposition is taken in float64 with autocast off, ``C`` is shrunk towards a scaled identity,
+    ``C_s = (1 - shrinkage) C + shrinkage * (tr(C) / D) I`` (the official Zero-CL code's ``0.9 cov + 0.1 I``
+    on standardised data), eigenvalues are floored at ``eps * tr(C) / D``, and ``W`` is detached (eigenvector
+    gradients are undefined for repeated eigenvalues; the official code detaches it too).
+    """
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"zca_whitening_matrix expects [N >= 1, D], got shape {tuple(x.shape)}")
+    if not 0.0 <= shrinkage < 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1), got {shrinkage}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        z = x.detach().double()
+        c = z.T @ z / z.shape[0]
+        d = c.shape[0]
+        scale = torch.trace(c).clamp_min(1e-30) / d
+        c = (1.0 - shrinkage) * c + shrinkage * scale * torch.eye(d, dtype=c.dtype, device=c.device)
+        evals, evecs = torch.linalg.eigh(c)
+        inv_sqrt = evals.clamp_min(eps * scale).rsqrt()
+        w = (evecs * inv_sqrt) @ evecs.T
+    return w.to(x.dtype)
+
+
+def _check_pair(a: Tensor, b: Tensor, what: str) -> None:
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"{what}: expects two [N, D] embedding matrices of the same shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"{what}: embeddings contain NaN/Inf")
+
+
+def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bool = True,
+                 return_parts: bool = False) -> Tensor | dict[str, Tensor]:
+    """Zero-CL loss ``L_Fea + L_Ins`` between paired embeddings (DUNIA appendix B, Eqs. 3-6).
+
+    ``z_a``: ``[G, D_p]`` pixel embeddings (``O^V`` at the GEDI footprints), ``z_b``: their waveform embeddings
+    (``O^W``); both L2-normalised along ``D_p`` when ``normalize`` (the paper's ``Z^A``, ``Z^B``).
+
+    * instance-wise: ``S = Z Z^T / D_p`` (``G x G``), ``H^Ins = W^Ins Z`` with ``W^Ins = S^{-1/2}`` (ZCA),
+      ``L_Ins = sum_i (1 - sum_d H^A_id H^B_id / D_p)^2``;
+    * feature-wise: ``C = Z^T Z / G`` (``D_p x D_p``), ``H^Fea = W^Fea Z^T`` with ``W^Fea = C^{-1/2}``,
+      ``L_Fea = sum_d (1 - sum_i H^A_di H^B_di / G)^2``.
+
+    Each branch is whitened with its own matrix (:func:`zca_whitening_matrix`, shrinkage and detached, as in the
+    official Zero-CL code). The inner products are divided by ``D_p`` (instance) and ``G`` (feature) so that a
+    whitened vector's inner product with itself is 1 (``H H^T = D_p I`` resp. ``G I`` without the division): the
+    "1 -" target of Eqs. 3 and 5 is then reachable, as with the official code's ``c = z1^T z2 / N``.
+    """
+    _check_pair(z_a, z_b, "zero_cl_loss")
+    g, d = z_a.shape
+    if g < 2:
+        raise ValueError(f"zero_cl_loss needs at least 2 paired samples (G = {g}); skip batches with fewer GEDI footprints")
+    if normalize:
+        z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
+    # instance-wise: whiten the G x G affinity Z Z^T / D (= second moment of Z^T, [D, G])
+    ha = zca_whitening_matrix(z_a.T, shrinkage) @ z_a  # G x D
+    hb = zca_whitening_matrix(z_b.T, shrinkage) @ z_b
+    ins = ((1.0 - (ha * hb).sum(1) / d) ** 2).sum()
+    # feature-wise: whiten the D x D covariance Z^T Z / G
+    fa = zca_whitening_matrix(z_a, shrinkage) @ z_a.T  # D x G
+    fb = zca_whitening_matrix(z_b, shrinkage) @ z_b.T
+    fea = ((1.0 - (fa * fb).sum(1) / g) ** 2).sum()
+    if return_parts:
+        return {"loss": fea + ins, "ins": ins, "fea": fea}
+    return fea + ins
+
+
+def vicreg_loss(z_a: Tensor, z_b: Tensor, var_weight: float = 25.0, inv_weight: float = 25.0, cov_weight: float = 1.0,
+                eps: float = 1e-4, normalize: bool = True, return_parts: bool = False) -> Tensor | dict[str, Tensor]:
+    """VICReg between paired ``[M, D]`` embeddings as written in DUNIA appendix B (Eqs. 7-10).
+
+    * ``L_var = (v(Z^A) + v(Z^B)) / 2``, ``v(Z) = mean_d max(0, 1 - sqrt(Var_d(Z) + eps))`` (``Var`` over ``M``
+      with ``1/M``);
+    * ``L_inv = (1/M) sum_i ||Z^A_i - Z^B_i||^2``;
+    * ``L_cov = c(Z^A) + c(Z^B)``, ``c(Z) = (1/D) sum_{k != l} cov(Z)_{kl}^2`` with ``cov`` normalised by ``M - 1``;
+    * ``L = var_weight L_var + inv_weight L_inv + cov_weight L_cov`` (25 / 25 / 1).
+
+    ``normalize``: L2-normalise the rows first (the paper's ``Z``). Note that unit-norm rows have per-feature
+    standard deviations of at most ``~1/sqrt(D)``, so the variance hinge never reaches 0 and keeps pushing the
+    embeddings to spread over the sphere.
+    """
+    _check_pair(z_a, z_b, "vicreg_loss")
+    m, d = z_a.shape
+    if m < 2:
+        raise ValueError(f"vicreg_loss needs at least 2 samples (M = {m})")
+    if normalize:
+        z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
+    inv = ((z_a - z_b) ** 2).sum(1).mean()
+
+    def var_cov(z: Tensor) -> tuple[Tensor, Tensor]:
+        zc = z - z.mean(0, keepdim=True)
+        v = torch.relu(1.0 - torch.sqrt((zc ** 2).mean(0) + eps)).mean()
+        cov = zc.T @ zc / (m - 1)
+        off = cov - torch.diag(torch.diagonal(cov))
+        return v, (off ** 2).sum() / d
+
+    va, ca = var_cov(z_a)
+    vb, cb = var_cov(z_b)
+    var = 0.5 * (va + vb)
+    cov = ca + cb
+    loss = var_weight * var + inv_weight * inv + cov_weight * cov
+    if return_parts:
+        return {"loss": loss, "var": var, "inv": inv, "cov": cov}
+    return loss
+
+
+def _pixels(x: Tensor) -> Tensor:
+    """``[B, D, H, W]`` -> ``[B*H*W, D]``."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a [B, D, H, W] feature map, got shape {tuple(x.shape)}")
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def hierarchical_vicreg(levels_a: list[Tensor], levels_b: list[Tensor], num_pixels: int | None = None,
+                        generator: torch.Generator | None = None, **kwargs: float | bool) -> Tensor:
+    """Hierarchical pixel-pixel VICReg (DUNIA Eq. 1): ``sum_d VICReg(Z^H_d, Z^T_d)`` over the decoder levels.
+
+    ``levels_a``/``levels_b``: per-level ``[B, D_pd, H_d, W_d]`` maps (projected ``O^H_d`` and ``O^T_d``); every
+    pixel of the batch is a sample (``M_d = B H_d W_d``). ``num_pixels`` subsamples at most that many pixels per
+    level (the same pixels in both branches) to bound the cost; ``None`` uses all. ``kwargs`` go to
+    :func:`vicreg_loss` (weights 25/25/1 by default).
+    """
+    if len(levels_a) != len(levels_b) or not levels_a:
+        raise ValueError(f"hierarchical_vicreg: need the same non-zero number of levels, got {len(levels_a)} and "
+                         f"{len(levels_b)}")
+    total = levels_a[0].new_zeros(())
+    for d, (a, b) in enumerate(zip(levels_a, levels_b)):
+        if a.shape != b.shape:
+            raise ValueError(f"hierarchical_vicreg: level {d + 1} shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        pa, pb = _pixels(a), _pixels(b)
+        if num_pixels is not None and pa.shape[0] > num_pixels:
+            idx = torch.randperm(pa.shape[0], generator=generator, device=generator.device if generator else None)
+            idx = idx[:num_pixels].to(pa.device)
+            pa, pb = pa[idx], pb[idx]
+        total = total + vicreg_loss(pa, pb, **kwargs)  # type: ignore[arg-type]
+    return total
+
+
+def dunia_reconstruction_losses(waveform: Tensor | None = None, waveform_hat: Tensor | None = None,
+                                series: Tensor | None = None, series_hat: Tensor | None = None,
+                                image: Tensor | None = None, image_hat: Tensor | None = None) -> dict[str, Tensor]:
+    """The three reconstruction MSEs of DUNIA Eq. 2: ``MSE(W, W_hat)``, ``MSE(M, M_hat)``, ``MSE(I, I_hat)``.
+
+    Returns ``{"waveform", "series", "image", "total"}`` for the pairs given (a missing pair is left out of
+    ``total``, e.g. a batch without GEDI footprints has no waveform term).
+    """
+    out: dict[str, Tensor] = {}
+    for name, x, y in (("waveform", waveform, waveform_hat), ("series", series, series_hat), ("image", image, image_hat)):
+        if x is None and y is None:
+            continue
+        if x is None or y is None or x.shape != y.shape:
+            raise ValueError(f"dunia_reconstruction_losses: {name} and its reconstruction must both be given with the "
+                             f"same shape, got {getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
+        out[name] = F.mse_loss(y, x)
+    if not out:
+        raise ValueError("dunia_reconstruction_losses: no (input, reconstruction) pair given")
+    out["total"] = torch.stack(list(out.values())).sum()
+    return out

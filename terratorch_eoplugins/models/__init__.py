@@ -14,6 +14,7 @@ _MODULES: tuple[str, ...] = (
     "baselines",
     "s4",
     "lianet",
+    "dunia",
 )
 
 _loaded = [importlib.import_module(f"terratorch_eoplugins.models.{name}") for name in _MODULES]

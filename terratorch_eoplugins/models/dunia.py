@@ -1,0 +1,540 @@
+"""DUNIA (Fayad et al., ICML 2025): pixel-sized embeddings by cross-modal alignment (section 3, appendices A, E).
+
+Pre-trained image model :class:`DUNIA` (``I [B, C, H, W]`` -> ``O^V, O^H [B, D_p, H, W]``):
+
+* **Patch embedding**: ``Conv2d(C, D, P, stride=P)`` (appendix A.1), ``P = 8``; any ``H, W`` divisible by ``P``.
+  Position: a fixed 2-D sine-cosine embedding computed for the actual token grid (the paper is silent on
+  position encoding; a fixed one keeps "any input size" without interpolating a learned table).
+* **Encoder**: 16 pre-norm transformer layers in 4 blocks of 4 (``D = 512``, 8 heads, attention dropout 0.1),
+  FFN = two linear layers with a 2048-wide GeGLU (``W2 (GELU(x W_g) * x W_u)``), dropout 0.1 (appendix E.1).
+  The token map after each block feeds the decoders.
+* **Two DPT-style decoders** (:class:`~terratorch_eoplugins.nn.dpt.DPTDecoder`), vertical and horizontal, giving
+  ``O_d`` ``[B, D_p 2^(d-1), H/2^(d-1), W/2^(d-1)]`` for ``d = 1..4`` with two neighborhood-attention layers
+  (window 19, clamped to the map) on ``O_1``; ``O^V = O^V_1`` and ``O^H = O^H_1`` (``D_p = 64``).
+* **Pretraining-only heads** (dropped by :meth:`DUNIA.drop_pretraining_heads` and never loaded by the
+  terratorch backbone): a projection head per ``O^H_d`` (``1x1 conv D_pd -> 2 D_pd``, ReLU, ``1x1 conv -> D_pd``;
+  appendix A.1 says "expands by two, projects back"; we project back to the level's own width ``D_pd`` so that
+  the hierarchical VICReg compares ``M_d x D_pd`` matrices as in Eq. 1), and the 1x1 convolution that
+  reconstructs ``I`` from ``O^H`` (the mono-temporal MSE of Eq. 2).
+
+Pretraining container :class:`DUNIAPretrainModel`: ``image`` (:class:`DUNIA`), ``temporal``
+(:class:`~terratorch_eoplugins.nn.convlstm.MultiTemporalAE`, two NA layers on ``O^T_1`` and a projection head
+per ``O^T_d``, section 3.3) and ``waveform`` (:class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder`;
+its :meth:`embed` gives ``O^W``: channel mean of ``z_e`` + linear to ``D_p``).
+
+terratorch: backbones ``dunia_base`` / ``dunia_tiny`` (``out_channels = [D_p, D_p]``, ``forward`` returns
+``[O^V, O^H]``; ``pretrained=True`` needs a local ``ckpt_path``; ``lowshot=True`` freezes everything but the
+last NA layer of each decoder, section 4.1.2) and the decoder ``dunia_lowshot_head`` (first of the two 1x1
+convolutions of the low-shot head; terratorch's task head adds the second).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
+from torch import Tensor, nn
+
+from terratorch_eoplugins.nn.convlstm import MultiTemporalAE
+from terratorch_eoplugins.nn.dpt import DPTDecoder
+from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+
+__all__ = [
+    "DUNIA", "DUNIABackbone", "DUNIALowShotHead", "DUNIAPretrainModel", "DUNIA_VARIANTS", "GeGLUFeedForward",
+    "ProjectionHead", "TransformerLayer", "dunia_base", "dunia_lowshot_head", "dunia_tiny", "load_dunia_checkpoint",
+    "load_dunia_pretrain_model", "sincos_2d",
+]
+
+logger = logging.getLogger("terratorch_eoplugins.models.dunia")
+
+REGISTERED = {"backbone": ["dunia_base", "dunia_tiny"], "decoder": ["dunia_lowshot_head"]}
+
+#: Architecture of each variant (keyword arguments of :class:`DUNIA`). ``base`` = the paper (appendix E.1);
+#: ``tiny`` = a CPU-sized variant for tests and the synthetic world.
+DUNIA_VARIANTS: dict[str, dict[str, Any]] = {
+    "base": dict(in_channels=14, patch_size=8, embed_dim=512, depth=16, num_blocks=4, num_heads=8, ffn_dim=2048,
+                 dropout=0.1, out_dim=64, num_levels=4, na_kernel=19, na_heads=4),
+    "tiny": dict(in_channels=14, patch_size=8, embed_dim=64, depth=4, num_blocks=4, num_heads=4, ffn_dim=128,
+                 dropout=0.1, out_dim=16, num_levels=4, na_kernel=7, na_heads=2),
+}
+
+
+def sincos_2d(dim: int, h: int, w: int, device: torch.device | None = None) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding ``[h*w, dim]`` (half the channels per axis; ``dim % 4 == 0``)."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim must be divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(q, device=device, dtype=torch.float32) / q))
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    oy, ox = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
+    return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], 1)
+
+
+class GeGLUFeedForward(nn.Module):
+    """``W_2 (GELU(x W_g) * (x W_u))``: the GeGLU feed-forward (Shazeer, 2020) with hidden width ``ffn_dim``."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * ffn_dim)
+        self.drop = nn.Dropout(dropout)
+        self.w_out = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, g = self.w_in(x).chunk(2, -1)
+        return self.w_out(self.drop(F.gelu(g) * u))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: ``x + Drop(MHSA(LN x))``, then ``x + Drop(GeGLU(LN x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"TransformerLayer: embed_dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = GeGLUFeedForward(dim, ffn_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class ProjectionHead(nn.Sequential):
+    """Two-layer 1x1-conv projection head ``C -> hidden -> out`` with ReLU between (appendix A.1)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:
+        super().__init__(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 1))
+
+
+class DUNIA(nn.Module):
+    """DUNIA's pre-trained image model: ``I [B, C, H, W]`` -> ``O^V, O^H [B, D_p, H, W]`` (+ per-level maps).
+
+    Args:
+        in_channels: ``C`` (paper: 14 = 12 S2 bands + S1 VV, VH).
+        patch_size: ``P`` (paper: 8; a power of two).
+        embed_dim: ``D`` (paper: 512).
+        depth: transformer layers (paper: 16).
+        num_blocks: transformer blocks (paper: 4 of 4 layers); one decoder level per block.
+        num_heads: attention heads (paper: 8).
+        ffn_dim: GeGLU hidden width (paper: 2048).
+        dropout: dropout and attention dropout (paper: 0.1).
+        out_dim: ``D_p`` (paper: 64).
+        num_levels: decoder levels (= ``num_blocks``).
+        na_kernel: NA window (paper: 19, clamped to the map size).
+        na_heads: heads of the NA layers.
+        pretraining_heads: build the projection heads of ``O^H_d`` and the reconstruction of ``I``.
+        variant: name recorded in checkpoints (``load_dunia_checkpoint`` checks it).
+    """
+
+    def __init__(self, in_channels: int = 14, patch_size: int = 8, embed_dim: int = 512, depth: int = 16,
+                 num_blocks: int = 4, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,
+                 out_dim: int = 64, num_levels: int = 4, na_kernel: int = 19, na_heads: int = 4,
+                 pretraining_heads: bool = True, variant: str = "custom") -> None:
+        super().__init__()
+        if depth % num_blocks:
+            raise ValueError(f"DUNIA: depth={depth} must be a multiple of num_blocks={num_blocks}")
+        if num_levels != num_blocks:
+            raise ValueError(f"DUNIA: one decoder level per transformer block: num_levels={num_levels} must equal "
+                             f"num_blocks={num_blocks}")
+        if patch_size < 1 or patch_size & (patch_size - 1):
+            raise ValueError(f"DUNIA: patch_size must be a power of two, got {patch_size}")
+        self.config = dict(in_channels=in_channels, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_blocks=num_blocks, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+                           out_dim=out_dim, num_levels=num_levels, na_kernel=na_kernel, na_heads=na_heads)
+        self.variant = variant
+        self.in_channels, self.patch_size, self.embed_dim, self.out_dim = in_channels, patch_size, embed_dim, out_dim
+        self.num_levels = num_levels
+        self.level_dims = [out_dim * 2 ** d for d in range(num_levels)]
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.pos_drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList([TransformerLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(depth)])
+        self.block_norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(num_blocks)])
+        self.layers_per_block = depth // num_blocks
+        dec = dict(dim=embed_dim, out_dim=out_dim, patch_size=patch_size, num_levels=num_levels, na_layers=2,
+                   na_kernel=na_kernel, na_heads=na_heads, dropout=0.0)
+        self.decoder_v = DPTDecoder(**dec)
+        self.decoder_h = DPTDecoder(**dec)
+        self.projection_heads: nn.ModuleList | None = None
+        self.reconstruction_head: nn.Module | None = None
+        if pretraining_heads:
+            self.projection_heads = nn.ModuleList([ProjectionHead(c, 2 * c, c) for c in self.level_dims])
+            self.reconstruction_head = nn.Conv2d(out_dim, in_channels, 1)
+
+    # ------------------------------------------------------------------------------------ encoder
+    def check_input(self, image: Tensor) -> None:
+        """Raise a clear error for a non-``[B, C, H, W]`` input or ``H, W`` not divisible by ``P``."""
+        if not isinstance(image, Tensor) or image.ndim != 4:
+            raise ValueError(f"DUNIA expects an image [B, {self.in_channels}, H, W], got "
+                             f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}")
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"DUNIA was built for {self.in_channels} input channels, got {image.shape[1]}")
+        h, w = image.shape[-2:]
+        if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
+            raise ValueError(f"DUNIA: input height and width must be positive multiples of the patch size "
+                             f"{self.patch_size}, got {h} x {w}")
+
+    def encode(self, image: Tensor) -> list[Tensor]:
+        """Token maps ``[B, D, H/P, W/P]`` after each transformer block (shallow to deep)."""
+        self.check_input(image)
+        x = self.patch_embed(image)
+        b, d, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2) + sincos_2d(d, gh, gw, x.device).to(x.dtype)
+        x = self.pos_drop(x)
+        taps = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if (i + 1) % self.layers_per_block == 0:
+                t = self.block_norms[len(taps)](x)
+                taps.append(t.transpose(1, 2).reshape(b, d, gh, gw))
+        return taps
+
+    # ------------------------------------------------------------------------------------ outputs
+    def forward_embeddings(self, image: Tensor) -> dict[str, Any]:
+        """``{"vertical": O^V, "horizontal": O^H}`` ``[B, D_p, H, W]`` plus ``"vertical_levels"`` and
+        ``"horizontal_levels"`` (``[O_1, ..., O_4]``, ``O_d`` ``[B, D_p 2^(d-1), H/2^(d-1), W/2^(d-1)]``)."""
+        taps = self.encode(image)
+        v = self.decoder_v(taps)
+        h = self.decoder_h(taps)
+        return {"vertical": v[0], "horizontal": h[0], "vertical_levels": v, "horizontal_levels": h}
+
+    def forward(self, image: Tensor) -> dict[str, Any]:
+        """Same as :meth:`forward_embeddings`."""
+        return self.forward_embeddings(image)
+
+    def project_horizontal(self, levels: Sequence[Tensor]) -> list[Tensor]:
+        """Projection heads on ``O^H_d`` (pretraining only)."""
+        if self.projection_heads is None:
+            raise RuntimeError("this DUNIA model has no projection heads (pretraining_heads=False or dropped)")
+        return [head(x) for head, x in zip(self.projection_heads, levels)]
+
+    def reconstruct(self, horizontal: Tensor) -> Tensor:
+        """``I_hat`` from ``O^H`` (pretraining only, mono-temporal MSE of Eq. 2)."""
+        if self.reconstruction_head is None:
+            raise RuntimeError("this DUNIA model has no reconstruction head (pretraining_heads=False or dropped)")
+        return self.reconstruction_head(horizontal)
+
+    def drop_pretraining_heads(self) -> DUNIA:
+        """Remove the projection and reconstruction heads (section 3.1: discarded after pretraining)."""
+        self.projection_heads = None
+        self.reconstruction_head = None
+        return self
+
+    def lowshot_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in low-shot fine-tuning: the last NA layer of each decoder (section 4.1.2)."""
+        return [*self.decoder_v.na[-1].parameters(), *self.decoder_h.na[-1].parameters()]
+
+
+def _variant_kwargs(variant: str, **kw: Any) -> dict[str, Any]:
+    if variant not in DUNIA_VARIANTS:
+        raise ValueError(f"unknown DUNIA variant {variant!r}: expected one of {list(DUNIA_VARIANTS)}")
+    cfg = dict(DUNIA_VARIANTS[variant])
+    cfg.update(kw)
+    return cfg
+
+
+def dunia_base(**kw: Any) -> DUNIA:
+    """The paper's DUNIA (appendix E.1); keyword arguments override :data:`DUNIA_VARIANTS` ``["base"]``."""
+    return DUNIA(**_variant_kwargs("base", **kw), variant="base")
+
+
+def dunia_tiny(**kw: Any) -> DUNIA:
+    """CPU-sized DUNIA for tests and the synthetic world (``D = 64``, 4 layers, ``D_p = 16``, NA window 7)."""
+    return DUNIA(**_variant_kwargs("tiny", **kw), variant="tiny")
+
+
+# ======================================================================================== pretraining container
+class DUNIAPretrainModel(nn.Module):
+    """Everything trained by DUNIA's pretraining: image model, multi-temporal AE and waveform AE.
+
+    Args:
+        variant: :data:`DUNIA_VARIANTS` key of the image model.
+        image_kwargs: overrides of the image model's architecture.
+        temporal_channels: channels of the multi-temporal input ``M`` (paper: 14).
+        lstm_layers: ConvLSTM layers per block (paper: 2).
+        waveform_length: GEDI waveform samples ``L`` (paper: 256).
+        waveform_kwargs: extra :class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder` arguments.
+    """
+
+    def __init__(self, variant: str = "base", image_kwargs: Mapping[str, Any] | None = None,
+                 temporal_channels: int = 14, lstm_layers: int = 2, waveform_length: int = 256,
+                 waveform_kwargs: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
+
+        cfg = _variant_kwargs(variant, **dict(image_kwargs or {}))
+        self.image = DUNIA(**cfg, variant=variant)
+        dp, levels = self.image.out_dim, self.image.num_levels
+        self.temporal = MultiTemporalAE(temporal_channels, dp, levels, lstm_layers)
+        self.temporal_na = nn.Sequential(*[NeighborhoodAttention2D(dp, cfg["na_heads"], cfg["na_kernel"])
+                                           for _ in range(2)])
+        self.temporal_heads = nn.ModuleList([ProjectionHead(c, 2 * c, c) for c in self.image.level_dims])
+        self.waveform = WaveformAutoencoder(length=waveform_length, embed_dim=dp, **dict(waveform_kwargs or {}))
+
+    def temporal_embeddings(self, series: Tensor) -> dict[str, Any]:
+        """``M [B, C, T, H, W]`` -> ``{"recon": M_hat, "levels": [O^T_d] (pooled, NA on d=1), "projected": [...]}``."""
+        out = self.temporal(series)
+        pooled = list(out["pooled"])
+        pooled[0] = self.temporal_na(pooled[0])
+        return {"recon": out["recon"], "levels": pooled,
+                "projected": [head(x) for head, x in zip(self.temporal_heads, pooled)]}
+
+
+# ======================================================================================== checkpoints
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"DUNIA checkpoint not found: {str(p)!r}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({err})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
+    hparams = dict(obj.get("hyper_parameters", {}) or {})
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{p}: 'state_dict' is not a mapping")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}, hparams
+
+
+def _checkpoint_variant(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    variant = hparams.get("variant")
+    overrides = dict(hparams.get("image_kwargs") or {})
+    return (str(variant) if variant is not None else None), overrides
+
+
+def _image_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in ("model.image.", "image.", "model."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if any(k.startswith("patch_embed.") for k in sub):
+            return sub
+    return dict(state)
+
+
+def load_dunia_checkpoint(path: str | Path, variant: str = "base", pretraining_heads: bool = False,
+                          **overrides: Any) -> DUNIA:
+    """Build the ``variant`` image model and load it from a pretraining checkpoint (or a plain state dict).
+
+    Accepts a Lightning checkpoint of :class:`~terratorch_eoplugins.tasks.dunia_pretrain.DUNIAPretrainTask`
+    (keys ``model.image.*``; its ``hyper_parameters`` name the variant and overrides), a state dict of
+    :class:`DUNIAPretrainModel` (``image.*``) or of :class:`DUNIA` itself. Raises ``ValueError`` naming the file
+    when the checkpoint was trained with another variant or architecture. ``pretraining_heads=False`` (the
+    default) drops the projection/reconstruction heads.
+    """
+    state, hparams = _read_checkpoint(path)
+    ck_variant, ck_overrides = _checkpoint_variant(state, hparams)
+    if ck_variant is not None and ck_variant != variant:
+        raise ValueError(f"{path}: checkpoint of DUNIA variant {ck_variant!r}, but variant={variant!r} was requested")
+    cfg = _variant_kwargs(variant, **{**ck_overrides, **overrides})
+    model = DUNIA(**cfg, pretraining_heads=True, variant=variant)
+    img = _image_state(state)
+    if not any(k.startswith("patch_embed.") for k in img):
+        raise ValueError(f"{path}: no DUNIA image-model weights (expected keys 'model.image.patch_embed.*', "
+                         "'image.patch_embed.*' or 'patch_embed.*')")
+    own = model.state_dict()
+    for k, v in img.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)} but DUNIA variant {variant!r} expects "
+                             f"{tuple(own[k].shape)}: the checkpoint was trained with another variant/architecture")
+    missing = [k for k in own if k not in img and not k.startswith(("projection_heads.", "reconstruction_head."))]
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} DUNIA weight(s) for variant {variant!r}, e.g. {missing[:3]} "
+                         "(checkpoint of another variant or architecture?)")
+    unexpected = [k for k in img if k not in own]
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} unexpected weight(s) for DUNIA variant {variant!r}, e.g. "
+                         f"{unexpected[:3]} (checkpoint of another variant?)")
+    model.load_state_dict(img, strict=False)
+    if not pretraining_heads:
+        model.drop_pretraining_heads()
+    logger.info("DUNIA %s: loaded %d tensors from %s", variant, len(img), path)
+    return model
+
+
+def load_dunia_pretrain_model(path: str | Path, variant: str = "base") -> DUNIAPretrainModel:
+    """The whole :class:`DUNIAPretrainModel` (image + temporal + waveform AEs) of a pretraining checkpoint.
+
+    Used to embed waveforms (``model.waveform.embed(model.waveform.encode(w))`` = ``O^W``) for retrieval databases.
+    """
+    state, hparams = _read_checkpoint(path)
+    ck_variant, ck_overrides = _checkpoint_variant(state, hparams)
+    if ck_variant is not None and ck_variant != variant:
+        raise ValueError(f"{path}: checkpoint of DUNIA variant {ck_variant!r}, but variant={variant!r} was requested")
+    kw = {k: hparams[k] for k in ("temporal_channels", "lstm_layers", "waveform_length", "waveform_kwargs")
+          if k in hparams and hparams[k] is not None}
+    model = DUNIAPretrainModel(variant, ck_overrides, **kw)
+    sub = {k.removeprefix("model."): v for k, v in state.items()}
+    own = model.state_dict()
+    bad = [k for k, v in sub.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sub]
+    if bad or missing:
+        raise ValueError(f"{path}: not a DUNIA pretraining checkpoint of variant {variant!r} "
+                         f"(shape mismatches {bad[:3]}, missing {missing[:3]})")
+    model.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=True)
+    return model
+
+
+# ======================================================================================== terratorch
+class DUNIABackbone(nn.Module):
+    """DUNIA as a terratorch backbone: ``forward(x) -> [O^V, O^H]`` (``out_channels = [D_p, D_p]``).
+
+    Args:
+        variant: :data:`DUNIA_VARIANTS` key.
+        ckpt_path: DUNIA pretraining checkpoint (``None``: random init).
+        lowshot: freeze everything but the last NA layer of each decoder (section 4.1.2); frozen modules stay in
+            eval mode (BatchNorm statistics and dropout frozen too).
+        band_indices: DUNIA band ``j`` (of ``B01..B12, VV, VH``) is read from input channel ``band_indices[j]``;
+            ``None`` entries are filled with zeros (the standardised mean: a band the dataset lacks). ``None``
+            keeps the input as is.
+        temporal_reduce: ``"median"`` or ``"mean"`` over time of ``[B, C, T, H, W]`` inputs (DUNIA takes one
+            composite image, section 3.1: a temporal median composite of a series); ``None`` rejects 5-D input.
+        modalities: order in which a dict input ``{modality: [B, C_m, (T_m,) H, W]}`` is concatenated along
+            channels after the temporal reduction of each modality (their dates may differ).
+        **kwargs: architecture overrides (must match the checkpoint).
+    """
+
+    def __init__(self, variant: str = "base", ckpt_path: str | Path | None = None, lowshot: bool = False,
+                 band_indices: Sequence[int | None] | None = None,
+                 temporal_reduce: Literal["median", "mean"] | None = None, modalities: Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if ckpt_path is not None:
+            self.model = load_dunia_checkpoint(ckpt_path, variant, **kwargs)
+        else:
+            self.model = DUNIA(**_variant_kwargs(variant, **kwargs), pretraining_heads=False, variant=variant)
+        self.band_indices = None if band_indices is None else [None if i is None else int(i) for i in band_indices]
+        if self.band_indices is not None and len(self.band_indices) != self.model.in_channels:
+            raise ValueError(f"band_indices must name a source channel (or null) for each of the {self.model.in_channels} "
+                             f"DUNIA bands, got {len(self.band_indices)} entries")
+        if temporal_reduce not in (None, "median", "mean"):
+            raise ValueError(f"temporal_reduce must be None, 'median' or 'mean', got {temporal_reduce!r}")
+        self.temporal_reduce = temporal_reduce
+        self.modalities = None if modalities is None else list(modalities)
+        self.out_channels = [self.model.out_dim, self.model.out_dim]
+        self.lowshot = lowshot
+        if lowshot:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for p in self.model.lowshot_parameters():
+                p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> DUNIABackbone:
+        super().train(mode)
+        if self.lowshot and mode:
+            self.model.eval()
+            self.model.decoder_v.na[-1].train()
+            self.model.decoder_h.na[-1].train()
+        return self
+
+    def _reduce(self, x: Tensor, name: str) -> Tensor:
+        if x.ndim == 5:
+            if self.temporal_reduce is None:
+                raise ValueError(f"DUNIA takes one composite image [B, C, H, W]; got a series {tuple(x.shape)} for "
+                                 f"{name}: set temporal_reduce: median (or mean)")
+            return x.median(2).values if self.temporal_reduce == "median" else x.mean(2)
+        if x.ndim != 4:
+            raise ValueError(f"DUNIA expects [B, C, H, W] (or [B, C, T, H, W] with temporal_reduce), got "
+                             f"{tuple(x.shape)} for {name}")
+        return x
+
+    def prepare_input(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Temporal reduction, modality concatenation and band mapping of a batch's ``image``."""
+        if isinstance(x, Mapping):
+            if self.modalities is None:
+                raise ValueError(f"DUNIA got a dict of modalities {list(x)}: set modalities (their channel "
+                                 "concatenation order), e.g. [S2, S1A]")
+            missing = [m for m in self.modalities if m not in x]
+            if missing:
+                raise ValueError(f"DUNIA: input lacks modalities {missing}; got {list(x)}")
+            x = torch.cat([self._reduce(x[m], m) for m in self.modalities], 1)
+        else:
+            x = self._reduce(x, "image")
+        if self.band_indices is not None:
+            used = [i for i in self.band_indices if i is not None]
+            if used and max(used) >= x.shape[1]:
+                raise ValueError(f"band_indices {self.band_indices} out of range for {x.shape[1]} input channels")
+            zeros = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+            x = torch.cat([zeros if i is None else x[:, i:i + 1] for i in self.band_indices], 1)
+        return x
+
+    def forward(self, x: Tensor | Mapping[str, Tensor], **kwargs: Any) -> list[Tensor]:
+        """``[B, C, H, W]`` (see :meth:`prepare_input`) -> ``[O^V, O^H]``; extra batch keys in ``kwargs`` are ignored."""
+        x = self.prepare_input(x)
+        out = self.model.forward_embeddings(x)
+        return [out["vertical"], out["horizontal"]]
+
+
+def _backbone(variant: str, pretrained: bool, ckpt_path: str | None, kwargs: dict[str, Any]) -> DUNIABackbone:
+    if pretrained and ckpt_path is None:
+        raise ValueError(f"dunia_{variant}: pretrained=True needs ckpt_path (a DUNIA pretraining checkpoint from "
+                         "configs/dunia_pretrain.yaml); no weights are downloadable")
+    for unused in ("num_frames", "features_only", "out_indices"):
+        kwargs.pop(unused, None)
+    return DUNIABackbone(variant, ckpt_path if pretrained or ckpt_path else None, **kwargs)
+
+
+def _register_backbone(variant: str) -> Any:
+    def build(pretrained: bool = False, ckpt_path: str | None = None, lowshot: bool = False,
+              **kwargs: Any) -> DUNIABackbone:
+        return _backbone(variant, pretrained, ckpt_path, {"lowshot": lowshot, **kwargs})
+
+    build.__name__ = build.__qualname__ = f"dunia_{variant}"
+    build.__doc__ = (f"terratorch backbone ``dunia_{variant}``: :class:`DUNIABackbone` returning ``[O^V, O^H]``; "
+                     "``ckpt_path`` = local DUNIA pretraining checkpoint, ``lowshot`` = low-shot freezing.")
+    return TERRATORCH_BACKBONE_REGISTRY.register(build)
+
+
+#: the registered terratorch backbone constructors (the module-level ``dunia_base``/``dunia_tiny`` build bare
+#: :class:`DUNIA` models; these build :class:`DUNIABackbone`)
+BACKBONES: dict[str, Any] = {f"dunia_{v}": _register_backbone(v) for v in ("base", "tiny")}
+
+
+class DUNIALowShotHead(nn.Module):
+    """First layer of DUNIA's low-shot head: a 1x1 convolution halving the channels of the chosen embedding + ReLU.
+
+    The second 1x1 convolution (``C/2 -> outputs``) is the final 1x1 convolution of terratorch's
+    segmentation/regression head (keep ``head_channel_list`` unset). ``embedding``: ``"vertical"`` (``O^V``,
+    vertical-structure tasks such as RH98), ``"horizontal"`` (``O^H``, land cover/crops) or ``"both"``
+    (concatenated).
+    """
+
+    def __init__(self, embed_dim: Sequence[int], embedding: Literal["vertical", "horizontal", "both"] = "horizontal") -> None:
+        super().__init__()
+        if len(embed_dim) < 2:
+            raise ValueError(f"dunia_lowshot_head expects the DUNIA backbone's embeddings [O^V, O^H], got channels "
+                             f"{list(embed_dim)}")
+        if embedding not in ("vertical", "horizontal", "both"):
+            raise ValueError(f"embedding must be 'vertical', 'horizontal' or 'both', got {embedding!r}")
+        self.embedding = embedding
+        cin = sum(embed_dim[:2]) if embedding == "both" else embed_dim[0 if embedding == "vertical" else 1]
+        self.out_channels = max(1, cin // 2)
+        self.conv = nn.Sequential(nn.Conv2d(cin, self.out_channels, 1), nn.ReLU(inplace=True))
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        if len(features) < 2:
+            raise ValueError(f"dunia_lowshot_head expects [O^V, O^H], got {len(features)} feature map(s)")
+        x = {"vertical": features[0], "horizontal": features[1]}.get(self.embedding)
+        if x is None:
+            x = torch.cat(list(features[:2]), 1)
+        return self.conv(x)
+
+
+@TERRATORCH_DECODER_REGISTRY.register
+def dunia_lowshot_head(embed_dim: Sequence[int], embedding: str = "horizontal", **kwargs: Any) -> DUNIALowShotHead:
+    """DUNIA's low-shot head (first 1x1 conv) as a terratorch decoder."""
+    return DUNIALowShotHead(embed_dim, embedding)  # type: ignore[arg-type]
+

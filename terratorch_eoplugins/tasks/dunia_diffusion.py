@@ -1,0 +1,440 @@
+"""DUNIA waveform generation (paper section 3.5, appendix C): latent diffusion conditioned on pixel embeddings ``O^V``.
+
+Pipeline per GEDI footprint of a :class:`~terratorch_eoplugins.datamodules.gedi.GEDIDataModule` chip
+(``batch_keys: [footprints, footprint_mask, waveform, shot_number]``):
+
+1. the frozen DUNIA image model gives ``O^V = forward_embeddings(image)["vertical"]`` ``[B, D_p, H, W]``; the
+   condition is ``O^V`` at the footprint pixel, L2-normalised;
+2. the frozen :class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder` encodes and quantizes the footprint's
+   waveform: ``z = RVQ(E_w(W))`` ``[16, L/16]``, standardised per channel with statistics of the first diffusion
+   batch (stored in the checkpoint; LDM's "scale by std");
+3. :class:`~terratorch_eoplugins.nn.diffusion1d.KarrasLatentDiffusion` learns ``D(z_t; s, O^V) ~ z_0`` (eq. 13)
+   with the condition replaced by a random vector for ``p_uncond = 50%`` of the examples; sampling is the
+   Karras ODE sampler (Heun, 30 steps) with classifier-free guidance ``s = 3`` (eq. 14); ``D_w(z_0)`` is the
+   generated waveform.
+
+Weights: ``dunia_ckpt_path`` is a DUNIA pretraining checkpoint (:mod:`terratorch_eoplugins.models.dunia`); it
+gives the image model and, when it holds them (``model.waveform.*``), the waveform autoencoder trained with it, as
+in the paper. ``autoencoder_ckpt_path`` loads the autoencoder from another checkpoint (any state dict whose keys
+end in the autoencoder's names, e.g. this task's own checkpoint). Without autoencoder weights, the task first
+trains the autoencoder for ``autoencoder_steps`` optimisation steps (reconstruction MSE + RVQ commitment,
+section 3.4.3), then freezes it and trains the diffusion model. Without ``dunia_ckpt_path`` the image model is
+randomly initialised (a warning is logged): the pipeline runs, but the condition carries only what a random
+network extracts from the image.
+
+Evaluation (validation on the first ``val_generate_batches`` batches, test and predict on all): Pearson r between
+each reference waveform and (a) the generated waveform, (b) the **retrieval baseline**, the waveform of the
+nearest ``O^V`` (cosine) in a database built from the training split, (c) a random database waveform (chance),
+(d) the autoencoder reconstruction (upper bound). ``predict`` writes HDF5 (``predict_output``, default
+``<predict_output_dir>/dunia_waveforms.h5``): ``shot_number``,
+``generated``, ``retrieved``, ``reference`` ``[G, L]``, the three r values, ``chip``/``row``/``col``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchgeo.trainers import BaseTask
+
+from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
+from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
+
+__all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder", "pearson_r"]
+
+logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_diffusion")
+
+REQUIRED_KEYS = ("image", "footprints", "footprint_mask", "waveform")
+
+
+def pearson_r(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Pearson correlation of ``[N, L]`` tensors (NaN where a row is constant)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    r = (a * b).sum(1) / den
+    return torch.where(den > 0, r, torch.full_like(r, float("nan")))
+
+
+def build_conditioning_encoder(variant: str = "tiny", ckpt_path: str | None = None,
+                               kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """DUNIA image model giving ``O^V``: loaded from ``ckpt_path`` or randomly initialised (builder ``dunia_<variant>``)."""
+    from terratorch_eoplugins.models import dunia as dunia_models
+
+    if ckpt_path is not None:
+        return dunia_models.load_dunia_checkpoint(ckpt_path, variant=variant, **dict(kwargs or {}))
+    builder = getattr(dunia_models, f"dunia_{variant}", None)
+    if builder is None:
+        raise ValueError(f"dunia_variant={variant!r}: terratorch_eoplugins.models.dunia has no builder dunia_{variant}")
+    logger.warning("DUNIA waveform diffusion: no dunia_ckpt_path given; the conditioning DUNIA-%s is randomly "
+                   "initialised (pass --model.init_args.dunia_ckpt_path=<pretraining checkpoint>)", variant)
+    model = builder(**dict(kwargs or {}))
+    if hasattr(model, "drop_pretraining_heads"):
+        model.drop_pretraining_heads()
+    return model
+
+
+def _autoencoder_state(path: str | Path, ae: nn.Module) -> dict[str, Tensor] | None:
+    """Autoencoder weights inside a checkpoint: the keys ``<prefix><name>`` for every autoencoder key ``name``."""
+    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict")
+    own = ae.state_dict()
+    probe = next(iter(own))
+    for key in state:
+        if key.endswith(probe):
+            prefix = key[: len(key) - len(probe)]
+            if all(prefix + k in state for k in own):
+                return {k: state[prefix + k] for k in own}
+    return None
+
+
+class DUNIAWaveformDiffusionTask(BaseTask):
+    """Latent diffusion of GEDI waveforms conditioned on DUNIA pixel embeddings (section 3.5, appendix C).
+
+    Args:
+        dunia_variant: DUNIA image model (``"tiny"`` for CPU/synthetic runs, ``"base"`` = the paper).
+        dunia_ckpt_path: DUNIA pretraining checkpoint (image model + waveform AE); ``None``: random image model.
+        dunia_kwargs: architecture overrides of the image model.
+        waveform_length: ``L`` (paper: 256; the datamodule's ``waveform_length`` must match).
+        autoencoder_kwargs: extra :class:`WaveformAutoencoder` arguments.
+        autoencoder_ckpt_path: checkpoint holding the waveform autoencoder (overrides the one in ``dunia_ckpt_path``).
+        autoencoder_steps: optimisation steps that train the autoencoder first when no weights are loaded.
+        autoencoder_lr: learning rate of that phase.
+        unet_kwargs: :class:`CrossAttentionUNet1D` arguments (``model_channels`` 128 = the paper's projection).
+        sigma_data, loss_weighting, null_condition: :class:`KarrasLatentDiffusion` arguments.
+        p_uncond: probability of dropping the condition in training (paper: 0.5).
+        guidance_scale: CFG scale ``s`` (paper: 3).
+        num_steps: sampler steps (paper: 30). solver: ``"heun"`` (Karras' ODE solver) or ``"euler"``.
+        lr, weight_decay: AdamW for the diffusion model (paper: 1e-4).
+        normalize_condition: L2-normalise ``O^V`` (the embeddings are compared by cosine in DUNIA).
+        database_max_items: cap of the training-split retrieval database (seeded subsample).
+        val_generate_batches: validation batches on which waveforms are generated (sampling is costly).
+        val_generate_max: at most this many footprints per such validation batch (test/predict: all).
+        predict_output: HDF5 file written by ``predict``; ``None``: ``<predict_output_dir>/dunia_waveforms.h5`` with
+            terratorch's ``--predict_output_dir`` (set in ``configs/dunia_waveform_diffusion.yaml``), else nothing.
+        seed: seed of the evaluation noise, null conditions and random baseline.
+        na_backend: neighborhood-attention backend of the frozen DUNIA (``"torch"``: the pure-PyTorch reference;
+            natten's CPU flex backend materialises the full score matrix and is far slower without a GPU;
+            ``None`` keeps the model's own setting).
+        cache_conditions: keep each footprint's ``O^V`` by shot number (DUNIA is frozen, so it never changes):
+            the image model then runs once per chip over the whole run.
+    """
+
+    ignore = ()
+    monitor = "val/loss"
+
+    def __init__(self, dunia_variant: str = "tiny", dunia_ckpt_path: str | None = None,
+                 dunia_kwargs: dict[str, Any] | None = None, waveform_length: int = 256,
+                 autoencoder_kwargs: dict[str, Any] | None = None, autoencoder_ckpt_path: str | None = None,
+                 autoencoder_steps: int = 300, autoencoder_lr: float = 3e-3, unet_kwargs: dict[str, Any] | None = None,
+                 sigma_data: float = 1.0, loss_weighting: Literal["none", "edm"] = "none",
+                 null_condition: Literal["random", "learned"] = "random", p_uncond: float = 0.5,
+                 guidance_scale: float = 3.0, num_steps: int = 30, solver: Literal["heun", "euler"] = "heun",
+                 lr: float = 1e-4, weight_decay: float = 0.0, normalize_condition: bool = True,
+                 database_max_items: int = 100_000, val_generate_batches: int = 1, val_generate_max: int = 32,
+                 predict_output: str | None = None, seed: int = 0,
+                 na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True) -> None:
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        super().__init__()
+
+    # ------------------------------------------------------------------------------------- models
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.dunia = build_conditioning_encoder(hp["dunia_variant"], hp["dunia_ckpt_path"], hp["dunia_kwargs"])
+        for p in self.dunia.parameters():
+            p.requires_grad_(False)
+        self.dunia.eval()
+        if hp["na_backend"] is not None:
+            from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+
+            for mod in self.dunia.modules():
+                if isinstance(mod, NeighborhoodAttention2D):
+                    mod.backend = hp["na_backend"]
+        self._cond_cache: dict[int, Tensor] = {}
+        self.cond_dim = int(getattr(self.dunia, "out_dim", 64))
+        self.autoencoder = WaveformAutoencoder(length=hp["waveform_length"], **dict(hp["autoencoder_kwargs"] or {}))
+        loaded = None
+        for path in (hp["autoencoder_ckpt_path"], hp["dunia_ckpt_path"]):
+            if path is not None:
+                loaded = _autoencoder_state(path, self.autoencoder)
+                if loaded is not None:
+                    self.autoencoder.load_state_dict(loaded)
+                    logger.info("DUNIA waveform diffusion: waveform autoencoder loaded from %s", path)
+                    break
+                if path == hp["autoencoder_ckpt_path"]:
+                    raise ValueError(f"autoencoder_ckpt_path={path}: no WaveformAutoencoder weights of length "
+                                     f"{hp['waveform_length']} found in this checkpoint")
+        self.register_buffer("ae_ready", torch.tensor(loaded is not None))
+        net = CrossAttentionUNet1D(in_channels=self.autoencoder.latent_channels, cond_dim=self.cond_dim,
+                                   **dict(hp["unet_kwargs"] or {}))
+        self.diffusion = KarrasLatentDiffusion(net, self.cond_dim, sigma_data=hp["sigma_data"],
+                                               null_condition=hp["null_condition"], loss_weighting=hp["loss_weighting"])
+        c = self.autoencoder.latent_channels
+        self.register_buffer("latent_mean", torch.zeros(c))
+        self.register_buffer("latent_std", torch.ones(c))
+        self.register_buffer("stats_ready", torch.tensor(False))
+        self._database: dict[str, Tensor] | None = None
+        self._eval: dict[str, list[Tensor]] = {}
+        self._pred: list[dict[str, Tensor]] = []
+
+    def train(self, mode: bool = True) -> DUNIAWaveformDiffusionTask:
+        """Keep the frozen DUNIA (and the autoencoder once frozen) in eval mode."""
+        super().train(mode)
+        self.dunia.eval()
+        if bool(self.ae_ready):
+            self.autoencoder.eval()
+        return self
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [{"params": list(self.diffusion.parameters()), "lr": hp["lr"], "weight_decay": hp["weight_decay"]}]
+        if not bool(self.ae_ready):
+            groups.append({"params": list(self.autoencoder.parameters()), "lr": hp["autoencoder_lr"], "weight_decay": 0.0})
+        return {"optimizer": torch.optim.AdamW(groups)}
+
+    # ------------------------------------------------------------------------------------ batches
+    def footprint_samples(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Valid footprints of a chip batch: ``waveform [G, L]``, ``cond`` (O^V) ``[G, D_p]``, ``chip``, ``row``,
+        ``col`` ``[G]`` and ``shot_number`` ``[G]`` (-1 when the batch has none)."""
+        missing = [k for k in REQUIRED_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"DUNIA waveform diffusion: batch lacks {missing}; set the datamodule's batch_keys to "
+                           "[footprints, footprint_mask, waveform, shot_number]")
+        image, foot, fmask, wave = batch["image"], batch["footprints"], batch["footprint_mask"].bool(), batch["waveform"]
+        if wave.shape[-1] != self.autoencoder.length:
+            raise ValueError(f"DUNIA waveform diffusion: batch waveforms have {wave.shape[-1]} samples but the model "
+                             f"was built with waveform_length={self.autoencoder.length}; set the datamodule's "
+                             f"waveform_length (and waveform_mode: resample) to match")
+        chip, k = torch.nonzero(fmask, as_tuple=True)
+        rows, cols = foot[chip, k, 0], foot[chip, k, 1]
+        out = {"waveform": wave[chip, k].float(), "chip": chip, "row": rows, "col": cols,
+               "shot_number": batch["shot_number"][chip, k] if "shot_number" in batch else torch.full_like(chip, -1)}
+        if len(chip) == 0:
+            out["cond"] = image.new_zeros(0, self.cond_dim)
+            return out
+        shots = out["shot_number"].tolist()
+        use_cache = self.hparams["cache_conditions"] and min(shots) >= 0
+        if use_cache and all(sn in self._cond_cache for sn in shots):
+            out["cond"] = torch.stack([self._cond_cache[sn] for sn in shots]).to(image.device)
+            return out
+        with torch.no_grad():
+            ov = self.dunia.forward_embeddings(image)["vertical"]
+        cond = ov[chip, :, rows, cols]
+        if not torch.isfinite(cond).all():
+            raise ValueError("DUNIA waveform diffusion: the pixel embeddings O^V contain NaN/Inf (check the image "
+                             "and the DUNIA checkpoint)")
+        out["cond"] = F.normalize(cond, dim=1) if self.hparams["normalize_condition"] else cond
+        if use_cache:
+            self._cond_cache.update(zip(shots, out["cond"].detach().cpu()))
+        return out
+
+    def latents(self, waveform: Tensor, update_stats: bool = False) -> Tensor:
+        """Standardised quantized latents ``[G, 16, L/16]`` of the frozen autoencoder."""
+        self.autoencoder.eval()
+        with torch.no_grad():
+            zq, _, _ = self.autoencoder.quantize(self.autoencoder.encode(waveform))
+        if not bool(self.stats_ready):
+            mean, std = zq.mean(dim=(0, 2)), zq.std(dim=(0, 2)).clamp_min(1e-6)
+            if update_stats:
+                self.latent_mean.copy_(mean)
+                self.latent_std.copy_(std)
+                self.stats_ready.fill_(True)
+            return (zq - mean[None, :, None]) / std[None, :, None]
+        return (zq - self.latent_mean[None, :, None]) / self.latent_std[None, :, None]
+
+    def decode_latents(self, x: Tensor) -> Tensor:
+        """Generated standardised latents -> waveforms ``[G, L]`` with the frozen decoder."""
+        z = x * self.latent_std[None, :, None] + self.latent_mean[None, :, None]
+        with torch.no_grad():
+            return self.autoencoder.decode(z)
+
+    @torch.no_grad()
+    def generate(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Waveforms ``[G, L]`` for conditions ``[G, D_p]``: Karras sampler + CFG, then ``D_w``."""
+        hp = self.hparams
+        shape = (self.autoencoder.latent_channels, self.autoencoder.latent_length)
+        x = self.diffusion.sample(cond, shape, num_steps=hp["num_steps"], guidance_scale=hp["guidance_scale"],
+                                  solver=hp["solver"], generator=generator)
+        return self.decode_latents(x)
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        s = self.footprint_samples(batch)
+        g = len(s["waveform"])
+        if g == 0:
+            logger.warning("DUNIA waveform diffusion: training batch %d has no GEDI footprint; skipped", batch_idx)
+            return None
+        if not bool(self.ae_ready):
+            if self.global_step < self.hparams["autoencoder_steps"]:
+                self.autoencoder.train()
+                out = self.autoencoder(s["waveform"])
+                rec = self.autoencoder.reconstruction_loss(s["waveform"], out["recon"])
+                loss = rec + out["commit_loss"]
+                self.log("train/ae_recon", rec, batch_size=g, on_step=True, on_epoch=True)
+                self.log("train/loss", loss, batch_size=g, prog_bar=True, on_step=True, on_epoch=True)
+                return loss
+            self.ae_ready.fill_(True)
+            self.autoencoder.eval()
+            for p in self.autoencoder.parameters():
+                p.requires_grad_(False)
+            logger.info("DUNIA waveform diffusion: autoencoder frozen after %d steps", self.global_step)
+        z0 = self.latents(s["waveform"], update_stats=True)
+        loss = self.diffusion.loss(z0, s["cond"], self.hparams["p_uncond"])
+        self.log("train/loss", loss, batch_size=g, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/diffusion_loss", loss, batch_size=g, on_step=False, on_epoch=True)
+        return loss
+
+    # --------------------------------------------------------------------------------- evaluation
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + batch_idx)
+
+    def build_database(self) -> dict[str, Tensor] | None:
+        """Training-split retrieval database: L2-normalised ``O^V`` keys with their waveforms and shot numbers."""
+        if self._database is not None:
+            return self._database
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            logger.warning("DUNIA waveform diffusion: no datamodule; retrieval and random baselines skipped")
+            return None
+        if getattr(dm, "train_dataset", None) is None:
+            dm.setup("fit")
+        keys, waves, shots = [], [], []
+        for batch in dm.train_dataloader():
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            s = self.footprint_samples(batch)
+            keys.append(F.normalize(s["cond"], dim=1))
+            waves.append(s["waveform"])
+            shots.append(s["shot_number"])
+        db = {"keys": torch.cat(keys), "waveform": torch.cat(waves), "shot_number": torch.cat(shots)}
+        n_max = int(self.hparams["database_max_items"])
+        if len(db["keys"]) > n_max:
+            idx = torch.randperm(len(db["keys"]), generator=torch.Generator().manual_seed(self.hparams["seed"]))[:n_max]
+            db = {k: v[idx.to(v.device)] for k, v in db.items()}
+        if len(db["keys"]) == 0:
+            logger.warning("DUNIA waveform diffusion: the training split has no footprint; no retrieval database")
+            return None
+        self._database = db
+        return db
+
+    def retrieve(self, cond: Tensor) -> Tensor:
+        """Retrieval baseline: the database waveform of the nearest ``O^V`` (cosine)."""
+        db = self.build_database()
+        if db is None:
+            raise RuntimeError("DUNIA waveform diffusion: no retrieval database (needs a datamodule with a train split)")
+        sim = F.normalize(cond, dim=1) @ db["keys"].T
+        return db["waveform"][sim.argmax(1)]
+
+    def evaluate_footprints(self, s: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Generated, retrieved, random and reconstructed waveforms with their Pearson r to the reference."""
+        g = self._generator(batch_idx)
+        ref = s["waveform"]
+        out = {"reference": ref, "generated": self.generate(s["cond"], g)}
+        with torch.no_grad():
+            out["reconstructed"] = self.autoencoder(ref)["recon"] if bool(self.ae_ready) else torch.zeros_like(ref)
+        out["r_generated"] = pearson_r(out["generated"], ref)
+        out["r_reconstructed"] = pearson_r(out["reconstructed"], ref)
+        db = self.build_database()
+        if db is not None:
+            out["retrieved"] = self.retrieve(s["cond"])
+            rnd = torch.randint(0, len(db["waveform"]), (len(ref),), generator=g).to(ref.device)
+            out["random"] = db["waveform"][rnd]
+            out["r_retrieved"] = pearson_r(out["retrieved"], ref)
+            out["r_random"] = pearson_r(out["random"], ref)
+        return out
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str, generate: bool) -> None:
+        s = self.footprint_samples(batch)
+        n = len(s["waveform"])
+        if n == 0:
+            logger.warning("DUNIA waveform diffusion: %s batch %d has no GEDI footprint; skipped", stage, batch_idx)
+            return
+        z0 = self.latents(s["waveform"])
+        with torch.no_grad():
+            loss = self.diffusion.loss(z0, s["cond"], self.hparams["p_uncond"], generator=self._generator(batch_idx))
+        self.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False, prog_bar=stage == "val")
+        if generate:
+            if stage == "val" and n > self.hparams["val_generate_max"]:
+                s = {k: v[: self.hparams["val_generate_max"]] for k, v in s.items()}
+            res = self.evaluate_footprints(s, batch_idx)
+            for k, v in res.items():
+                if k.startswith("r_"):
+                    self._eval.setdefault(k, []).append(v.detach().cpu())
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "val", batch_idx < self.hparams["val_generate_batches"])
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "test", True)
+
+    def _log_correlations(self, stage: str) -> None:
+        for k, parts in self._eval.items():
+            r = torch.cat(parts)
+            ok = torch.isfinite(r)
+            if ok.any():
+                self.log(f"{stage}/{k}", r[ok].mean(), batch_size=int(ok.sum()))
+        self._eval = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_correlations("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_correlations("test")
+
+    # ------------------------------------------------------------------------------------ predict
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Generate a waveform per footprint; :meth:`on_predict_epoch_end` writes them to ``predict_output``.
+
+        Returns ``None`` so that terratorch's ``CustomWriter`` (a default callback of ``terratorch predict``) skips it.
+        """
+        s = self.footprint_samples(batch)
+        if len(s["waveform"]) == 0:
+            logger.warning("DUNIA waveform diffusion: predict batch %d has no GEDI footprint", batch_idx)
+            return None
+        res = self.evaluate_footprints(s, batch_idx)
+        offset = sum(int(p["chip_count"]) for p in self._pred)
+        keep = {k: v.detach().cpu() for k, v in res.items() if k != "reconstructed" and k != "random"}
+        keep.update({k: s[k].detach().cpu() for k in ("shot_number", "row", "col")})
+        keep["chip"] = s["chip"].detach().cpu() + offset
+        keep["chip_count"] = torch.tensor(batch["image"].shape[0])
+        self._pred.append(keep)
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        path = self.hparams["predict_output"]
+        out_dir = getattr(self.trainer, "predict_output_dir", None) if self._trainer is not None else None
+        if path is None and out_dir:
+            path = str(Path(out_dir) / "dunia_waveforms.h5")
+        if path is None or not self._pred:
+            self._pred = []
+            return
+        import h5py
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        keys = [k for k in self._pred[0] if k != "chip_count"]
+        with h5py.File(p, "w") as f:
+            for k in keys:
+                f.create_dataset(k, data=torch.cat([d[k] for d in self._pred]).numpy())
+            f.attrs["guidance_scale"] = float(self.hparams["guidance_scale"])
+            f.attrs["num_steps"] = int(self.hparams["num_steps"])
+            f.attrs["solver"] = str(self.hparams["solver"])
+            f.attrs["waveform_length"] = int(self.autoencoder.length)
+            for k in ("r_generated", "r_retrieved", "r_random"):
+                if k in keys:
+                    r = np.concatenate([d[k].numpy() for d in self._pred])
+                    f.attrs[f"mean_{k}"] = float(np.nanmean(r))
+        logger.info("DUNIA waveform diffusion: %d generated waveforms written to %s",
+                    sum(len(d["shot_number"]) for d in self._pred), p)
+        print(f"DUNIA waveform diffusion: generated waveforms written to {p}")
+        self._pred = []

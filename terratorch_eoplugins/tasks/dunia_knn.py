@@ -1,0 +1,519 @@
+"""DUNIA zero-shot KNN evaluation (Fayad et al., ICML 2025, section 4.1.2 and appendix H.6) as a LightningModule.
+
+``terratorch fit -c configs/dunia_gedi_zeroshot.yaml`` builds the *retrieval database* from the training split
+(no gradient step: the DUNIA image model is frozen and in eval mode): every labelled pixel's embedding
+(``O^V`` for vertical-structure targets such as RH98, ``O^H`` for horizontal ones such as crop types;
+``embedding`` selects) is L2-normalised and stored with its label. ``validate``/``test`` then predict every
+labelled pixel of the val/test split by cosine top-k retrieval and distance-weighted voting (classes) or a
+distance-weighted mean (regression), for every ``k`` in ``k_values`` (the paper's 1, 5, 50) from a single
+search (:class:`~terratorch_eoplugins.nn.knn.KNNDatabase`), and log:
+
+* regression (GEDI RH98 ...): RMSE and Pearson r per target and ``k``, and the RMSE of the *mean predictor*
+  (the database's mean label) that zero-shot retrieval must beat; Pearson r of a constant is undefined;
+* classification (PASTIS ...): overall accuracy and mIoU per ``k`` and the same for the *majority class* of
+  the database. mIoU averages the classes that occur in the target or the prediction of the split.
+
+The un-suffixed ``{stage}/rmse``, ``{stage}/r`` (first target), ``{stage}/accuracy``, ``{stage}/mIoU`` are the
+values at the primary ``k``.
+
+Database lifecycle: emptied at the start of every training epoch (so several epochs give the same database),
+saved in Lightning checkpoints (``terratorch test -c ... --ckpt_path last.ckpt`` restores it) and, when
+``database_path`` is set, written there as NPZ after ``fit``. ``test``/``validate`` with an empty database load
+``database_path`` if it exists, else build the database from the datamodule's training split first, so
+``terratorch test -c <config>`` works on its own. The database records the fingerprint of the embedding model
+(weights, branch and input preparation); queries from another model raise ``ValueError``.
+
+Input preparation (DUNIA takes one ``[B, C, H, W]`` image, appendix F: a leaf-on median composite):
+
+* ``[B, C, T, H, W]`` series are reduced over time by ``temporal_reduce`` (default: the per-pixel median, the
+  paper's compositing); a dict of modalities (e.g. PASTIS-R ``{"S2": ..., "S1A": ...}``) is reduced per modality
+  and concatenated along channels in ``input_modalities`` order;
+* ``input_channels`` picks/reorders the channels the model expects; ``-1`` inserts a zero channel (the band's
+  mean after standardisation) for bands the dataset lacks (PASTIS S2 has no B01/B09);
+* images are reflect-padded to a multiple of the patch size and embeddings cropped back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchgeo.trainers import BaseTask
+
+from terratorch_eoplugins.nn.knn import DEFAULT_CHUNK_BYTES, KNNDatabase, model_fingerprint
+
+__all__ = ["DUNIAZeroShotKNNTask", "prepare_dunia_input"]
+
+logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_knn")
+
+
+def _reduce_time(x: Tensor, how: str, name: str) -> Tensor:
+    if x.ndim == 4:
+        return x
+    if x.ndim != 5:
+        raise ValueError(f"{name}: expected [B, C, H, W] or [B, C, T, H, W], got {tuple(x.shape)}")
+    if x.shape[2] == 0:
+        raise ValueError(f"{name}: the series has T = 0 dates")
+    if how == "median":
+        return x.median(dim=2).values
+    if how == "mean":
+        return x.mean(dim=2)
+    if how == "first":
+        return x[:, :, 0]
+    if how == "last":
+        return x[:, :, -1]
+    raise ValueError(f"temporal_reduce must be 'median', 'mean', 'first' or 'last', got {how!r}")
+
+
+def prepare_dunia_input(image: Tensor | Mapping[str, Tensor], temporal_reduce: str = "median",
+                        input_modalities: Sequence[str] | None = None,
+                        input_channels: Sequence[int] | None = None) -> Tensor:
+    """One ``[B, C, H, W]`` DUNIA input from a batch ``image`` (tensor, series or modality dict; module docstring)."""
+    if isinstance(image, Mapping):
+        names = list(input_modalities) if input_modalities is not None else list(image)
+        missing = [m for m in names if m not in image]
+        if missing:
+            raise ValueError(f"batch['image'] lacks modality {missing} (input_modalities); got {list(image)}")
+        parts = [_reduce_time(image[m], temporal_reduce, f"batch['image'][{m!r}]") for m in names]
+        if len({(p.shape[0], *p.shape[-2:]) for p in parts}) != 1:
+            shapes = {m: tuple(p.shape) for m, p in zip(names, parts)}
+            raise ValueError(f"modalities {names} must share B, H and W after the temporal reduction, got {shapes}")
+        x = torch.cat(parts, dim=1)
+    elif isinstance(image, Tensor):
+        x = _reduce_time(image, temporal_reduce, "batch['image']")
+    else:
+        raise ValueError(f"batch['image'] must be a tensor or a dict of tensors, got {type(image).__name__}")
+    x = x.float()
+    if input_channels is not None:
+        idx = [int(i) for i in input_channels]
+        if any(i < -1 or i >= x.shape[1] for i in idx):
+            raise ValueError(f"input_channels {idx} out of range for an input with {x.shape[1]} channels "
+                             "(-1 inserts a zero channel)")
+        zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        x = torch.cat([x[:, i:i + 1] if i >= 0 else zero for i in idx], dim=1)
+    return x
+
+
+class DUNIAZeroShotKNNTask(BaseTask):
+    """Zero-shot KNN evaluation of DUNIA pixel embeddings (see the module docstring).
+
+    Args:
+        task: ``"regression"`` (``mask`` holds float targets, ``[B, H, W]`` or ``[B, V, H, W]``) or
+            ``"classification"`` (``mask`` holds class ids ``[B, H, W]``).
+        num_classes: classes (classification).
+        target_names: names of the regression targets (``mask`` channels), e.g. ``["rh98"]``.
+        ignore_index: label value of unlabelled pixels (GEDI: -1 away from footprints; PASTIS: -1 void).
+        embedding: ``"vertical"`` (``O^V``) or ``"horizontal"`` (``O^H``).
+        k_values: neighbour counts evaluated (paper Table 1: 50, 5, 1).
+        k: primary ``k`` for the un-suffixed metrics and ``predict`` (must be in ``k_values``).
+        dunia_ckpt_path: DUNIA pretraining checkpoint (``None``: random init of ``dunia_variant``, offline).
+        dunia_variant: ``"tiny"`` or ``"base"`` (:data:`~terratorch_eoplugins.models.dunia.DUNIA_VARIANTS`).
+        dunia_kwargs: architecture overrides (e.g. ``in_channels``); must match the checkpoint.
+        embedder: an already-built embedding model (Python API; overrides the two above): any module with
+            ``forward_embeddings(image) -> {"vertical": ..., "horizontal": ...}`` and a ``patch_size``.
+        temporal_reduce, input_modalities, input_channels: input preparation (module docstring).
+        pixels_per_image: labelled pixels sampled per training image for the database (``None``: all);
+            bounds the database for densely labelled maps.
+        database_path: NPZ written after ``fit`` and read by ``test`` when the database is empty.
+        weight_eps, weight_power: distance-weighting constants (:mod:`terratorch_eoplugins.nn.knn`).
+        max_chunk_bytes: bound on one similarity block during retrieval (memory-bounded maps).
+        na_backend: backend of DUNIA's neighborhood-attention layers (``"auto"``, ``"natten"``, ``"torch"``);
+            ``None`` (default) uses the pure-PyTorch one on CPU, where it is ~60x faster than natten's
+            uncompiled flex backend for inference (measured on DUNIA-tiny, 8 x 64 x 64), and keeps the
+            model's own choice elsewhere. Both compute the same operation.
+        seed: seed of the ``pixels_per_image`` sampling.
+    """
+
+    ignore = "embedder"
+    monitor = "val/rmse"
+
+    def __init__(self, task: Literal["regression", "classification"] = "regression", num_classes: int | None = None,
+                 target_names: Sequence[str] = ("rh98",), ignore_index: float = -1,
+                 embedding: Literal["vertical", "horizontal"] = "vertical", k_values: Sequence[int] = (1, 5, 50),
+                 k: int = 50, dunia_ckpt_path: str | None = None, dunia_variant: str = "tiny",
+                 dunia_kwargs: Mapping[str, Any] | None = None, embedder: nn.Module | None = None,
+                 temporal_reduce: Literal["median", "mean", "first", "last"] = "median",
+                 input_modalities: Sequence[str] | None = None, input_channels: Sequence[int] | None = None,
+                 pixels_per_image: int | None = None, database_path: str | None = None, weight_eps: float = 1e-6,
+                 weight_power: float = 1.0, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 na_backend: Literal["auto", "natten", "torch"] | None = None, seed: int = 0) -> None:
+        if task not in ("regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+        if task == "classification" and (num_classes is None or num_classes < 2):
+            raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
+        if embedding not in ("vertical", "horizontal"):
+            raise ValueError(f"embedding must be 'vertical' (O^V) or 'horizontal' (O^H), got {embedding!r}")
+        ks = sorted({int(x) for x in k_values})
+        if not ks or ks[0] < 1:
+            raise ValueError(f"k_values must be positive integers, got {list(k_values)}")
+        if int(k) not in ks:
+            raise ValueError(f"k={k} must be one of k_values {ks}")
+        if pixels_per_image is not None and pixels_per_image < 1:
+            raise ValueError(f"pixels_per_image must be >= 1 or None, got {pixels_per_image}")
+        if temporal_reduce not in ("median", "mean", "first", "last"):
+            raise ValueError(f"temporal_reduce must be 'median', 'mean', 'first' or 'last', got {temporal_reduce!r}")
+        object.__setattr__(self, "_pending_embedder", embedder)  # nn.Module attributes need Module.__init__ first
+        super().__init__()  # saves the hyper-parameters, calls configure_models
+        self.automatic_optimization = False
+        self.monitor, self.mode = ("val/rmse", "min") if task == "regression" else ("val/mIoU", "max")
+        self.k_values, self.k = ks, int(k)
+        self.database: KNNDatabase | None = None
+        self._fingerprint: str | None = None
+        self._gen = torch.Generator().manual_seed(seed)
+        self._acc: dict[str, Any] = {}
+        self.last_metrics: dict[str, float] = {}
+        self._na_device: str | None = None
+
+    # ------------------------------------------------------------------ model and database
+    def configure_models(self) -> None:
+        """The frozen embedding model: the injected ``embedder``, a checkpoint, or a random-init variant."""
+        self.target_names = list(self.hparams["target_names"])
+        embedder = self.__dict__.pop("_pending_embedder", None)
+        self.model = embedder if embedder is not None else self._build_model()
+        if not hasattr(self.model, "forward_embeddings"):
+            raise ValueError(f"embedder {type(self.model).__name__} has no forward_embeddings(image) method")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.patch_size = int(getattr(self.model, "patch_size", 1))
+
+    def _build_model(self) -> nn.Module:
+        from terratorch_eoplugins.models import dunia
+
+        hp = self.hparams
+        kw = dict(hp["dunia_kwargs"] or {})
+        if hp["dunia_ckpt_path"]:
+            return dunia.load_dunia_checkpoint(hp["dunia_ckpt_path"], hp["dunia_variant"], **kw)
+        builder = getattr(dunia, f"dunia_{hp['dunia_variant']}", None)
+        if hp["dunia_variant"] not in dunia.DUNIA_VARIANTS or builder is None:
+            raise ValueError(f"unknown dunia_variant {hp['dunia_variant']!r}: expected one of "
+                             f"{list(dunia.DUNIA_VARIANTS)}")
+        logger.warning("DUNIAZeroShotKNNTask: no dunia_ckpt_path, embeddings come from a randomly initialised "
+                       "DUNIA-%s (set model.init_args.dunia_ckpt_path for a pretrained one)", hp["dunia_variant"])
+        return builder(pretraining_heads=False, **kw)
+
+    def _new_database(self, dim: int) -> KNNDatabase:
+        hp = self.hparams
+        return KNNDatabase(dim, hp["task"], num_classes=hp["num_classes"], fingerprint=self.fingerprint,
+                           value_names=self.target_names if hp["task"] == "regression" else None,
+                           eps=hp["weight_eps"], weight_power=hp["weight_power"])
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of the embedding model + branch + input preparation (cached per stage)."""
+        if self._fingerprint is None:
+            hp = self.hparams
+            extra = (f"{hp['embedding']}|{hp['temporal_reduce']}|{hp['input_modalities']}|"
+                     f"{hp['input_channels']}")
+            self._fingerprint = model_fingerprint(self.model, extra)
+        return self._fingerprint
+
+    def train(self, mode: bool = True) -> DUNIAZeroShotKNNTask:
+        """The embedding model stays in eval mode (no dropout) even during ``fit``."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def configure_optimizers(self) -> None:
+        """No optimiser: the zero-shot task never takes a gradient step."""
+        return None
+
+    # ------------------------------------------------------------------ embeddings and labels
+    @torch.no_grad()
+    def embed(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Embedding map ``[B, D_p, H, W]`` of the configured branch."""
+        hp = self.hparams
+        x = prepare_dunia_input(image, hp["temporal_reduce"], hp["input_modalities"], hp["input_channels"])
+        if not torch.isfinite(x).all():
+            raise ValueError("batch['image'] contains NaN or Inf: fill no-data pixels before embedding")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        ph, pw = (-h) % p, (-w) % p
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        self._select_na_backend(x.device)
+        out = self.model.forward_embeddings(x)
+        if not isinstance(out, Mapping) or hp["embedding"] not in out:
+            raise ValueError(f"forward_embeddings must return a dict with {hp['embedding']!r}")
+        return out[hp["embedding"]][..., :h, :w].float()
+
+    def _select_na_backend(self, device: torch.device) -> None:
+        if self._na_device == device.type:
+            return
+        backend = self.hparams["na_backend"] or ("torch" if device.type == "cpu" else None)
+        if backend is not None:
+            from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+
+            for mod in self.model.modules():
+                if isinstance(mod, NeighborhoodAttention2D):
+                    mod.backend = backend
+        self._na_device = device.type
+
+    def _labels(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(labels [B, H, W] or [B, V, H, W], valid [B, H, W])`` from ``batch['mask']``."""
+        if "mask" not in batch:
+            raise ValueError("DUNIAZeroShotKNNTask needs batch['mask'] (targets; ignore_index where unlabelled)")
+        y = batch["mask"]
+        ign = self.hparams["ignore_index"]
+        if self.hparams["task"] == "classification":
+            if y.ndim != 3:
+                raise ValueError(f"classification expects mask [B, H, W], got {tuple(y.shape)}")
+            valid = y != ign
+            return y.long(), valid
+        y = y.float()
+        if y.ndim == 3:
+            y = y.unsqueeze(1)
+        if y.ndim != 4 or y.shape[1] != len(self.target_names):
+            raise ValueError(f"regression expects mask [B, H, W] or [B, {len(self.target_names)}, H, W] "
+                             f"(target_names {self.target_names}), got {tuple(batch['mask'].shape)}")
+        valid = ((y != ign) & torch.isfinite(y)).all(dim=1)
+        return y, valid
+
+    @staticmethod
+    def _pixels(emb: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Flatten the labelled pixels: ``(embeddings [N, D], labels [N] or [N, V])``."""
+        e = emb.permute(0, 2, 3, 1)[valid]
+        lab = y[valid] if y.ndim == 3 else y.permute(0, 2, 3, 1)[valid]
+        return e, lab
+
+    # ------------------------------------------------------------------ database building
+    def add_batch(self, batch: Mapping[str, Any]) -> int:
+        """Add the labelled pixels of a training batch to the database; returns how many were added."""
+        y, valid = self._labels(batch)
+        if not valid.any():  # e.g. a chip with no GEDI footprint: nothing to store
+            return 0
+        emb = self.embed(batch["image"])
+        if emb.shape[-2:] != valid.shape[-2:]:
+            raise ValueError(f"embeddings {tuple(emb.shape)} and mask {tuple(valid.shape)} differ in H, W")
+        n_max = self.hparams["pixels_per_image"]
+        if n_max is not None:
+            keep = torch.zeros_like(valid)
+            for i in range(valid.shape[0]):
+                idx = torch.nonzero(valid[i].flatten().cpu()).flatten()
+                if idx.numel() > n_max:
+                    idx = idx[torch.randperm(idx.numel(), generator=self._gen)[:n_max]]
+                keep[i].view(-1)[idx.to(keep.device)] = True
+            valid = keep
+        e, lab = self._pixels(emb, y, valid)
+        if self.database is None:
+            self.database = self._new_database(e.shape[1])
+        return self.database.add(e.cpu(), lab.cpu(), fingerprint=self.fingerprint)
+
+    def build_database(self, loader: Any) -> KNNDatabase:
+        """(Re)build the database from every batch of ``loader`` (e.g. a train dataloader)."""
+        if self.database is not None:
+            self.database.clear()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        for i, batch in enumerate(loader):
+            batch = self._to_device(batch)
+            if dm is not None and hasattr(dm, "on_after_batch_transfer"):
+                batch = dm.on_after_batch_transfer(batch, i)
+            self.add_batch(batch)
+        self._require_database("the training split")
+        logger.info("DUNIA zero-shot: retrieval database of %d pixels", len(self.database))
+        return self.database
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, Mapping):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    def _require_database(self, source: str = "") -> None:
+        if self.database is None or len(self.database) == 0:
+            where = f" ({source} had no labelled pixel)" if source else ""
+            raise ValueError("the zero-shot retrieval database is empty" + where + ": run `fit` on a split with "
+                             "labelled pixels (or pass a checkpoint / database_path holding a database)")
+
+    def _ensure_database(self) -> None:
+        """Load ``database_path`` or build from the datamodule's train split when the database is empty."""
+        if self.database is not None and len(self.database) > 0:
+            return
+        path = self.hparams["database_path"]
+        if path and Path(path).is_file():
+            db = KNNDatabase.load(path)
+            db.check_fingerprint(self.fingerprint, f"embeddings of this task's model (database {path})")
+            self.database = db
+            logger.info("DUNIA zero-shot: loaded a retrieval database of %d pixels from %s", len(db), path)
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "train_dataloader"):
+            self._require_database()
+        logger.info("DUNIA zero-shot: empty database, building it from the datamodule's training split")
+        dm.setup("fit")
+        self.build_database(dm.train_dataloader())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self) -> None:
+        self._fingerprint = None
+
+    def on_train_epoch_start(self) -> None:
+        if self.database is not None:
+            self.database.clear()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Add the batch's labelled pixels to the retrieval database (no gradient step)."""
+        self.add_batch(batch)
+        self.log("train/database_size", float(len(self.database) if self.database is not None else 0),
+                 on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_end(self) -> None:
+        path = self.hparams["database_path"]
+        if path and self.database is not None and len(self.database):
+            self.database.save(path)
+            logger.info("DUNIA zero-shot: wrote the retrieval database (%d pixels) to %s", len(self.database), path)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._fingerprint = None
+            self._ensure_database()
+
+    def on_test_start(self) -> None:
+        self._fingerprint = None
+        self._ensure_database()
+
+    def on_predict_start(self) -> None:
+        self._fingerprint = None
+        self._ensure_database()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulate retrieval metrics of the batch's labelled pixels."""
+        if self.trainer.sanity_checking and (self.database is None or len(self.database) == 0):
+            return
+        self._eval_batch(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulate retrieval metrics of the batch's labelled pixels."""
+        self._eval_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Dense zero-shot map at the primary ``k``: ``[B, H, W]`` classes or ``[B, V, H, W]`` values."""
+        self._require_database()
+        emb = self.embed(batch["image"])
+        return self.database.predict_map(emb, self.k, self.fingerprint, self.hparams["max_chunk_bytes"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.database is not None:
+            checkpoint["knn_database"] = self.database.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("knn_database")
+        self._fingerprint = None
+        self.database = KNNDatabase.from_state(state) if state is not None else None
+
+    # ------------------------------------------------------------------ metrics
+    def _reset_metrics(self) -> None:
+        self._acc = {}
+
+    def _eval_batch(self, batch: Mapping[str, Any]) -> None:
+        y, valid = self._labels(batch)
+        if not valid.any():
+            return
+        self._require_database()
+        emb = self.embed(batch["image"])
+        e, lab = self._pixels(emb, y, valid)
+        preds = self.database.predict(e, self.k_values, self.fingerprint, self.hparams["max_chunk_bytes"])
+        lab = lab.to(next(iter(preds.values())).device)
+        if self.hparams["task"] == "regression":
+            self._acc_regression(preds, lab)
+        else:
+            self._acc_classification(preds, lab)
+
+    def _acc_regression(self, preds: dict[int, Tensor], y: Tensor) -> None:
+        y = y.double().cpu()
+        mean = self.database.label_mean().double()
+        acc = self._acc.setdefault("reg", {"n": 0.0, "sse_mean": torch.zeros(y.shape[1], dtype=torch.float64)})
+        acc["n"] += y.shape[0]
+        acc["sse_mean"] += ((y - mean) ** 2).sum(0)
+        for kk, p in preds.items():
+            p = p.double().cpu()
+            s = acc.setdefault(kk, torch.zeros(6, y.shape[1], dtype=torch.float64))
+            s += torch.stack([y.sum(0), p.sum(0), (y * y).sum(0), (p * p).sum(0), (y * p).sum(0),
+                              ((y - p) ** 2).sum(0)])
+
+    def _acc_classification(self, preds: dict[int, Tensor], y: Tensor) -> None:
+        c = self.hparams["num_classes"]
+        y = y.long().cpu()
+        if y.numel() and (y.min() < 0 or y.max() >= c):
+            raise ValueError(f"target class ids must be in [0, {c}) or ignore_index, got [{int(y.min())}, "
+                             f"{int(y.max())}]")
+        acc = self._acc.setdefault("cls", {})
+        maj = torch.full_like(y, self.database.majority_class())
+        for kk, p in [*preds.items(), ("majority", maj)]:
+            cm = torch.bincount(y * c + p.long().cpu(), minlength=c * c).view(c, c)
+            acc[kk] = acc.get(kk, 0) + cm
+
+    @staticmethod
+    def regression_scores(sums: Tensor, n: float) -> tuple[Tensor, Tensor]:
+        """``(rmse [V], pearson_r [V])`` from the accumulated sums ``[6, V]`` (y, p, y^2, p^2, yp, (y-p)^2)."""
+        sy, sp, syy, spp, syp, sse = sums
+        cov = syp - sy * sp / n
+        vy, vp = syy - sy * sy / n, spp - sp * sp / n
+        r = cov / torch.sqrt(vy * vp)
+        r = torch.where((vy > 0) & (vp > 0), r, torch.full_like(r, math.nan))
+        return torch.sqrt(sse / n), r
+
+    @staticmethod
+    def classification_scores(cm: Tensor) -> tuple[float, float]:
+        """``(accuracy, mIoU)`` of a confusion matrix (rows: target, columns: prediction)."""
+        cm = cm.double()
+        tp = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - tp
+        present = union > 0
+        acc = float(tp.sum() / cm.sum()) if cm.sum() > 0 else math.nan
+        miou = float((tp[present] / union[present]).mean()) if present.any() else math.nan
+        return acc, miou
+
+    def _log_metrics(self, stage: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if "reg" in self._acc:
+            acc = self._acc["reg"]
+            n = acc["n"]
+            rmse_mean = torch.sqrt(acc["sse_mean"] / n)
+            for kk in self.k_values:
+                rmse, r = self.regression_scores(acc[kk], n)
+                for vi, name in enumerate(self.target_names):
+                    out[f"{stage}/{name}_rmse_k{kk}"] = float(rmse[vi])
+                    out[f"{stage}/{name}_r_k{kk}"] = float(r[vi])
+                    if kk == self.k:
+                        out[f"{stage}/{name}_rmse"] = float(rmse[vi])
+                        out[f"{stage}/{name}_r"] = float(r[vi])
+                if kk == self.k:
+                    out[f"{stage}/rmse"], out[f"{stage}/r"] = float(rmse[0]), float(r[0])
+            for vi, name in enumerate(self.target_names):
+                out[f"{stage}/{name}_rmse_mean_predictor"] = float(rmse_mean[vi])
+            out[f"{stage}/rmse_mean_predictor"] = float(rmse_mean[0])
+            out[f"{stage}/num_pixels"] = float(n)
+        if "cls" in self._acc:
+            acc = self._acc["cls"]
+            for kk in [*self.k_values, "majority"]:
+                a, m = self.classification_scores(acc[kk])
+                suffix = f"k{kk}" if kk != "majority" else "majority"
+                out[f"{stage}/accuracy_{suffix}"], out[f"{stage}/mIoU_{suffix}"] = a, m
+                if kk == self.k:
+                    out[f"{stage}/accuracy"], out[f"{stage}/mIoU"] = a, m
+            out[f"{stage}/num_pixels"] = float(acc["majority"].sum())
+        for key, value in out.items():
+            self.log(key, value, batch_size=1)
+        self.last_metrics = out
+        return out

@@ -1,0 +1,211 @@
+"""Zero-shot KNN retrieval (DUNIA section 4.1.2): exact cosine top-k, distance-weighted vote/mean, database I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from terratorch_eoplugins.nn.knn import KNNDatabase, cosine_topk, l2_normalize, model_fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _data(n: int, q: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(q, d, generator=g)
+
+
+def _brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent float64 reference: full similarity matrix, full descending sort."""
+    kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = qn @ kn.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+def _weights(s: np.ndarray, eps: float, p: float) -> np.ndarray:
+    return 1.0 / (np.maximum(1.0 - s, 0.0) + eps) ** p
+
+
+def test_top_k_matches_a_float64_brute_force() -> None:
+    keys, queries = _data(3000, 200, 16)
+    v, i = cosine_topk(queries, keys, 50)
+    rv, ri = _brute_force(keys.double().numpy(), queries.double().numpy(), 50)
+    np.testing.assert_array_equal(i.numpy(), ri)
+    np.testing.assert_allclose(v.numpy(), rv, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_distance_weighted_vote_and_mean_match_independent_formulas(k: int, power: float) -> None:
+    keys, queries = _data(800, 64, 8, seed=k)
+    g = torch.Generator().manual_seed(1)
+    classes = torch.randint(0, 7, (800,), generator=g)
+    values = torch.rand(800, 2, generator=g) * 30
+    eps = 1e-3
+    rs, ri = _brute_force(keys.double().numpy(), queries.double().numpy(), k)
+    w = _weights(rs, eps, power)
+    # vote: sum of weights per class over the k neighbours, argmax (lowest id on ties)
+    votes = np.zeros((64, 7))
+    for q in range(64):
+        for j in range(k):
+            votes[q, classes[ri[q, j]]] += w[q, j]
+    want_cls = votes.argmax(1)
+    want_val = (w[:, :, None] * values.double().numpy()[ri]).sum(1) / w.sum(1, keepdims=True)
+
+    db_c = KNNDatabase(8, "classification", num_classes=7, eps=eps, weight_power=power)
+    db_c.add(keys, classes)
+    np.testing.assert_array_equal(db_c.predict(queries, k).numpy(), want_cls)
+    db_r = KNNDatabase(8, "regression", value_names=["a", "b"], eps=eps, weight_power=power)
+    db_r.add(keys, values)
+    np.testing.assert_allclose(db_r.predict(queries, k).numpy(), want_val, rtol=1e-5, atol=1e-4)
+
+
+def test_several_k_from_one_search_equal_separate_searches() -> None:
+    keys, queries = _data(500, 40, 8)
+    db = KNNDatabase(8, "regression")
+    db.add(keys, torch.arange(500.0))
+    both = db.predict(queries, [1, 5, 50])
+    for k in (1, 5, 50):
+        torch.testing.assert_close(both[k], db.predict(queries, k))
+
+
+def test_exact_match_dominates_the_vote() -> None:
+    keys, _ = _data(100, 1, 8)
+    labels = torch.arange(100) % 5
+    db = KNNDatabase(8, "classification", num_classes=5)
+    db.add(keys, labels)
+    pred = db.predict(keys[:20] * 3.0, 50)  # scaled copies: cosine 1 with themselves
+    torch.testing.assert_close(pred, labels[:20])
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_chunked_search_equals_unchunked(k: int) -> None:
+    keys, queries = _data(4099, 301, 16, seed=3)
+    v_ref, i_ref = cosine_topk(queries, keys, k, max_chunk_bytes=1 << 30, group=1)  # one block, plain top-k
+    for bytes_, group in [(1 << 30, None), (1 << 14, None), (4096 * 4, 3), (1 << 16, 64)]:
+        v, i = cosine_topk(queries, keys, k, max_chunk_bytes=bytes_, group=group)
+        torch.testing.assert_close(v, v_ref)
+        torch.testing.assert_close(i, i_ref)
+
+
+def test_group_prefilter_is_exact_with_many_ties() -> None:
+    """Keys repeat 10 distinct vectors: every top-k list is full of ties; the similarity values must be exact."""
+    base, queries = _data(10, 50, 8, seed=5)
+    keys = base.repeat(300, 1)
+    for k in (1, 5, 50):
+        v, i = cosine_topk(queries, keys, k, group=16)
+        rv, _ = _brute_force(keys.double().numpy(), queries.double().numpy(), k)
+        np.testing.assert_allclose(v.numpy(), rv, atol=1e-6)
+        # the returned neighbours really have the returned similarities
+        sims = l2_normalize(queries) @ l2_normalize(keys).T
+        torch.testing.assert_close(sims.gather(1, i), v)
+        assert all(len(set(row)) == k for row in i.tolist())  # distinct neighbours
+
+
+def test_predict_map_equals_per_pixel_prediction_in_chunks() -> None:
+    keys, _ = _data(600, 1, 8)
+    db = KNNDatabase(8, "classification", num_classes=4)
+    db.add(keys, torch.arange(600) % 4)
+    emb = torch.randn(2, 8, 9, 7, generator=torch.Generator().manual_seed(2))
+    maps = db.predict_map(emb, [1, 5], pixels_per_chunk=10, max_chunk_bytes=1 << 12)
+    flat = emb.permute(0, 2, 3, 1).reshape(-1, 8)
+    for k in (1, 5):
+        assert maps[k].shape == (2, 9, 7)
+        torch.testing.assert_close(maps[k].reshape(-1), db.predict(flat, k))
+    dbr = KNNDatabase(8, "regression", value_names=["x", "y"])
+    dbr.add(keys, torch.rand(600, 2))
+    m = dbr.predict_map(emb, 5)
+    assert m.shape == (2, 2, 9, 7)
+    torch.testing.assert_close(m.permute(0, 2, 3, 1).reshape(-1, 2), dbr.predict(flat, 5))
+
+
+def test_agrees_with_faiss_exact_inner_product_search() -> None:
+    faiss = pytest.importorskip("faiss")
+    keys, queries = _data(5000, 300, 32, seed=7)
+    kn, qn = l2_normalize(keys), l2_normalize(queries)
+    index = faiss.IndexFlatIP(32)
+    index.add(kn.numpy())
+    fv, fi = index.search(qn.numpy(), 50)
+    v, i = cosine_topk(qn, kn, 50, normalized=True)
+    same_set = [set(a) == set(b) for a, b in zip(i.tolist(), fi.tolist())]
+    assert np.mean(same_set) == 1.0  # random Gaussian data: no ties
+    np.testing.assert_allclose(v.numpy(), fv, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    keys, queries = _data(100, 10, 8)
+    db = KNNDatabase(8, "classification", num_classes=3, fingerprint="a" * 64)
+    with pytest.raises(ValueError, match="empty"):
+        db.predict(queries, 5)
+    bad = keys.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        db.add(bad, torch.zeros(100, dtype=torch.long))
+    db.add(keys, torch.arange(100) % 3)
+    q = queries.clone()
+    q[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        db.predict(q, 5)
+    with pytest.raises(ValueError, match="different model"):
+        db.predict(queries, 5, fingerprint="b" * 64)
+    with pytest.raises(ValueError, match="different model"):
+        db.add(keys, torch.zeros(100, dtype=torch.long), fingerprint="b" * 64)
+    db.predict(queries, 5, fingerprint="a" * 64)  # the right model is fine
+    with pytest.raises(ValueError, match="D=4"):
+        db.predict(queries[:, :4], 5)
+    with pytest.raises(ValueError, match="exceeds the database size"):
+        db.search(queries, 101)
+    torch.testing.assert_close(db.predict(queries, 101), db.predict(queries, 100))  # k clamped to the size
+    with pytest.raises(ValueError, match="zero norm"):
+        db.predict(torch.zeros(2, 8), 1)
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 3\)"):
+        db.add(keys[:2], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="2 embeddings but 3 labels"):
+        db.add(keys[:2], torch.tensor([0, 1, 2]))
+    reg = KNNDatabase(8, "regression")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        reg.add(keys[:2], torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="num_classes"):
+        KNNDatabase(8, "classification")
+
+
+def test_save_load_round_trip_without_pickle(tmp_path) -> None:
+    keys, queries = _data(300, 20, 8)
+    db = KNNDatabase(8, "regression", value_names=["rh98"], fingerprint="f" * 64, eps=1e-4, weight_power=2.0)
+    db.add(keys, torch.rand(300) * 40)
+    path = db.save(tmp_path / "db.npz")
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only
+        assert set(z.files) == {"keys", "labels", "metadata"}
+    back = KNNDatabase.load(path)
+    assert (back.fingerprint, back.value_names, back.eps, back.weight_power) == ("f" * 64, ["rh98"], 1e-4, 2.0)
+    torch.testing.assert_close(back.predict(queries, [1, 5, 50]), db.predict(queries, [1, 5, 50]))
+    with pytest.raises(ValueError, match="different model"):
+        back.predict(queries, 5, fingerprint="0" * 64)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a KNN database"):
+        KNNDatabase.load(tmp_path / "other.npz")
+    np.savez(tmp_path / "pickled.npz", keys=np.zeros((2, 8), np.float32), labels=np.zeros(2),
+             metadata=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="cannot be read"):
+        KNNDatabase.load(tmp_path / "pickled.npz")
+    with pytest.raises(FileNotFoundError):
+        KNNDatabase.load(tmp_path / "missing.npz")
+
+
+def test_model_fingerprint_tracks_weights_and_branch() -> None:
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    b = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a, "vertical") != model_fingerprint(a, "horizontal")
+    with torch.no_grad():
+        b[0].weight[0, 0, 0, 0] += 1e-6
+    assert model_fingerprint(a) != model_fingerprint(b)
