@@ -37,6 +37,8 @@ def _compression(args: argparse.Namespace) -> int:
 #: subcommands whose module has its own ``main(argv)`` with its own argument parser
 _DELEGATED: dict[str, tuple[str, str]] = {
     "demo": ("terratorch_eoplugins.demo", "quickstart: synthetic world, terratorch fit + test, metrics vs. majority class"),
+    "sweep": ("terratorch_eoplugins.benchmark.cli",
+              "benchmark sweep: models x tasks x settings through terratorch fit + test, CSV + leaderboard"),
     "s4-clouds": ("terratorch_eoplugins.analysis.s4_clouds",
                   "S4 cloud robustness: mIoU by cloud-cover ratio of the test series"),
 }

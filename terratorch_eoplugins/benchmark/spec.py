@@ -1,0 +1,254 @@
+"""Sweep definitions: a YAML matrix of models x tasks x settings x label fractions x seeds -> concrete runs.
+
+A sweep file (``benchmarks/sweeps/*.yaml``) names the shipped config pieces; every run is one
+``terratorch fit`` + ``terratorch test`` over ``--trainer <piece> --data <piece> --model <piece>`` plus overrides::
+
+    name: smoke
+    world: data/demo                 # where the data pieces' ``data/demo/`` roots point (``--world`` overrides)
+    trainer: configs/trainer/cpu.yaml
+    overrides: [--trainer.max_epochs=2]        # every run of the sweep
+    label_fractions: [1.0, 0.1]
+    seeds: [0]
+    settings:                                  # how a setting changes the model piece
+      full: {label: Full, model: {freeze_backbone: false}}
+      frozen: {label: Frozen, model: {freeze_backbone: true}}
+    tasks:
+      pastis: {label: PASTIS, data: configs/data/pastis.yaml, kind: segmentation}
+    models:
+      - name: micro_unet
+        label: Micro UNet
+        pretrained: false                      # random init: flagged in the leaderboard
+        settings: [full]
+        tasks:
+          pastis: {model: configs/models/pastis/micro_unet.yaml}
+
+A task (or a model x task entry) may map leaderboard columns to other logged keys (``metrics: {r: test/r}``) for
+tasks that log their own metrics. A model x task entry may also give its own ``data`` and ``trainer`` pieces,
+``overrides``, ``label_fractions``, ``settings_only`` (a subset of the model's settings), per-setting model
+patches (``settings: {embedding: {model_args: {...}}}``, merged over the sweep-level patch) and a ``pretrain``
+stage (``{config: configs/lianet_pretrain_pastis.yaml, ckpt_arg: model.init_args.model_args.backbone_ckpt_path,
+overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. Entries with ``optional: true`` whose
+pieces do not exist yet are skipped (so a model whose configs are still being written is one YAML edit away).
+
+Model patches (``model:`` of a setting) are merged into the model piece's ``init_args``: scalar keys become
+``--model.init_args.<key>=<value>`` and a ``model_args`` patch is merged into the piece's ``model_args``
+(``__delete__`` removes a key, lists are replaced) and passed whole as ``--model.init_args.model_args=<json>``,
+so each run is reproducible from the shipped pieces and the command recorded in the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: the data root prefix that the shipped data pieces use (the demo world)
+DEMO_PREFIX = "data/demo/"
+DELETE = "__delete__"
+KINDS = ("segmentation", "regression")
+
+
+class SweepSpecError(ValueError):
+    """A sweep file is malformed; the message names the file, the entry and what was expected."""
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """A pretraining stage shared by every fine-tuning run of one model x task x seed."""
+
+    config: str
+    ckpt_arg: str
+    overrides: tuple[str, ...] = ()
+    ckpt: str = "last"  # "last" or "best"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the sweep matrix."""
+
+    sweep: str
+    model: str
+    model_label: str
+    pretrained: bool
+    task: str
+    task_label: str
+    kind: str
+    setting: str
+    setting_label: str
+    label_fraction: float
+    seed: int
+    trainer: str
+    data: str
+    model_piece: str
+    model_patch: dict = field(default_factory=dict, hash=False, compare=False)
+    overrides: tuple[str, ...] = ()
+    pretrain: PretrainSpec | None = None
+    note: str = ""
+    #: leaderboard column -> logged metric key, replacing the kind's default (e.g. ``{r: test/r}``)
+    metric_keys: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}__{self.task}__{self.setting}__lf{round(self.label_fraction * 100):03d}__s{self.seed}"
+
+    @property
+    def pretrain_id(self) -> str:
+        return f"{self.model}__{self.task}__s{self.seed}"
+
+
+def deep_merge(base: Any, patch: Any) -> Any:
+    """``patch`` merged into a copy of ``base``: dicts recursively, ``__delete__`` removes a key, rest replaced."""
+    if not isinstance(base, dict) or not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if v == DELETE:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def model_overrides(model_piece: Path, patch: dict) -> list[str]:
+    """CLI overrides that apply ``patch`` to the model piece (see module docstring)."""
+    if not patch:
+        return []
+    out = []
+    for key, value in patch.items():
+        if key == "model_args":
+            piece = yaml.safe_load(model_piece.read_text()) or {}
+            base = (piece.get("init_args") or {}).get("model_args")
+            if not isinstance(base, dict):
+                raise SweepSpecError(f"{model_piece}: a 'model_args' patch needs init_args.model_args in the piece")
+            merged = deep_merge(base, value)
+            out.append(f"--model.init_args.model_args={json.dumps(merged, separators=(',', ':'))}")
+        else:
+            out.append(f"--model.init_args.{key}={json.dumps(value)}")
+    return out
+
+
+def data_root_overrides(data_piece: Path, world: str, prefix: str = DEMO_PREFIX) -> list[str]:
+    """``--data.init_args.<arg>=<world>/...`` for every data argument that points into ``prefix``."""
+    if world.rstrip("/") + "/" == prefix:
+        return []
+    cfg = yaml.safe_load(data_piece.read_text()) or {}
+    out = []
+    for key, value in (cfg.get("init_args") or {}).items():
+        if isinstance(value, str) and value.startswith(prefix):
+            out.append(f"--data.init_args.{key}={Path(world) / value[len(prefix):]}")
+    return out
+
+
+def top_level_data_piece(config: Path) -> Path:
+    """The data piece a top-level config (``data: data/x.yaml``) composes."""
+    cfg = yaml.safe_load(config.read_text()) or {}
+    data = cfg.get("data")
+    if not isinstance(data, str):
+        raise SweepSpecError(f"{config}: expected 'data: <piece.yaml>' (a path relative to the file)")
+    return config.parent / data
+
+
+def _req(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise SweepSpecError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    path: Path
+    name: str
+    world: str
+    raw: dict
+    runs: list[RunSpec]
+    skipped: list[str]  # "model x task: why" for optional entries whose pieces do not exist
+
+    def task_info(self) -> dict[str, dict]:
+        return self.raw.get("tasks", {})
+
+
+def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = None) -> Sweep:
+    """Parse a sweep file into runs. Piece paths are relative to ``repo``; ``trainer`` replaces the sweep's."""
+    path, repo = Path(path), Path(repo)
+    if not path.is_file():
+        raise SweepSpecError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"{path}: expected a mapping with name/tasks/models")
+    name = str(raw.get("name") or path.stem)
+    world = str(raw.get("world", DEMO_PREFIX.rstrip("/")))
+    trainer_piece = trainer or _req(raw, "trainer", str(path))
+    sweep_overrides = tuple(raw.get("overrides") or ())
+    fractions = [float(f) for f in raw.get("label_fractions", [1.0])]
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    settings = raw.get("settings") or {"full": {"label": "Full", "model": {}}}
+    tasks = _req(raw, "tasks", str(path))
+    models = _req(raw, "models", str(path))
+    if not isinstance(models, list):
+        raise SweepSpecError(f"{path}: 'models' must be a list of entries with name/tasks")
+    for t, tinfo in tasks.items():
+        _req(tinfo, "data", f"{path}: tasks.{t}")
+        if tinfo.get("kind", "segmentation") not in KINDS:
+            raise SweepSpecError(f"{path}: tasks.{t}.kind must be one of {KINDS}, got {tinfo.get('kind')!r}")
+    if not (repo / trainer_piece).is_file():
+        raise SweepSpecError(f"{path}: trainer piece not found: {trainer_piece}")
+
+    runs: list[RunSpec] = []
+    skipped: list[str] = []
+    for m in models:
+        mname = _req(m, "name", f"{path}: models entry")
+        where = f"{path}: models[{mname}]"
+        m_settings = m.get("settings", ["full"])
+        for s in m_settings:
+            if s not in settings:
+                raise SweepSpecError(f"{where}: unknown setting {s!r}; defined: {sorted(settings)}")
+        for tname, entry in (_req(m, "tasks", where) or {}).items():
+            if tname not in tasks:
+                raise SweepSpecError(f"{where}: unknown task {tname!r}; defined: {sorted(tasks)}")
+            entry = entry if isinstance(entry, dict) else {"model": entry}
+            tinfo = tasks[tname]
+            model_piece = _req(entry, "model", f"{where}.tasks.{tname}")
+            data_piece = entry.get("data", tinfo["data"])
+            pre = entry.get("pretrain")
+            needed = [model_piece, data_piece] + ([pre["config"]] if pre else [])
+            missing = [p for p in needed if not (repo / p).is_file()]
+            if missing:
+                if m.get("optional") or entry.get("optional"):
+                    skipped.append(f"{mname} x {tname}: missing {', '.join(missing)}")
+                    continue
+                raise SweepSpecError(f"{where}.tasks.{tname}: config piece(s) not found: {', '.join(missing)}")
+            pretrain = None
+            if pre:
+                pretrain = PretrainSpec(config=_req(pre, "config", f"{where}.tasks.{tname}.pretrain"),
+                                        ckpt_arg=_req(pre, "ckpt_arg", f"{where}.tasks.{tname}.pretrain"),
+                                        overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"))
+            run_fractions = [float(f) for f in entry.get("label_fractions", tinfo.get("label_fractions", fractions))]
+            for s in entry.get("settings_only", m_settings):
+                sdef = settings[s]
+                patch = deep_merge(sdef.get("model") or {}, ((entry.get("settings") or {}).get(s) or {}))
+                for lf in run_fractions:
+                    for seed in seeds:
+                        runs.append(RunSpec(
+                            sweep=name, model=mname, model_label=str(m.get("label", mname)),
+                            pretrained=bool(m.get("pretrained", False)), task=tname,
+                            task_label=str(tinfo.get("label", tname)), kind=tinfo.get("kind", "segmentation"),
+                            setting=s, setting_label=str(sdef.get("label", s)), label_fraction=lf, seed=seed,
+                            trainer=str(entry.get("trainer", trainer_piece)), data=str(data_piece),
+                            model_piece=str(model_piece), model_patch=patch,
+                            overrides=sweep_overrides + tuple(m.get("overrides") or ()) + tuple(
+                                entry.get("overrides") or ()),
+                            pretrain=pretrain, note=str(entry.get("note", tinfo.get("note", ""))),
+                            metric_keys={**(tinfo.get("metrics") or {}), **(entry.get("metrics") or {})}))
+    ids = [r.run_id for r in runs]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise SweepSpecError(f"{path}: duplicate runs {sorted(dup)} (a model listed twice?)")
+    return Sweep(path=path, name=name, world=world, raw=raw, runs=runs, skipped=skipped)

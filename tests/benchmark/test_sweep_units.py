@@ -1,0 +1,221 @@
+"""Sweep definitions, result rows and leaderboard rendering (no subprocess)."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from terratorch_eoplugins.benchmark.callbacks import count_parameters, pearson_from_sums
+from terratorch_eoplugins.benchmark.leaderboard import render_markdown, top3
+from terratorch_eoplugins.benchmark.runner import COLUMNS, append_row, error_tail, latest_rows, read_rows, select_metrics
+from terratorch_eoplugins.benchmark.spec import SweepSpecError, deep_merge, load_sweep, model_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_count_parameters_counts_frozen_and_shared_once() -> None:
+    shared = torch.nn.Linear(4, 4)  # 20 parameters
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), shared, shared, torch.nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    total, tunable = count_parameters(net)
+    assert total == (3 * 4 + 4) + (4 * 4 + 4) + (4 * 2 + 2)
+    assert tunable == total - (3 * 4 + 4)
+
+
+def test_pearson_from_running_sums_matches_numpy_over_batches() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=500)
+    p = 0.7 * t + rng.normal(scale=0.5, size=500)
+    sums = np.zeros(6)
+    for chunk in np.array_split(np.arange(500), 7):  # accumulated batch by batch as the callback does
+        pc, tc = p[chunk], t[chunk]
+        sums += [len(chunk), pc.sum(), tc.sum(), (pc * pc).sum(), (tc * tc).sum(), (pc * tc).sum()]
+    assert pearson_from_sums(*sums) == pytest.approx(np.corrcoef(p, t)[0, 1], abs=1e-10)
+    assert math.isnan(pearson_from_sums(1, 1.0, 1.0, 1.0, 1.0, 1.0))
+    assert math.isnan(pearson_from_sums(3, 3.0, 1.0, 3.0, 1.0, 1.0))  # constant prediction
+
+
+def test_metric_columns_per_task_kind() -> None:
+    logged = {"test/mIoU": 0.4, "test/Accuracy": 0.5, "test/F1_Score": 0.6, "test/Pixel_Accuracy": 0.9,
+              "test/RMSE": 2.0, "test/MAE": 1.5, "pearson_r": 0.8}
+    assert select_metrics("segmentation", logged) == [0.4, 0.5, 0.6]  # macro accuracy, not pixel accuracy
+    assert select_metrics("regression", logged) == [2.0, 1.5, 0.8]
+    assert math.isnan(select_metrics("regression", {"test/RMSE": 1.0})[2])
+    with pytest.raises(ValueError, match="unknown task kind 'detection'"):
+        select_metrics("detection", logged)
+
+
+def test_model_patch_merges_model_args_and_deletes_keys() -> None:
+    piece = REPO / "configs" / "models" / "pastis" / "terramind.yaml"
+    patch = {"freeze_backbone": True, "model_args": {"decoder": "FCNDecoder", "decoder_channels": "__delete__",
+                                                     "decoder_num_convs": 1, "necks": [{"name": "SelectIndices",
+                                                                                        "indices": [-1]}]}}
+    args = model_overrides(piece, patch)
+    assert args[0] == "--model.init_args.freeze_backbone=true"
+    merged = json.loads(args[1].split("=", 1)[1])
+    base = yaml.safe_load(piece.read_text())["init_args"]["model_args"]
+    assert "decoder_channels" not in merged and merged["decoder"] == "FCNDecoder"
+    assert merged["necks"] == [{"name": "SelectIndices", "indices": [-1]}]  # lists are replaced, not merged
+    assert {k: v for k, v in merged.items() if k not in patch["model_args"]} == \
+        {k: v for k, v in base.items() if k not in patch["model_args"]}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def _write_sweep(tmp: Path, models: list, **extra) -> Path:
+    spec = {"name": "t", "trainer": "configs/trainer/cpu.yaml",
+            "settings": {"full": {"label": "Full", "model": {}}, "frozen": {"model": {"freeze_backbone": True}}},
+            "tasks": {"pastis": {"data": "configs/data/pastis.yaml"}}, "models": models, **extra}
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_matrix_expands_and_skips_optional_missing(tmp_path: Path) -> None:
+    models = [{"name": "micro", "settings": ["full", "frozen"],
+               "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml", "label_fractions": [1.0, 0.1]}}},
+              {"name": "future", "optional": True, "tasks": {"pastis": {"model": "configs/models/pastis/nope.yaml"}}}]
+    sweep = load_sweep(_write_sweep(tmp_path, models, seeds=[0, 1]), repo=REPO)
+    assert len(sweep.runs) == 2 * 2 * 2
+    assert {r.run_id for r in sweep.runs} >= {"micro__pastis__full__lf100__s0", "micro__pastis__frozen__lf010__s1"}
+    assert sweep.skipped == ["future x pastis: missing configs/models/pastis/nope.yaml"]
+
+
+@pytest.mark.parametrize("models, message", [
+    ([{"name": "m", "tasks": {"pastis": {"model": "configs/models/pastis/nope.yaml"}}}], "not found: configs/models"),
+    ([{"name": "m", "tasks": {"mars": {"model": "configs/models/pastis/unet.yaml"}}}], "unknown task 'mars'"),
+    ([{"name": "m", "settings": ["lora"], "tasks": {}}], "unknown setting 'lora'"),
+    ([{"tasks": {}}], "missing required key 'name'"),
+])
+def test_bad_sweep_files_name_the_problem(tmp_path: Path, models: list, message: str) -> None:
+    with pytest.raises(SweepSpecError, match=message):
+        load_sweep(_write_sweep(tmp_path, models), repo=REPO)
+
+
+def _append_many(args: tuple[str, int]) -> None:
+    path, k = args
+    for i in range(40):
+        append_row(Path(path), {"run_id": f"p{k}_{i}", "status": "ok", "error": "x" * 3000})
+
+
+def test_rows_are_appended_atomically_by_concurrent_processes(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(str(path), k) for k in range(4)])
+    rows = read_rows(path)
+    assert len(rows) == 160 and all(r["status"] == "ok" and len(r["error"]) == 3000 for r in rows)
+    assert path.read_text().count("run_id,sweep") == 1  # one header
+
+
+def _row(task: str, kind: str, model: str, setting: str, vals: list[float], seed: int = 0, tunable: float = 1e6,
+         status: str = "ok", pretrained: bool = False) -> dict:
+    return {"run_id": f"{model}__{task}__{setting}__lf100__s{seed}", "sweep": "t", "model": model,
+            "model_label": model.upper(), "pretrained": pretrained, "task": task, "task_label": task.title(),
+            "kind": kind, "setting": setting, "setting_label": setting.title(), "label_fraction": 1.0, "seed": seed,
+            "status": status, "m1": vals[0], "m2": vals[1], "m3": vals[2], "tunable_params": tunable,
+            "total_params": tunable * 2, "train_s": 10, "peak_rss_mb": 2048, "error": "" if status == "ok" else "boom"}
+
+
+def test_leaderboard_layout_top3_bold_and_seed_means(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    rows = [_row("pastis", "segmentation", "a", "full", [0.50, 0.6, 0.7], tunable=17.3e6),
+            _row("pastis", "segmentation", "b", "full", [0.10, 0.2, 0.3], tunable=102e6, pretrained=True),
+            _row("pastis", "segmentation", "b", "frozen", [0.30, 0.4, 0.5], tunable=15.5e6, pretrained=True),
+            _row("pastis", "segmentation", "c", "full", [0.20, 0.3, 0.4], seed=0),
+            _row("pastis", "segmentation", "c", "full", [0.40, 0.5, 0.6], seed=1),
+            _row("gedi", "regression", "a", "full", [3.0, 2.0, 0.5]),
+            _row("gedi", "regression", "b", "full", [1.0, 1.0, 0.9], pretrained=True),
+            _row("gedi", "regression", "d", "full", [0, 0, 0], status="failed")]
+    for r in rows:
+        append_row(path, r)
+    md = render_markdown(path, command="eoplugins sweep t.yaml")
+    lines = md.splitlines()
+    assert "| Task | Model / Setting | # Tunable Params (M) | IoU | Acc | F1 | train s | peak RSS GB |" in lines
+    b = next(ln for ln in lines if "| B (Full/Frozen) | 102/15.5 |" in ln)
+    assert "0.100 / **0.300**" in b  # 0.10 is fourth of {0.5, 0.3, 0.3 (c's mean), 0.1}: not bold
+    c = next(ln for ln in lines if ln.startswith("|  | C† |"))
+    assert "**0.300±0.141**" in c  # mean ± sample std over the two seeds
+    a_gedi = next(ln for ln in lines if "| Gedi | A† |" in ln)
+    b_gedi = next(ln for ln in lines if ln.startswith("|  | B | 1 |"))
+    assert "**3.000**" in a_gedi and "**1.000**" in b_gedi  # only two regressors: both in the top three
+    assert "### Failed runs (1)" in lines and any("d__gedi__full" in ln for ln in lines)
+    assert top3([0.1, 0.5, 0.3, 0.2], higher_is_better=False) == {0.1, 0.2, 0.3}
+    assert set(COLUMNS) >= {"tunable_params", "total_params", "train_s", "peak_rss_mb", "cuda_peak_mb", "status"}
+
+
+def test_error_tail_keeps_the_exception_line() -> None:
+    log = "noise\n" * 50 + "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad backbone\n"
+    assert error_tail(log).startswith("ValueError: bad backbone | Traceback")
+
+
+def test_latest_row_wins(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    append_row(path, {"run_id": "x", "status": "failed"})
+    append_row(path, {"run_id": "x", "status": "ok"})
+    assert latest_rows(path)["x"]["status"] == "ok"
+
+
+def test_callback_pearson_r_on_a_regression_task_matches_numpy(tmp_path: Path) -> None:
+    """BenchmarkStats' r over ignore-masked test pixels, batch by batch, equals numpy's on the same predictions."""
+    from types import SimpleNamespace
+
+    from terratorch.tasks import PixelwiseRegressionTask
+
+    import terratorch_eoplugins  # noqa: F401  (registers micro_unet)
+    from terratorch_eoplugins.benchmark.callbacks import BenchmarkStats
+
+    torch.manual_seed(0)
+    task = PixelwiseRegressionTask(model_factory="EncoderDecoderFactory", loss="mse", ignore_index=-1,
+                                   model_args={"backbone": "micro_unet", "backbone_in_channels": 3,
+                                               "decoder": "IdentityDecoder"})
+    task.eval()
+    strategy = SimpleNamespace(reduce=lambda t, reduce_op=None: t)
+    trainer = SimpleNamespace(world_size=1, accelerator=object(), strategy=strategy, is_global_zero=True)
+    out = tmp_path / "stats.json"
+    cb = BenchmarkStats(path=str(out))
+    cb.on_test_start(trainer, task)
+    preds, targets = [], []
+    for i in range(3):
+        x = torch.randn(2, 3, 32, 32)
+        y = torch.randn(2, 32, 32)
+        y[:, : 8 * i] = -1  # ignored pixels
+        with torch.no_grad():
+            cb.on_test_batch_start(trainer, task, {"image": x, "mask": y.clone()}, i)
+            p = task.model(x).output.reshape(y.shape)
+        preds.append(p[y != -1])
+        targets.append(y[y != -1])
+    cb.on_test_end(trainer, task)
+    stats = json.loads(out.read_text())
+    p, t = torch.cat(preds).double().numpy(), torch.cat(targets).double().numpy()
+    assert stats["pearson_n"] == p.size == 3 * 2 * 32 * 32 - 2 * 32 * (0 + 8 + 16)
+    assert stats["pearson_r"] == pytest.approx(np.corrcoef(p, t)[0, 1], abs=1e-9)
+    assert stats["test_samples"] == 6 and stats["total_params"] == stats["tunable_params"] > 0
+
+
+def test_task_specific_metric_keys() -> None:
+    logged = {"test/RMSE": 2.0, "test/r": 0.7}
+    assert select_metrics("regression", logged, {"r": "test/r"})[0::2] == [2.0, 0.7]
+    with pytest.raises(ValueError, match=r"\['IoU'\] do not exist for regression"):
+        select_metrics("regression", logged, {"IoU": "test/mIoU"})
+
+
+def test_eoplugins_sweep_command_lists_and_renders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from terratorch_eoplugins.cli import main
+
+    models = [{"name": "micro", "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml"}}}]
+    path = _write_sweep(tmp_path, models)
+    results = tmp_path / "results"
+    assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["todo  micro__pastis__full__lf100__s0"]
+    append_row(results / "t.csv", _row("pastis", "segmentation", "micro", "full", [0.2, 0.3, 0.4]))
+    assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["done  micro__pastis__full__lf100__s0"]
+    assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--render"]) == 0
+    assert "| Pastis | MICRO† | 1 | **0.200** | **0.300** | **0.400** |" in (results / "t.md").read_text()
+    assert (results / "t.png").stat().st_size > 1000
