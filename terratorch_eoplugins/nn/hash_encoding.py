@@ -16,6 +16,17 @@ Memory: the forward pass computes one level at a time with a fused weighted gath
 (:func:`torch.nn.functional.embedding_bag`) straight into the output, and saves only the input
 coordinates for the backward pass, which recomputes the indices and scatters the gradient into
 the table level by level. No ``[L * N, F]`` per-corner intermediate is ever built.
+
+Gradient layout (``sparse_grad``): by default the table gradient is dense (``[T, F]``, what every
+``torch.optim`` optimiser and global-norm gradient clipping expect). With ``sparse_grad=True`` the
+backward pass returns a *coalesced sparse COO* gradient holding only the touched rows, like
+``nn.Embedding(sparse=True)``: the touched rows of all levels are found first (``torch.unique`` over
+the recomputed corner indices, ``4 * L * N`` integers), then each level's weighted upstream gradient is
+``index_add_``-ed straight into the compact ``[U, F]`` value tensor (``U`` = distinct touched rows), so
+neither the dense ``[T, F]`` gradient nor per-corner ``[L * N, F]`` tensors exist. The table must then
+be optimised by an optimiser that accepts sparse gradients (``torch.optim.SparseAdam``, lazy Adam
+moments on the touched rows only, or ``torch.optim.SGD``), the other parameters by the usual one;
+global-norm clipping must skip (or densify) the table gradient.
 """
 
 from __future__ import annotations
@@ -95,7 +106,7 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, coords: Tensor, table: Tensor, scales: tuple[float, ...], seeds: tuple[int, ...],  # type: ignore[override]
-                shared: bool, bilinear: bool) -> Tensor:
+                shared: bool, bilinear: bool, sparse_grad: bool = False) -> Tensor:
         n = coords.shape[0]
         t_size, feat = table.shape[-2], table.shape[-1]
         levels = len(scales)
@@ -107,15 +118,17 @@ class _HashGridFunction(torch.autograd.Function):
             out[:, level * feat:(level + 1) * feat] = F.embedding_bag(
                 idx, tab, per_sample_weights=w.to(tab.dtype), mode="sum")
         ctx.save_for_backward(coords)
-        ctx.meta = (scales, seeds, shared, bilinear, table.shape, table.dtype)
+        ctx.meta = (scales, seeds, shared, bilinear, table.shape, table.dtype, sparse_grad)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (coords,) = ctx.saved_tensors
-        scales, seeds, shared, bilinear, shape, dtype = ctx.meta
+        scales, seeds, shared, bilinear, shape, dtype, sparse_grad = ctx.meta
         grad_table = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and sparse_grad:
+            grad_table = _sparse_table_grad(coords, grad_out, scales, seeds, shared, bilinear, shape, dtype)
+        elif ctx.needs_input_grad[1]:
             grad_table = torch.zeros(shape, dtype=dtype, device=grad_out.device)
             t_size, feat = shape[-2], shape[-1]
             c = coords.to(dtype) if dtype in (torch.float32, torch.float64) else coords.float()
@@ -125,7 +138,31 @@ class _HashGridFunction(torch.autograd.Function):
                 dst = grad_table if shared else grad_table[level]
                 for corner in range(4):
                     dst.index_add_(0, idx[:, corner], g * w[:, corner:corner + 1].to(g.dtype))
-        return None, grad_table, None, None, None, None
+        return None, grad_table, None, None, None, None, None
+
+
+def _sparse_table_grad(coords: Tensor, grad_out: Tensor, scales: Sequence[float], seeds: Sequence[int], shared: bool,
+                       bilinear: bool, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Coalesced sparse COO gradient of the table: unique touched rows first, then ``index_add_`` per level/corner."""
+    t_size, feat = shape[-2], shape[-1]
+    c = coords.to(dtype) if dtype in (torch.float32, torch.float64) else coords.float()
+    idx_l, w_l = [], []
+    for level in range(len(scales)):
+        idx, w = _level_lookup(c, scales[level], seeds[level], t_size, bilinear)
+        idx_l.append(idx if shared else idx + level * t_size)  # flat row of the [L * T] stack of per-level tables
+        w_l.append(w)
+    rows, inverse = torch.unique(torch.stack(idx_l), sorted=True, return_inverse=True)  # [U], [L, N, 4]
+    del idx_l
+    values = torch.zeros(rows.numel(), feat, dtype=dtype, device=grad_out.device)
+    for level in range(len(scales)):
+        g = grad_out[:, level * feat:(level + 1) * feat]
+        inv, w = inverse[level], w_l[level]
+        for corner in range(4):
+            values.index_add_(0, inv[:, corner], g * w[:, corner:corner + 1].to(g.dtype))
+    # sorted unique flat rows = lexicographically sorted (level, row) pairs: already coalesced
+    indices = rows[None] if shared else torch.stack([rows // t_size, rows % t_size])
+    return torch.sparse_coo_tensor(indices, values, shape, dtype=dtype, device=grad_out.device, is_coalesced=True,
+                                   check_invariants=False)
 
 
 class HashGridEncoding2D(nn.Module):
@@ -143,6 +180,8 @@ class HashGridEncoding2D(nn.Module):
         bilinear: bilinear blending of the four corners (otherwise their plain mean).
         init_range: tables are initialised ``U(-init_range, init_range)``; default 1e-2 for a shared
             table, 1e-4 for per-level tables (the reference's two releases).
+        sparse_grad: return the table gradient as a coalesced sparse COO tensor of the touched rows (see the
+            module docstring; needs ``torch.optim.SparseAdam``/``SGD`` for the table). Default: dense.
         backend: ``"torch"`` (always available), ``"tcnn"`` (tiny-cuda-nn, requires it and CUDA) or
             ``"auto"`` (``"torch"``; tiny-cuda-nn uses its own hash function, so its values differ from
             the formula above and it is never selected implicitly).
@@ -151,7 +190,7 @@ class HashGridEncoding2D(nn.Module):
     def __init__(self, levels: int = 13, features_per_level: int = 128, log2_table_size: int = 19,
                  base_resolution: int = 16, growth: float = 2.0, region_size: float = 10980.0,
                  shared_table: bool = True, per_level_seeds: bool = True, bilinear: bool = True,
-                 init_range: float | None = None, backend: str = "auto") -> None:
+                 init_range: float | None = None, backend: str = "auto", sparse_grad: bool = False) -> None:
         super().__init__()
         if levels < 1 or features_per_level < 1:
             raise ValueError(f"levels and features_per_level must be >= 1, got {levels} and {features_per_level}")
@@ -163,6 +202,8 @@ class HashGridEncoding2D(nn.Module):
             raise ValueError(f"region_size must be a positive number of pixels, got {region_size}")
         if backend not in ("auto", "torch", "tcnn"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
+        if sparse_grad and backend == "tcnn":
+            raise ValueError("sparse_grad=True is only available with the PyTorch backend, not backend='tcnn'")
         self.levels = int(levels)
         self.features_per_level = int(features_per_level)
         self.log2_table_size = int(log2_table_size)
@@ -173,6 +214,7 @@ class HashGridEncoding2D(nn.Module):
         self.shared_table = bool(shared_table)
         self.per_level_seeds = bool(per_level_seeds)
         self.bilinear = bool(bilinear)
+        self.sparse_grad = bool(sparse_grad)
         self.resolutions = level_resolutions(self.levels, self.base_resolution, self.growth)
         self.scales = tuple(n / self.region_size for n in self.resolutions)
         self.seeds = tuple(level_seeds(self.levels, self.per_level_seeds))
@@ -207,7 +249,8 @@ class HashGridEncoding2D(nn.Module):
     def extra_repr(self) -> str:
         return (f"levels={self.levels}, features_per_level={self.features_per_level}, table_size=2**{self.log2_table_size}, "
                 f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, region_size={self.region_size:g}, "
-                f"shared_table={self.shared_table}, per_level_seeds={self.per_level_seeds}, bilinear={self.bilinear}")
+                f"shared_table={self.shared_table}, per_level_seeds={self.per_level_seeds}, bilinear={self.bilinear}"
+                + (", sparse_grad=True" if self.sparse_grad else ""))
 
     def forward(self, coords: Tensor) -> Tensor:
         """Encode pixel coordinates ``[N, 2]`` (x = column, y = row) into ``[N, L * F]`` features."""
@@ -218,7 +261,8 @@ class HashGridEncoding2D(nn.Module):
             coords = coords.float()
         if self._tcnn is not None:
             return self._tcnn((coords / self.region_size).clamp(0, 1)).float()
-        return _HashGridFunction.apply(coords, self.table, self.scales, self.seeds, self.shared_table, self.bilinear)
+        return _HashGridFunction.apply(coords, self.table, self.scales, self.seeds, self.shared_table, self.bilinear,
+                                       self.sparse_grad)
 
     def node_indices(self, level: int, ix: Tensor, iy: Tensor) -> Tensor:
         """Table row of grid node ``(ix, iy)`` at ``level`` (for collision analysis)."""

@@ -144,3 +144,52 @@ def test_collision_rates_as_in_the_supplement() -> None:
     assert seeded["level_rate"] == unseeded["level_rate"]
     assert max(seeded["cross_level_rate"]) < 0.01
     assert min(unseeded["cross_level_rate"]) == 1.0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_gradient_equals_the_dense_one_on_the_touched_rows(shared: bool) -> None:
+    torch.manual_seed(3)
+    kw = dict(levels=5, features_per_level=3, log2_table_size=9, base_resolution=4, growth=2.0, region_size=400.0,
+              shared_table=shared)
+    dense, sparse = HashGridEncoding2D(**kw), HashGridEncoding2D(**kw, sparse_grad=True)
+    sparse.table.data.copy_(dense.table.data)
+    pts, g = torch.rand(61, 2) * 400, torch.randn(61, 15)
+    torch.testing.assert_close(sparse(pts), dense(pts))
+    (gd,) = torch.autograd.grad((dense(pts) * g).sum(), dense.table)
+    (gs,) = torch.autograd.grad((sparse(pts) * g).sum(), sparse.table)
+    assert gs.is_sparse and gs.is_coalesced() and gs.shape == dense.table.shape
+    torch.testing.assert_close(gs.to_dense(), gd, rtol=1e-5, atol=1e-6)
+    # one stored row per distinct touched row, independent of the formula: the rows the dense gradient reaches
+    # (plus rows whose contributions cancel exactly, which do not occur with random weights)
+    rows = gs._indices()
+    flat = rows[0] if shared else rows[0] * dense.table_size + rows[1]
+    touched = (gd.abs().sum(-1) > 0).reshape(-1).nonzero().flatten()
+    assert torch.equal(flat, touched)
+    assert gs._values().shape == (touched.numel(), 3)
+
+
+def test_sparse_gradient_trains_with_sparse_adam_on_touched_rows_only() -> None:
+    torch.manual_seed(4)
+    enc = HashGridEncoding2D(levels=3, features_per_level=2, log2_table_size=10, base_resolution=4, region_size=100.0,
+                             sparse_grad=True)
+    before = enc.table.detach().clone()
+    opt = torch.optim.SparseAdam([enc.table], lr=0.1)
+    pts = torch.rand(9, 2) * 100
+    target = torch.randn(9, 6)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((enc(pts) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    changed = (enc.table.detach() != before).any(-1)
+    touched = torch.zeros_like(changed)
+    touched[enc.table.grad.coalesce()._indices()[0]] = True
+    assert torch.equal(changed, touched) and 0 < int(changed.sum()) <= 3 * 4 * 9
+
+
+def test_sparse_gradient_needs_the_torch_backend() -> None:
+    with pytest.raises(ValueError, match="sparse_grad"):
+        HashGridEncoding2D(levels=2, features_per_level=2, log2_table_size=8, backend="tcnn", sparse_grad=True)
