@@ -41,6 +41,12 @@ _DELEGATED: dict[str, tuple[str, str]] = {
               "benchmark sweep: models x tasks x settings through terratorch fit + test, CSV + leaderboard"),
     "s4-clouds": ("terratorch_eoplugins.analysis.s4_clouds",
                   "S4 cloud robustness: mIoU by cloud-cover ratio of the test series"),
+    "tsfusion-counterfactual": ("terratorch_eoplugins.analysis.tsfusion_counterfactual",
+                                "TS fusion: coordinate-swap counterfactual test with a bootstrap CI (algorithm 1)"),
+    "tsfusion-sensitivity": ("terratorch_eoplugins.analysis.tsfusion_sensitivity",
+                             "TS fusion: per-modality gradient sensitivity of a CropNet yield model"),
+    "tsfusion-tokenizers": ("terratorch_eoplugins.tasks.tsfusion_tokenizers",
+                            "TS fusion: train the image FSQ and time-series tokenizers on a CropNet tree"),
 }
 
 

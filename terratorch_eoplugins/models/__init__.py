@@ -15,6 +15,7 @@ _MODULES: tuple[str, ...] = (
     "s4",
     "lianet",
     "dunia",
+    "tsfusion",
 )
 
 _loaded = [importlib.import_module(f"terratorch_eoplugins.models.{name}") for name in _MODULES]

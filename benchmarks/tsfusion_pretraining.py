@@ -1,0 +1,168 @@
+"""TS fusion: does correlation pretraining help CropNet yield prediction? Pretrained vs from scratch, same budget.
+
+For each seed:
+
+1. pretrain :class:`~terratorch_eoplugins.tasks.tsfusion_pretrain.TSFusionPretrainTask` (tiny model) on the
+   (image, daily weather) pairs of the pretraining years (no yields are used), and measure the R^2 of weather
+   series *generated from images alone* against the truth on the held-out year;
+2. fine-tune :class:`~terratorch_eoplugins.tasks.tsfusion_cropnet.TSFusionCropNetTask` twice with the same
+   epochs, optimiser and data: from the pretrained encoder ("pretrained") and from a random encoder that
+   shares the pretrained run's tokenizers ("scratch", the paper's "S" rows, which also share TerraMind's
+   tokenizers); both with MP and/or MMP pooling;
+3. report the protocol's test-year (2020) metrics on yields: RMSE, R2 (Pearson r^2, MMST-ViT), R2_cod.
+
+Prints per-run rows and mean +- std over seeds, side by side, and writes them to ``--csv``.
+
+    python benchmarks/tsfusion_pretraining.py --world /tmp/tsf_demo     # demo world (writes it if missing)
+    python benchmarks/tsfusion_pretraining.py --size tiny --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEYS = ["weather_short", "weather_short_mask", "grid_mask", "time_mask", "grid_coords", "dates"]
+
+
+def _trainer(epochs: int, **kw):  # noqa: ANN202
+    import lightning.pytorch as pl
+
+    return pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0, **kw)
+
+
+def summarize(rows: list[dict], poolings: list[str]) -> None:
+    """Print mean +- std over seeds of each metric, scratch vs pretrained side by side, and the win count."""
+    print(f"{'pooling':8s} {'metric':12s} {'scratch':>18s} {'pretrained':>18s} {'wins':>6s}")
+    for pooling in poolings:
+        for metric in ("test_R2", "test_R2_cod", "test_RMSE", "val_R2"):
+            vals = {arm: np.array([r[metric] for r in rows if r["pooling"] == pooling and r["arm"] == arm])
+                    for arm in ("scratch", "pretrained")}
+            better = vals["pretrained"] < vals["scratch"] if metric.endswith("RMSE") else \
+                vals["pretrained"] > vals["scratch"]
+            print(f"{pooling:8s} {metric:12s} " + " ".join(
+                f"{vals[a].mean():8.3f} +- {vals[a].std():6.3f}" for a in ("scratch", "pretrained"))
+                + f" {int(better.sum())}/{len(better)}")
+    gens = [r["gen_r2"] for r in rows if r["arm"] == "pretrained" and r["pooling"] == poolings[0]]
+    print(f"generated weather R2 (image only, held-out year): {np.mean(gens):.3f} +- {np.std(gens):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", default=None, help="folder holding CropNet/ (written with --size if missing)")
+    p.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    p.add_argument("--crop", default="Corn")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pooling", nargs="+", default=["mmp", "mp"], choices=["mp", "mmp"])
+    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=12)
+    p.add_argument("--before", type=int, default=14, help="weather days before the image (paper: 29)")
+    p.add_argument("--after", type=int, default=5, help="weather days after the image (paper: 10)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--max-dates", type=int, default=6)
+    p.add_argument("--tokenizer-steps", type=int, default=150)
+    p.add_argument("--samples-per-county", type=int, default=8, help="(grid, date) samples pooled per county in training")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--csv", default="benchmarks/results/tsfusion_pretraining.csv")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aggregate", nargs="+", default=None,
+                   help="only summarise the given CSV files of earlier runs (e.g. one process per seed)")
+    args = p.parse_args(argv)
+    if args.aggregate:
+        rows = []
+        for path in args.aggregate:
+            with open(path, newline="") as f:
+                for r in csv.DictReader(f):
+                    rows.append({k: (v if k in ("pooling", "arm") else float(v)) for k, v in r.items()})
+        summarize(rows, sorted({r["pooling"] for r in rows}, reverse=True))
+        return 0
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("terratorch_eoplugins").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    import lightning.pytorch as pl
+
+    from terratorch_eoplugins.datamodules.cropnet import CropNetDataModule
+    from terratorch_eoplugins.datamodules.tsfusion import TSFusionPretrainDataModule
+    from terratorch_eoplugins.tasks.tsfusion_cropnet import TSFusionCropNetTask
+    from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask
+
+    world = Path(args.world) if args.world else Path(tempfile.mkdtemp(prefix="tsfusion_world_"))
+    if not (world / "CropNet").is_dir():
+        from terratorch_eoplugins.synthetic import write_world
+
+        write_world(world, size=args.size, seed=0, products=["cropnet"])
+    root = world / "CropNet"
+    shared = dict(before=args.before, after=args.after, image_size=args.image_size, tokenizer_steps=args.tokenizer_steps)
+    pre_dm = TSFusionPretrainDataModule(root, split_years={"train": (2021, 2022), "val": (2020,), "test": (2020,)},
+                                        before=args.before, after=args.after, image_size=args.image_size,
+                                        batch_size=32, max_pairs=None)
+    ft_dm = CropNetDataModule(root, crop=args.crop, grid_aggregation="none", normalize=False, standardize_label=True,
+                              long_term_years=0, batch_size=4, batch_keys=KEYS, image_size=args.image_size,
+                              max_dates=args.max_dates)
+    rows = []
+    t_all = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="tsfusion_bench_"))
+    for seed in args.seeds:
+        pl.seed_everything(seed, verbose=False)
+        t0 = time.time()
+        pre = TSFusionPretrainTask(lr=args.pretrain_lr, input_budget=48, target_budget=48, generate_batches=2,
+                                   **shared)
+        tr = _trainer(args.pretrain_epochs, limit_val_batches=0)
+        tr.fit(pre, pre_dm)
+        ckpt = tmp / f"pretrain_seed{seed}.ckpt"
+        tr.save_checkpoint(ckpt)
+        gen = _trainer(1)
+        res = gen.test(pre, pre_dm, verbose=False)[0]
+        t_pre = time.time() - t0
+        print(f"seed {seed}: pretrain {t_pre:.0f}s  test loss {res['test/loss']:.3f}  generated-weather R2 "
+              f"{res.get('test/gen_r2', float('nan')):.3f} (tavg {res.get('test/gen_r2_tavg', float('nan')):.3f}, "
+              f"precip {res.get('test/gen_r2_precip', float('nan')):.3f})", flush=True)
+        for pooling in args.pooling:
+            for arm in ("scratch", "pretrained"):
+                pl.seed_everything(seed, verbose=False)
+                t1 = time.time()
+                task = TSFusionCropNetTask(pooling=pooling, lr=args.finetune_lr,
+                                           pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
+                                           tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
+                                           **shared)
+                tr = _trainer(args.finetune_epochs)
+                tr.fit(task, ft_dm)
+                val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
+                test = tr.test(task, ft_dm, verbose=False)[0]
+                row = {"seed": seed, "pooling": pooling, "arm": arm, "gen_r2": res.get("test/gen_r2", float("nan")),
+                       "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
+                       "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
+                       "test_r": test.get("test/r", float("nan")), "test_R2_cod": test.get("test/R2_cod", float("nan")),
+                       "seconds": time.time() - t1}
+                rows.append(row)
+                print(f"  {pooling:3s} {arm:10s} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
+                      f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
+    print(f"\n{args.crop}, {len(args.seeds)} seeds, {args.pretrain_epochs} pretraining / {args.finetune_epochs} "
+          f"fine-tuning epochs, total {time.time() - t_all:.0f}s")
+    summarize(rows, args.pooling)
+    if args.csv:
+        out = Path(args.csv)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

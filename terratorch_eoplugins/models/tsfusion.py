@@ -1,0 +1,671 @@
+"""TerraMind-style correlation model for quantized time series + image tokens (Basile et al., 2025).
+
+Paper: "Task-agnostic fusion of time series and imagery for Earth observation" (arXiv 2510.23118).
+
+* **Correlation learning** (section 3.3): a transformer encoder ``E_corr`` over a concatenation of
+  randomly sampled tokens of every modality (token embedding + learned modality embedding + learned
+  1-D / 2-D position embedding, appendix A.1 "Learned positional embeddings were applied to both
+  images (2D) and sequences (1D)"), and a decoder with cross-attention that predicts the target
+  tokens under cross-entropy, averaged over modalities (appendix A.1, the ``mod`` loss).
+* **Decoder inputs** follow TerraMind / 4M: image-like targets are queried by a mask token plus
+  position and modality embeddings, and decoder self-attention stays within a modality
+  (``decoder_sep_mask``); sequence modalities (weather, coordinates) decode *causally*
+  (section 4, "the decoder operates in an autoregressive manner, using a causal attention mask"):
+  the query of a target position also carries the embedding of the previous target token of the
+  same modality (teacher forcing), and attention is causal within the modality.
+* **Token budgets** (section 4, Eq. 3 and appendix A.1): input and target budgets are split over
+  modalities by independent Dirichlet draws ``p ~ Dir(alpha)`` (``alpha = 0.5`` for the balanced
+  mixtures), scaled by ``N_in`` / ``N_tgt``, floored and clamped to each modality's token count
+  (:func:`sample_token_budgets`); targets are drawn from the tokens not given as input
+  (:func:`sample_token_masks`). Eq. 3 factorises over image and time-series modalities; one joint
+  Dirichlet over the concatenated modality list with the per-modality ``alpha`` is what the
+  appendix describes ("α = 0.5 for both input and target") and is what is implemented.
+* **Generation** (:meth:`TSFusionModel.generate`): a weather series from an image (and optional
+  coordinates), token by token for sequence modalities, in one pass for image modalities.
+* **Downstream** (appendix A.2): :class:`TSFusionRegressor` encodes every (grid, time) sample,
+  pools with mean pooling (MP) or modality mean pooling (MMP, section 4 formula for
+  ``z_modality``) over tokens, grids and dates, and predicts with :class:`TSFusionHead`,
+  ``y = MLP(z) + 0.1 W_r z``.
+
+The transformer blocks are terratorch's TerraMind blocks (``terramind.model.tm_utils.Block`` and
+``DecoderBlock``: SwiGLU-gated MLP, no qkv bias, LayerNorm eps 1e-6 without bias, appendix A.1),
+so the layer structure and mask convention (``True`` = do not attend) match TerraMind. TerraMind's
+own ``TerraMindViT`` embedding layers are not reused: they are tied to TerraMind's modality table
+(image patches of 16 px, captions/coordinates as 30K-vocabulary text) and have no weather modality.
+
+Registered in terratorch: backbones ``tsfusion_base`` (12 + 12 layers, dim 768, 12 heads, as the
+paper) and ``tsfusion_tiny`` (2 + 2 layers, dim 64; tests and CPU runs); decoder ``tsfusion_head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from terratorch.models.backbones.terramind.model.tm_utils import Block, DecoderBlock, LayerNorm
+from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
+from torch import Tensor, nn
+
+__all__ = [
+    "ModalitySpec",
+    "TSFusionModel",
+    "TSFusionHead",
+    "TSFusionRegressor",
+    "sample_token_budgets",
+    "sample_token_masks",
+    "pool_tokens",
+    "ordinal_emd",
+    "default_modalities",
+    "tsfusion_base",
+    "tsfusion_tiny",
+    "tsfusion_head",
+]
+
+REGISTERED = {"backbone": ["tsfusion_base", "tsfusion_tiny"], "decoder": ["tsfusion_head"]}
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One token modality.
+
+    Attributes:
+        name: modality key (e.g. ``image``, ``weather_tavg``, ``coords``).
+        kind: ``image`` (2-D token grid, parallel decoding) or ``seq`` (1-D sequence, causal decoding).
+        vocab_size: number of token ids (including special tokens of the tokenizer).
+        num_tokens: tokens per sample (``h * w`` for images, the sequence length otherwise).
+        group: pooling group of MMP (``image`` or ``weather``; default: ``name``).
+        ordinal: number of leading token ids that are ordered bins (uniform / quantile weather tokens); they get
+            the ordinal EMD loss of appendix A.1 in addition to cross-entropy. 0: not ordinal.
+    """
+
+    name: str
+    kind: Literal["image", "seq"]
+    vocab_size: int
+    num_tokens: int
+    group: str | None = None
+    ordinal: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("image", "seq"):
+            raise ValueError(f"modality {self.name!r}: kind must be 'image' or 'seq', got {self.kind!r}")
+        if self.vocab_size < 2 or self.num_tokens < 1:
+            raise ValueError(f"modality {self.name!r}: vocab_size must be >= 2 and num_tokens >= 1, got "
+                             f"{self.vocab_size} and {self.num_tokens}")
+
+    @property
+    def pool_group(self) -> str:
+        return self.group or self.name
+
+
+def _as_specs(modalities: Sequence[ModalitySpec | Mapping[str, Any]]) -> list[ModalitySpec]:
+    specs = [m if isinstance(m, ModalitySpec) else ModalitySpec(**dict(m)) for m in modalities]
+    if not specs:
+        raise ValueError("modalities must not be empty")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"modality names must be unique, got {names}")
+    return specs
+
+
+def default_modalities(image_tokens: int = 196, image_vocab: int = 15360, weather_len: int = 40,
+                       weather_vocab: int = 504, weather: Sequence[str] = ("tavg", "tmax", "tmin", "precip"),
+                       coords_vocab: int = 2160) -> list[ModalitySpec]:
+    """Paper-like defaults: a 14 x 14 TerraMind-size image token map (vocabulary 15360), daily weather
+    windows of 40 days (29 before + acquisition day + 10 after, section 4) per variable, and the grid
+    centre as two coordinate tokens on a 0.25 degree grid (appendix A.1: 720 latitude + 1440 longitude bins)."""
+    mods = [ModalitySpec("image", "image", image_vocab, image_tokens, "image")]
+    mods += [ModalitySpec(f"weather_{v}", "seq", weather_vocab, weather_len, "weather") for v in weather]
+    if coords_vocab:
+        mods.append(ModalitySpec("coords", "seq", coords_vocab, 2, "coords"))
+    return mods
+
+
+# ------------------------------------------------------------------------------ token sampling
+def sample_token_budgets(alphas: Tensor, budget: int, limits: Tensor, batch_size: int,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample token counts of each modality: ``floor(p * budget)`` clamped to ``limits``, ``p ~ Dir(alphas)``.
+
+    Appendix A.1: "Budgets of N_in = 128 and N_tgt = 128 tokens were allocated by scaling Dirichlet
+    samples, flooring, and clamping to modality-specific limits". Dirichlet draws are normalised
+    Gamma(alpha, 1) draws.
+
+    Args:
+        alphas: ``[M]`` concentrations (> 0).
+        budget: total tokens ``N`` to allocate (>= 0).
+        limits: ``[M]`` or ``[B, M]`` maximum tokens per modality.
+        batch_size: number of samples ``B``.
+        generator: optional torch generator.
+
+    Returns:
+        ``[B, M]`` long tensor with ``sum <= budget`` and ``0 <= n <= limits``.
+    """
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    if alphas.ndim != 1 or not bool((alphas > 0).all()):
+        raise ValueError(f"alphas must be a 1-D tensor of positive concentrations, got {alphas.tolist()}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    limits = torch.as_tensor(limits)
+    if limits.shape[-1] != alphas.numel():
+        raise ValueError(f"limits has {limits.shape[-1]} modalities but alphas has {alphas.numel()}")
+    gam = torch._standard_gamma(alphas.expand(batch_size, -1).contiguous()) if generator is None else \
+        _gamma_with_generator(alphas, batch_size, generator)
+    p = gam / gam.sum(-1, keepdim=True).clamp_min(1e-300)
+    p = torch.nan_to_num(p, nan=1.0 / alphas.numel())
+    n = torch.floor(p * budget).long()
+    return torch.minimum(n, limits.to(n.device).long().expand_as(n))
+
+
+def _gamma_with_generator(alphas: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Gamma(alpha, 1) via Marsaglia-Tsang with a boost for alpha < 1 (reproducible with ``generator``)."""
+    a = alphas.expand(batch_size, -1)
+    boost = a < 1
+    d = torch.where(boost, a + 1, a) - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.zeros_like(a)
+    todo = torch.ones_like(a, dtype=torch.bool)
+    for _ in range(1000):
+        if not bool(todo.any()):
+            break
+        x = torch.randn(a.shape, generator=generator, dtype=torch.float64)
+        v = (1 + c * x) ** 3
+        u = torch.rand(a.shape, generator=generator, dtype=torch.float64)
+        ok = (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * x**2 + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        new = todo & ok
+        out = torch.where(new, d * v, out)
+        todo = todo & ~ok
+    u = torch.rand(a.shape, generator=generator, dtype=torch.float64)
+    return torch.where(boost, out * u.clamp_min(1e-300) ** (1.0 / a), out)
+
+
+def sample_token_masks(n_input: Tensor, n_target: Tensor, num_tokens: Sequence[int],
+                       generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Random disjoint input / target masks per modality from per-sample counts.
+
+    For modality ``m`` of ``N_m`` tokens, a random permutation of its positions is drawn per sample;
+    the first ``n_input[:, m]`` positions are inputs, the next ``min(n_target, N_m - n_input)`` are
+    targets (4M / TerraMind: targets are the tokens the encoder does not see).
+
+    Returns:
+        ``(inputs, targets)``: lists of ``[B, N_m]`` bool masks.
+    """
+    if n_input.shape != n_target.shape or n_input.shape[1] != len(num_tokens):
+        raise ValueError(f"n_input {tuple(n_input.shape)} and n_target {tuple(n_target.shape)} must be "
+                         f"[B, {len(num_tokens)}]")
+    b = n_input.shape[0]
+    ins, tgts = [], []
+    for m, n_m in enumerate(num_tokens):
+        scores = torch.rand(b, n_m, generator=generator)
+        rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each position in a random permutation
+        k_in = n_input[:, m:m + 1].clamp(0, n_m)
+        k_tg = torch.minimum(n_target[:, m:m + 1].clamp_min(0), n_m - k_in)
+        ins.append(rank < k_in)
+        tgts.append((rank >= k_in) & (rank < k_in + k_tg))
+    return ins, tgts
+
+
+def _pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the ``True`` entries of ``mask [B, N]`` first (original order kept), padded; and validity."""
+    n = int(mask.sum(1).max().item()) if mask.numel() else 0
+    n = max(n, 1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    valid = torch.gather(mask, 1, order)
+    return order, valid
+
+
+# --------------------------------------------------------------------------------------- model
+class TSFusionModel(nn.Module):
+    """Encoder-decoder correlation model over image and time-series tokens (section 3.3).
+
+    Args:
+        modalities: :class:`ModalitySpec` list (or dicts of its fields).
+        dim: embedding width.
+        encoder_depth, decoder_depth: transformer layers.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden ratio (SwiGLU, so the hidden width is ``2/3`` of it, as TerraMind).
+        with_decoder: build the decoder (pretraining / generation); fine-tuning drops it (appendix A.2).
+        drop_path: stochastic depth rate (0 in pretraining, appendix A.1).
+    """
+
+    def __init__(self, modalities: Sequence[ModalitySpec | Mapping[str, Any]], dim: int = 768,
+                 encoder_depth: int = 12, decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 with_decoder: bool = True, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.specs = _as_specs(modalities)
+        self.names = [s.name for s in self.specs]
+        self.dim = dim
+        self.out_channels = [dim]
+        norm = partial(LayerNorm, eps=1e-6, bias=False)
+        block = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, proj_bias=False, mlp_bias=False,
+                     act_layer=nn.SiLU, norm_layer=norm, gated_mlp=True)
+        self.enc_tok = nn.ModuleDict({s.name: nn.Embedding(s.vocab_size, dim) for s in self.specs})
+        self.enc_pos = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(s.num_tokens, dim)) for s in self.specs})
+        self.enc_mod = nn.Parameter(torch.zeros(len(self.specs), dim))
+        self.encoder = nn.ModuleList([Block(dim, drop_path=drop_path, **block) for _ in range(encoder_depth)])
+        self.enc_norm = norm(dim)
+        self.with_decoder = with_decoder
+        if with_decoder:
+            self.dec_tok = nn.ModuleDict({s.name: nn.Embedding(s.vocab_size, dim) for s in self.specs
+                                          if s.kind == "seq"})
+            self.dec_pos = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(s.num_tokens, dim)) for s in self.specs})
+            self.dec_mod = nn.Parameter(torch.zeros(len(self.specs), dim))
+            self.mask_token = nn.Parameter(torch.zeros(dim))
+            self.context_proj = nn.Linear(dim, dim)
+            self.decoder = nn.ModuleList([DecoderBlock(dim, **block) for _ in range(decoder_depth)])
+            self.dec_norm = norm(dim)
+            self.heads = nn.ModuleDict({s.name: nn.Linear(dim, s.vocab_size) for s in self.specs})
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """MAE-style init (appendix A.1): xavier-uniform linears, N(0, 0.02) embeddings."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for p in [*self.enc_pos.values(), self.enc_mod]:
+            nn.init.normal_(p, std=0.02)
+        if self.with_decoder:
+            for p in [*self.dec_pos.values(), self.dec_mod, self.mask_token]:
+                nn.init.normal_(p, std=0.02)
+
+    # ------------------------------------------------------------------ helpers
+    def spec(self, name: str) -> ModalitySpec:
+        return self.specs[self.names.index(name)]
+
+    def _check_tokens(self, tokens: Mapping[str, Tensor]) -> None:
+        for name, t in tokens.items():
+            if name not in self.names:
+                raise KeyError(f"unknown modality {name!r}; the model has {self.names}")
+            s = self.spec(name)
+            if t.ndim != 2 or t.shape[1] != s.num_tokens:
+                raise ValueError(f"tokens[{name!r}] must be [B, {s.num_tokens}], got {tuple(t.shape)}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= s.vocab_size):
+                raise ValueError(f"tokens[{name!r}] must be ids in [0, {s.vocab_size}), got range "
+                                 f"[{int(t.min())}, {int(t.max())}]")
+
+    def embed(self, tokens: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Encoder embeddings of all tokens ``[B, N, D]`` (modality order of the model) and modality ids ``[N]``."""
+        self._check_tokens(tokens)
+        parts, ids = [], []
+        for i, s in enumerate(self.specs):
+            if s.name not in tokens:
+                continue
+            parts.append(self.enc_tok[s.name](tokens[s.name]) + self.enc_pos[s.name] + self.enc_mod[i])
+            ids.append(torch.full((s.num_tokens,), i, dtype=torch.long))
+        if not parts:
+            raise ValueError(f"no token of any modality given; expected some of {self.names}")
+        return torch.cat(parts, 1), torch.cat(ids).to(parts[0].device)
+
+    def run_encoder(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Encoder blocks over embeddings ``x [B, N, D]``; ``valid [B, N]`` masks padding keys."""
+        mask = None
+        if valid is not None and not bool(valid.all()):
+            n = x.shape[1]
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            mask = ~(valid[:, None, :] | eye[None])  # True = do not attend (TerraMind convention)
+        for blk in self.encoder:
+            x = blk(x, mask)
+        return self.enc_norm(x)
+
+    def encode(self, tokens: Mapping[str, Tensor], input_masks: Mapping[str, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode the (selected) tokens.
+
+        Returns:
+            ``(z [B, n, D], modality ids [B, n], valid [B, n])``; without ``input_masks`` every token is
+            encoded, ``n = N`` and ``valid`` is all ``True``.
+        """
+        x, ids = self.embed(tokens)
+        b = x.shape[0]
+        ids = ids[None].expand(b, -1)
+        if input_masks is None:
+            valid = torch.ones(ids.shape, dtype=torch.bool, device=x.device)
+            return self.run_encoder(x), ids, valid
+        mask = torch.cat([input_masks[s.name] for s in self.specs if s.name in tokens], 1)
+        order, valid = _pack(mask)
+        x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
+        return self.run_encoder(x, valid), torch.gather(ids, 1, order), valid
+
+    def forward(self, x: Mapping[str, Tensor], **kwargs: Any) -> list[Tensor]:
+        """terratorch backbone contract: ``{modality: tokens [B, N_m]}`` -> ``[z [B, N, D]]`` (all tokens encoded)."""
+        if not isinstance(x, Mapping):
+            raise TypeError("TSFusionModel expects a dict {modality: LongTensor[B, N_m]} of token ids, got "
+                            f"{type(x).__name__}")
+        return [self.encode(x)[0]]
+
+    # ------------------------------------------------------------------ decoder
+    def _decoder_queries(self, targets: Mapping[str, Tensor], target_masks: Mapping[str, Tensor]
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Packed decoder queries ``[B, n, D]``, their modality ids, target ids, validity and positions."""
+        parts, ids, tok, pos, masks = [], [], [], [], []
+        for i, s in enumerate(self.specs):
+            if s.name not in target_masks:
+                continue
+            t = targets[s.name]
+            b = t.shape[0]
+            q = self.mask_token + self.dec_pos[s.name] + self.dec_mod[i]
+            q = q[None].expand(b, -1, -1)
+            if s.kind == "seq":
+                # previous *target* token of the same modality (targets are in time order): teacher forcing
+                m = target_masks[s.name]
+                idx = torch.arange(s.num_tokens, device=t.device)[None].expand(b, -1)
+                last = torch.where(m, idx, torch.full_like(idx, -1))
+                prev_pos = torch.cummax(last, dim=1).values  # last target position <= p
+                prev_pos = torch.cat([torch.full_like(prev_pos[:, :1], -1), prev_pos[:, :-1]], 1)  # < p
+                has_prev = prev_pos >= 0
+                prev_tok = torch.gather(t, 1, prev_pos.clamp_min(0))
+                q = q + self.dec_tok[s.name](prev_tok) * has_prev[..., None]
+            parts.append(q)
+            ids.append(torch.full((b, s.num_tokens), i, dtype=torch.long, device=t.device))
+            tok.append(t)
+            pos.append(torch.arange(s.num_tokens, device=t.device)[None].expand(b, -1))
+            masks.append(target_masks[s.name])
+        q, ids, tok, pos, mask = (torch.cat(v, 1) for v in (parts, ids, tok, pos, masks))
+        order, valid = _pack(mask)
+        q = torch.gather(q, 1, order[..., None].expand(-1, -1, q.shape[-1]))
+        return q, torch.gather(ids, 1, order), torch.gather(tok, 1, order), valid, torch.gather(pos, 1, order)
+
+    def run_decoder(self, q: Tensor, q_ids: Tensor, q_valid: Tensor, context: Tensor, c_valid: Tensor) -> Tensor:
+        """Decoder blocks: self-attention within a modality (causal for ``seq`` modalities), cross-attention
+        to the valid encoder tokens; returns the normalised decoder states ``[B, n, D]``."""
+        n = q.shape[1]
+        is_seq = torch.tensor([s.kind == "seq" for s in self.specs], device=q.device)[q_ids]  # [B, n]
+        same = q_ids[:, :, None] == q_ids[:, None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None]
+        allowed = same & q_valid[:, None, :] & (causal | ~is_seq[:, :, None])
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=q.device)[None]
+        sa_mask = ~allowed
+        xa_allowed = c_valid[:, None, :].expand(-1, n, -1)
+        xa_mask = ~xa_allowed
+        ctx = self.context_proj(context)
+        for blk in self.decoder:
+            q = blk(q, ctx, sa_mask, xa_mask)
+        return self.dec_norm(q)
+
+    def correlation_loss(self, tokens: Mapping[str, Tensor], input_masks: Mapping[str, Tensor],
+                         target_masks: Mapping[str, Tensor], emd_weight: float = 0.0) -> dict[str, Tensor]:
+        """Modality-averaged cross-entropy of the target tokens (section 3.3, appendix A.1 ``mod`` loss).
+
+        With ``emd_weight > 0``, modalities with ordinal tokens (``ModalitySpec.ordinal``) add
+        ``emd_weight`` times the ordinal earth mover's distance (appendix A.1, "additional ordinal EMD loss for
+        weather tokens"), :func:`ordinal_emd`.
+
+        Returns ``{"loss": ..., "loss_<modality>": ..., "acc_<modality>": ...}`` for modalities with targets.
+        """
+        if not self.with_decoder:
+            raise RuntimeError("this TSFusionModel was built with with_decoder=False (fine-tuning encoder)")
+        for name, m in input_masks.items():
+            if name in target_masks and bool((m & target_masks[name]).any()):
+                raise ValueError(f"modality {name!r}: input and target masks overlap")
+        ctx, _, c_valid = self.encode(tokens, input_masks)
+        q, q_ids, q_tok, q_valid, _ = self._decoder_queries(tokens, target_masks)
+        h = self.run_decoder(q, q_ids, q_valid, ctx, c_valid)
+        out: dict[str, Tensor] = {}
+        losses = []
+        for i, s in enumerate(self.specs):
+            sel = q_valid & (q_ids == i)
+            if not bool(sel.any()):
+                continue
+            logits = self.heads[s.name](h[sel])
+            ce = F.cross_entropy(logits, q_tok[sel])
+            out[f"loss_{s.name}"] = ce
+            out[f"acc_{s.name}"] = (logits.argmax(-1) == q_tok[sel]).float().mean()
+            if emd_weight > 0 and s.ordinal > 0:
+                emd = ordinal_emd(logits, q_tok[sel], s.ordinal)
+                out[f"emd_{s.name}"] = emd
+                ce = ce + emd_weight * emd
+            losses.append(ce)
+        if not losses:
+            raise ValueError("no target token in the batch: every target budget was 0")
+        out["loss"] = torch.stack(losses).mean()
+        return out
+
+    @torch.no_grad()
+    def generate(self, tokens: Mapping[str, Tensor], target: str | Sequence[str], temperature: float = 0.0,
+                 generator: torch.Generator | None = None, banned_ids: Sequence[int] = ()
+                 ) -> Tensor | dict[str, Tensor]:
+        """Generate all tokens of modality ``target`` (or of several) from the given modalities.
+
+        Every given token is input. Sequence modalities are decoded autoregressively (one position per
+        step under the causal mask); image modalities in one parallel pass. Several targets are decoded
+        together: decoder self-attention never crosses modalities, so this equals decoding them one by
+        one. ``temperature = 0`` is greedy; ``banned_ids`` (e.g. a tokenizer's [PAD]/[EOS]/[NULL]) are
+        never produced.
+
+        Returns:
+            ``[B, N_target]`` token ids, or a dict of them when ``target`` is a list.
+        """
+        names = [target] if isinstance(target, str) else list(target)
+        clash = [n for n in names if n in tokens]
+        if clash:
+            raise ValueError(f"target modalities {clash} must not be among the inputs {list(tokens)}")
+        specs = [self.spec(n) for n in names]
+        ctx, _, c_valid = self.encode(tokens)
+        b = ctx.shape[0]
+        out = {s.name: torch.zeros(b, s.num_tokens, dtype=torch.long, device=ctx.device) for s in specs}
+        steps = max(s.num_tokens if s.kind == "seq" else 1 for s in specs)
+        for p in range(steps):
+            masks = {}
+            for s in specs:
+                m = torch.zeros(b, s.num_tokens, dtype=torch.bool, device=ctx.device)
+                m[:, : (min(p, s.num_tokens - 1) + 1) if s.kind == "seq" else s.num_tokens] = True
+                masks[s.name] = m
+            q, q_ids, _, q_valid, q_pos = self._decoder_queries(out, masks)
+            h = self.run_decoder(q, q_ids, q_valid, ctx, c_valid)
+            for i, s in enumerate(self.specs):
+                if s.name not in out or (s.kind == "seq" and p >= s.num_tokens) or (s.kind == "image" and p > 0):
+                    continue
+                sel = q_valid & (q_ids == i) & ((q_pos == p) if s.kind == "seq" else True)
+                logits = self.heads[s.name](h[sel])
+                if banned_ids:
+                    logits[..., list(banned_ids)] = float("-inf")
+                picked = _pick(logits, temperature, generator)
+                if s.kind == "seq":
+                    out[s.name][:, p] = picked
+                else:
+                    out[s.name] = picked.reshape(b, s.num_tokens)
+        return out[names[0]] if isinstance(target, str) else out
+
+
+def ordinal_emd(logits: Tensor, target: Tensor, num_ordinal: int) -> Tensor:
+    """Ordinal earth mover's distance between ``softmax(logits)`` and one-hot targets over the first
+    ``num_ordinal`` (ordered bin) ids: ``mean_k |CDF_p(k) - 1[k >= t]|`` averaged over targets with an ordinal id
+    (special tokens after the bins are left to cross-entropy)."""
+    ok = target < num_ordinal
+    if not bool(ok.any()):
+        return logits.new_zeros(())
+    p = torch.softmax(logits[ok].float(), -1)[:, :num_ordinal]
+    cdf = p.cumsum(-1)
+    k = torch.arange(num_ordinal, device=logits.device)
+    step = (k[None] >= target[ok][:, None]).float()
+    return (cdf - step).abs().mean()
+
+
+def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------- downstream
+class TSFusionHead(nn.Module):
+    """Prediction head of appendix A.2: ``y = MLP(z) + residual_scale * W_r z`` (``residual_scale = 0.1``).
+
+    Args:
+        in_dim: width of the pooled representation ``z``.
+        num_outputs: outputs (1: log yield).
+        hidden_dim: MLP hidden width.
+        dropout: dropout inside the MLP (appendix A.2 fine-tuning: 0.25).
+        residual_scale: scale of the linear residual path.
+    """
+
+    def __init__(self, in_dim: int, num_outputs: int = 1, hidden_dim: int = 256, dropout: float = 0.25,
+                 residual_scale: float = 0.1) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, num_outputs))
+        self.residual = nn.Linear(in_dim, num_outputs, bias=False)
+        self.residual_scale = float(residual_scale)
+        self.out_channels = num_outputs
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.mlp(z) + self.residual_scale * self.residual(z)
+
+
+def pool_tokens(z: Tensor, groups: Tensor, mode: Literal["mp", "mmp"], num_groups: int) -> Tensor:
+    """Pool token embeddings of one (grid, time) sample: ``z [S, N, D]``, ``groups [N]`` (pooling group id).
+
+    * ``mp``: mean over all tokens -> ``[S, D]``.
+    * ``mmp``: mean within each group, concatenated in group order -> ``[S, num_groups * D]`` (section 4).
+    """
+    if mode == "mp":
+        return z.mean(1)
+    if mode != "mmp":
+        raise ValueError(f"pooling must be 'mp' or 'mmp', got {mode!r}")
+    parts = []
+    for g in range(num_groups):
+        sel = groups == g
+        if not bool(sel.any()):
+            raise ValueError(f"modality mean pooling: no token of pooling group {g}")
+        parts.append(z[:, sel].mean(1))
+    return torch.cat(parts, -1)
+
+
+class TSFusionRegressor(nn.Module):
+    """County-level regression (appendix A.2 / Fig. 4): encoder per (grid, time) sample, MP or MMP over the
+    tokens, mean over the county's valid grids and dates, :class:`TSFusionHead`.
+
+    ``forward(tokens, valid)``: ``tokens[m]`` is ``[B, S, N_m]`` (``S = T * G`` samples per county),
+    ``valid [B, S]`` marks real (not padded) samples. Returns ``[B, num_outputs]``.
+    """
+
+    def __init__(self, encoder: TSFusionModel, pooling: Literal["mp", "mmp"] = "mmp", num_outputs: int = 1,
+                 hidden_dim: int = 256, dropout: float = 0.25, residual_scale: float = 0.1,
+                 modalities: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if pooling not in ("mp", "mmp"):
+            raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.modalities = list(modalities) if modalities is not None else list(encoder.names)
+        unknown = [m for m in self.modalities if m not in encoder.names]
+        if unknown:
+            raise ValueError(f"modalities {unknown} are not in the encoder's {encoder.names}")
+        ordered = [s for s in encoder.specs if s.name in self.modalities]
+        self.group_names = list(dict.fromkeys(s.pool_group for s in ordered))
+        gid = []
+        for s in ordered:
+            gid += [self.group_names.index(s.pool_group)] * s.num_tokens
+        self.register_buffer("token_groups", torch.tensor(gid, dtype=torch.long), persistent=False)
+        width = encoder.dim * (len(self.group_names) if pooling == "mmp" else 1)
+        self.head = TSFusionHead(width, num_outputs, hidden_dim, dropout, residual_scale)
+
+    def embed_samples(self, tokens: Mapping[str, Tensor]) -> Tensor:
+        """Encoder input embeddings ``[B*S, N, D]`` (exposed for gradient sensitivity)."""
+        flat = {m: tokens[m].reshape(-1, tokens[m].shape[-1]) for m in self.modalities}
+        return self.encoder.embed(flat)[0]
+
+    def forward_embeddings(self, x: Tensor, valid: Tensor) -> Tensor:
+        """Prediction from encoder input embeddings ``x [B*S, N, D]`` and ``valid [B, S]``."""
+        b, s = valid.shape
+        z = self.encoder.run_encoder(x)
+        pooled = pool_tokens(z, self.token_groups, self.pooling, len(self.group_names)).reshape(b, s, -1)
+        w = valid.to(pooled.dtype)[..., None]
+        county = (pooled * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return self.head(county)
+
+    def forward(self, tokens: Mapping[str, Tensor], valid: Tensor) -> Tensor:
+        missing = [m for m in self.modalities if m not in tokens]
+        if missing:
+            raise KeyError(f"tokens lack modalities {missing}")
+        if not bool(valid.any(1).all()):
+            raise ValueError("every county needs at least one valid (grid, date) sample; a county with no grids "
+                             "cannot be predicted")
+        return self.forward_embeddings(self.embed_samples(tokens), valid)
+
+
+# -------------------------------------------------------------------------------- registration
+def _build(dim: int, encoder_depth: int, decoder_depth: int, num_heads: int, modalities: Any, pretrained: bool,
+           ckpt_path: str | None, **kwargs: Any) -> TSFusionModel:
+    mods = default_modalities() if modalities is None else modalities
+    model = TSFusionModel(mods, dim=dim, encoder_depth=encoder_depth, decoder_depth=decoder_depth,
+                          num_heads=num_heads, **kwargs)
+    if pretrained and not ckpt_path:
+        raise ValueError("no public TS-fusion weights exist: pass ckpt_path to a tsfusion pretraining checkpoint "
+                         "(or pretrained: false)")
+    if ckpt_path:
+        load_tsfusion_weights(model, ckpt_path)
+    return model
+
+
+def load_tsfusion_weights(model: TSFusionModel, path: str, strict_encoder: bool = True) -> list[str]:
+    """Load the correlation model weights of a pretraining checkpoint (``torch.load(weights_only=True)``).
+
+    Accepts a Lightning checkpoint (``state_dict`` with ``model.`` prefixes) or a plain state dict.
+    Decoder weights are skipped when ``model`` has no decoder. Returns the loaded key names.
+    """
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint with 'state_dict'")
+    prefix = "model."
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
+    own = model.state_dict()
+    sub = {k: v for k, v in sub.items() if k in own}
+    enc_keys = [k for k in own if k.startswith(("enc_", "encoder."))]
+    missing = [k for k in enc_keys if k not in sub]
+    if strict_encoder and missing:
+        raise ValueError(f"{path}: checkpoint lacks encoder weights {missing[:5]} (is it a tsfusion pretraining "
+                         "checkpoint?)")
+    bad = [k for k, v in sub.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch for {bad[:5]} (e.g. {bad[0]}: checkpoint "
+                         f"{tuple(sub[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}); use the same "
+                         "modalities, tokenizers and model size as in pretraining")
+    model.load_state_dict(sub, strict=False)
+    return sorted(sub)
+
+
+@TERRATORCH_BACKBONE_REGISTRY.register
+def tsfusion_base(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
+                  **kwargs: Any) -> TSFusionModel:
+    """Paper size (appendix A.1): 12 encoder + 12 decoder layers, dim 768, 12 heads, SwiGLU."""
+    return _build(768, 12, 12, 12, modalities, pretrained, ckpt_path, **kwargs)
+
+
+@TERRATORCH_BACKBONE_REGISTRY.register
+def tsfusion_tiny(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
+                  **kwargs: Any) -> TSFusionModel:
+    """Tiny variant for tests and CPU runs: 2 + 2 layers, dim 64, 4 heads."""
+    return _build(64, 2, 2, 4, modalities, pretrained, ckpt_path, **kwargs)
+
+
+@TERRATORCH_DECODER_REGISTRY.register
+def tsfusion_head(embed_dim: Sequence[int], num_outputs: int = 1, hidden_dim: int = 256, dropout: float = 0.25,
+                  residual_scale: float = 0.1) -> nn.Module:
+    """CropNet head as a terratorch decoder: mean over tokens of the last feature, then :class:`TSFusionHead`."""
+    return _PooledHead(int(list(embed_dim)[-1]), num_outputs, hidden_dim, dropout, residual_scale)
+
+
+class _PooledHead(nn.Module):
+    def __init__(self, dim: int, num_outputs: int, hidden_dim: int, dropout: float, residual_scale: float) -> None:
+        super().__init__()
+        self.head = TSFusionHead(dim, num_outputs, hidden_dim, dropout, residual_scale)
+        self.out_channels = num_outputs
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        z = features[-1]
+        if z.ndim == 3:
+            z = z.mean(1)
+        elif z.ndim == 4:
+            z = z.mean((2, 3))
+        return self.head(z)

@@ -1,0 +1,304 @@
+"""CropNet county yield fine-tuning of the TS-fusion encoder (Basile et al., 2025, section 4 and appendix A.2).
+
+For every county-year the encoder embeds each (grid, date) sample separately (image tokens + the
+grid's daily weather window around the date, the pretraining pairs of
+:mod:`terratorch_eoplugins.datamodules.tsfusion`), the token embeddings are pooled by mean pooling
+(MP) or modality mean pooling (MMP) and averaged over the county's grids and dates, and the head
+``y = MLP(z) + 0.1 W_r z`` predicts the (standardised) log yield under MSE (Fig. 4, appendix A.2).
+The decoder of pretraining is dropped.
+
+Initialisation: from scratch (random encoder) or from a pretraining checkpoint
+(``pretrained_ckpt``: a ``TSFusionPretrainTask`` Lightning checkpoint read with
+``torch.load(weights_only=True)``; it also provides the fitted tokenizers). Without a checkpoint the
+tokenizers are fitted on the train split's pairs at the start of ``fit`` (``tokenizer_ckpt`` can
+supply the tokenizers of a pretraining run while keeping a random encoder: the "from scratch" arm of
+the paper, which shares TerraMind's tokenizers).
+
+Metrics (validation and test epochs): ``RMSE``, ``R2`` (squared Pearson r, MMST-ViT protocol),
+``r`` and ``R2_cod`` (coefficient of determination) on yields, i.e. ``exp`` of the destandardised
+log-yield predictions (:func:`~terratorch_eoplugins.datasets.cropnet.cropnet_metrics`).
+
+Batches come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataModule` with
+``grid_aggregation: none``, ``normalize: false`` (the tokenizers see raw values) and
+``batch_keys: [weather_short, weather_short_mask, grid_mask, time_mask, grid_coords, dates]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchgeo.trainers import BaseTask
+
+from terratorch_eoplugins.datamodules.tsfusion import TSFUSION_WEATHER, weather_windows
+from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.datasets.cropnet import cropnet_metrics
+from terratorch_eoplugins.models.tsfusion import TSFusionModel, TSFusionRegressor, load_tsfusion_weights
+from terratorch_eoplugins.tasks.tsfusion_pretrain import MODEL_SIZES, TSFusionTokenizers
+
+__all__ = ["TSFusionCropNetTask", "county_pairs"]
+
+REQUIRED_KEYS = ("weather_short", "weather_short_mask", "grid_mask", "time_mask", "grid_coords", "dates")
+
+
+def county_pairs(batch: Mapping[str, Any], months: Sequence[int], var_idx: Sequence[int], before: int,
+                 after: int) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """Per-county (grid, date) pairs of a collated CropNet batch (padding removed).
+
+    Returns a list (one per county) of ``image [S, C, H, W]``, ``weather [S, V, L]``, ``coords [S, 2]``
+    and the number of samples ``S = T * G`` of each county.
+    """
+    missing = [k for k in ("image", *REQUIRED_KEYS) if k not in batch]
+    if missing:
+        raise KeyError(f"TS-fusion CropNet batches need {missing}: set the CropNetDataModule's batch_keys to "
+                       f"{list(REQUIRED_KEYS)} and grid_aggregation: none")
+    image = batch["image"]
+    if image.ndim != 6:
+        raise ValueError(f"batch['image'] must be [B, T, G, C, H, W] (grid_aggregation: none), got {tuple(image.shape)}")
+    out, counts = [], []
+    for b in range(image.shape[0]):
+        g = int(batch["grid_mask"][b].sum())
+        t = int(batch["time_mask"][b].sum())
+        if g == 0:
+            raise EODataError(f"county {batch.get('fips', ['?'] * (b + 1))[b]}: no grids (grid_mask is all False); "
+                              "a county without grids cannot be predicted")
+        ws = batch["weather_short"][b][:, :, :g]
+        if not bool(torch.isfinite(ws).all()):
+            raise EODataError("weather_short has non-finite values; the CropNet reader fills missing days, so the "
+                              "data were modified after reading")
+        dates = list(batch["dates"][b])[:t]
+        wins, _, _ = weather_windows(ws, batch["weather_short_mask"][b], dates, months, before, after)
+        wins = wins[:, :, list(var_idx)]  # [T, G, V, L]
+        img = image[b, :t, :g]
+        coords = batch["grid_coords"][b, :g].float().mean(1)
+        out.append({"image": img.reshape(t * g, *img.shape[2:]), "weather": wins.reshape(t * g, *wins.shape[2:]),
+                    "coords": coords[None].expand(t, -1, -1).reshape(t * g, 2)})
+        counts.append(t * g)
+    return out, torch.tensor(counts)
+
+
+class TSFusionCropNetTask(BaseTask):
+    """County yield regression with the TS-fusion encoder, MP or MMP pooling and the 0.1-residual MLP head.
+
+    Args:
+        model, model_kwargs: encoder size preset (``tsfusion_tiny`` / ``tsfusion_base``) and overrides; must
+            match the pretraining run when ``pretrained_ckpt`` is set.
+        pooling: ``mp`` (mean pooling) or ``mmp`` (modality mean pooling).
+        pretrained_ckpt: pretraining checkpoint (encoder + tokenizers); ``None`` trains from scratch.
+        tokenizer_ckpt: checkpoint to take only the tokenizers from (random encoder).
+        weather, before, after, image_size, image_channels, ts_tokenizer, ts_tokenizer_kwargs,
+            image_tokenizer_kwargs, tokenizer_steps: tokenizer settings (as in pretraining).
+        use_modalities: modalities fed to the encoder (default image + weather, as the paper's downstream model).
+        months: weather months of the datamodule (read from the datamodule when it has them).
+        hidden_dim, dropout, residual_scale: head (appendix A.2: dropout 0.25, residual 0.1).
+        lr, weight_decay: AdamW (paper: 5e-5, 0.01; larger rates for short CPU runs); cosine decay.
+        train_samples_per_county: during training, pool a random subset of this many (grid, date) samples per
+            county (compute saving and augmentation; ``None`` = all). Validation and test always use all.
+    """
+
+    monitor = "val/loss"
+
+    def __init__(self, model: str = "tsfusion_tiny", model_kwargs: Mapping[str, Any] | None = None,
+                 pooling: Literal["mp", "mmp"] = "mmp", pretrained_ckpt: str | None = None,
+                 tokenizer_ckpt: str | None = None, weather: Sequence[str] = ("tavg", "tmax", "tmin", "precip"),
+                 before: int = 29, after: int = 10, image_size: int = 32, image_channels: int = 3,
+                 ts_tokenizer: str = "uniform", ts_tokenizer_kwargs: Mapping[str, Any] | None = None,
+                 image_tokenizer_kwargs: Mapping[str, Any] | None = None, tokenizer_steps: int = 200,
+                 use_modalities: Sequence[str] | None = None, months: Sequence[int] = (4, 5, 6, 7, 8, 9),
+                 hidden_dim: int = 128, dropout: float = 0.25, residual_scale: float = 0.1, lr: float = 1e-3,
+                 weight_decay: float = 0.01, train_samples_per_county: int | None = None) -> None:
+        if pooling not in ("mp", "mmp"):
+            raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
+        if model not in MODEL_SIZES:
+            raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {model!r}")
+        if train_samples_per_county is not None and train_samples_per_county < 1:
+            raise ValueError(f"train_samples_per_county must be >= 1 or None, got {train_samples_per_county}")
+        super().__init__()
+
+    def configure_models(self) -> None:
+        """Tokenizers, encoder (no decoder) and regressor; optionally load pretrained weights."""
+        hp = self.hparams
+        self.tokenizers = TSFusionTokenizers(hp["weather"], hp["before"] + 1 + hp["after"], hp["image_size"],
+                                             hp["image_channels"], hp["ts_tokenizer"], hp["ts_tokenizer_kwargs"],
+                                             hp["image_tokenizer_kwargs"], coords=True,
+                                             image_steps=hp["tokenizer_steps"], fsq_steps=hp["tokenizer_steps"])
+        dim, enc, dec, heads = MODEL_SIZES[hp["model"]]
+        kw = dict(dim=dim, encoder_depth=enc, decoder_depth=dec, num_heads=heads)
+        kw.update(dict(hp["model_kwargs"] or {}))
+        encoder = TSFusionModel(self.tokenizers.modalities(), with_decoder=False, **kw)
+        use = hp["use_modalities"] or ["image", *[f"weather_{v}" for v in hp["weather"]]]
+        self.model = TSFusionRegressor(encoder, hp["pooling"], 1, hp["hidden_dim"], hp["dropout"],
+                                       hp["residual_scale"], modalities=use)
+        ckpt = hp["pretrained_ckpt"] or hp["tokenizer_ckpt"]
+        if ckpt:
+            self._load_tokenizers(ckpt)
+        if hp["pretrained_ckpt"]:
+            load_tsfusion_weights(self.model.encoder, hp["pretrained_ckpt"])
+        self._outs: dict[str, list[Tensor]] = {"pred": [], "true": []}
+
+    def _load_tokenizers(self, path: str) -> None:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else {}
+        sub = {k[len("tokenizers."):]: v for k, v in state.items() if k.startswith("tokenizers.")}
+        if not sub:
+            raise ValueError(f"{path}: no 'tokenizers.*' weights (expected a TSFusionPretrainTask checkpoint)")
+        own = self.tokenizers.state_dict()
+        bad = [k for k in own if k not in sub or sub[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"{path}: tokenizer weights do not match this task's tokenizer settings ({bad[:4]}); use "
+                             "the pretraining run's weather, window, image size and tokenizer arguments")
+        self.tokenizers.load_state_dict(sub)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with cosine decay over the run (appendix A.2)."""
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        total = max(1, int(getattr(self.trainer, "estimated_stepping_batches", 1) or 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ data
+    def attach_datamodule(self, datamodule: Any) -> None:
+        """Use ``datamodule`` (a CropNetDataModule) for months, weather columns and label statistics outside a
+        trainer (analyses, notebooks)."""
+        self._attached_dm = datamodule
+
+    def _datamodule(self) -> Any:
+        dm = getattr(self, "_attached_dm", None)
+        if dm is None and self._trainer is not None:
+            dm = getattr(self._trainer, "datamodule", None)
+        return dm
+
+    def _months(self) -> Sequence[int]:
+        dm = self._datamodule()
+        kwargs = getattr(dm, "kwargs", None)
+        if isinstance(kwargs, Mapping) and "months" in kwargs:
+            return tuple(kwargs["months"])
+        return tuple(self.hparams["months"])
+
+    def _var_idx(self) -> list[int]:
+        dm = self._datamodule()
+        kwargs = getattr(dm, "kwargs", None)
+        columns = list(kwargs["weather_variables"]) if isinstance(kwargs, Mapping) and "weather_variables" in kwargs \
+            else None
+        idx = []
+        for v in self.hparams["weather"]:
+            col = TSFUSION_WEATHER[v]
+            if columns is None:
+                raise RuntimeError("cannot map weather variables without a CropNetDataModule (weather_variables)")
+            if col not in columns:
+                raise ValueError(f"weather variable {v!r} ({col}) is not among the datamodule's weather_variables")
+            idx.append(columns.index(col))
+        return idx
+
+    def on_fit_start(self) -> None:
+        """Fit the tokenizers on the train split's pairs when no checkpoint provided them."""
+        self._ensure_tokenizers()
+
+    def on_validation_start(self) -> None:
+        self._ensure_tokenizers()
+
+    def on_test_start(self) -> None:
+        """``test`` without ``fit`` (and without a checkpoint) still needs tokenizers: fit them on the train split."""
+        self._ensure_tokenizers()
+
+    def _ensure_tokenizers(self) -> None:
+        if self.tokenizers.fitted:
+            return
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise RuntimeError("TSFusionCropNetTask needs a CropNetDataModule to fit its tokenizers")
+        if getattr(dm, "train_dataset", None) is None:
+            dm.setup("fit")
+        images, weather = [], []
+        for batch in dm.train_dataloader():
+            pairs, _ = county_pairs(batch, self._months(), self._var_idx(), self.hparams["before"],
+                                    self.hparams["after"])
+            images += [p["image"] for p in pairs]
+            weather += [p["weather"] for p in pairs]
+        # a fast_dev_run smoke test only checks the wiring: 2 tokenizer training steps
+        self.tokenizers.fit(torch.cat(images), torch.cat(weather), max_steps=2 if self.trainer.fast_dev_run else None)
+
+    def tokens_of(self, batch: Mapping[str, Any], max_samples: int | None = None
+                  ) -> tuple[dict[str, Tensor], Tensor]:
+        """Token ids ``{modality: [B, S_max, N_m]}`` and sample validity ``[B, S_max]`` of a CropNet batch.
+
+        ``max_samples`` keeps a random subset of at most that many (grid, date) samples per county.
+        """
+        pairs, counts = county_pairs(batch, self._months(), self._var_idx(), self.hparams["before"],
+                                     self.hparams["after"])
+        if max_samples is not None:
+            for i, p in enumerate(pairs):
+                n = len(p["image"])
+                if n > max_samples:
+                    keep = torch.randperm(n)[:max_samples]
+                    pairs[i] = {k: v[keep] for k, v in p.items()}
+            counts = torch.tensor([len(p["image"]) for p in pairs])
+        image = torch.cat([p["image"] for p in pairs])
+        weather = torch.cat([p["weather"] for p in pairs])
+        coords = torch.cat([p["coords"] for p in pairs])
+        flat = self.tokenizers.tokenize(image, weather, coords)
+        b, s_max = len(pairs), int(counts.max())
+        valid = torch.arange(s_max)[None] < counts[:, None]
+        out = {}
+        for name, tok in flat.items():
+            full = tok.new_zeros(b, s_max, tok.shape[-1])
+            full[valid] = tok
+            out[name] = full
+        return out, valid.to(image.device)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: Mapping[str, Any], max_samples: int | None = None) -> Tensor:
+        tokens, valid = self.tokens_of(batch, max_samples)
+        return self.model(tokens, valid)
+
+    def _step(self, batch: Mapping[str, Any], stage: str) -> Tensor:
+        pred = self(batch, self.hparams["train_samples_per_county"] if stage == "train" else None)
+        label = batch["label"].float().reshape(pred.shape)
+        loss = F.mse_loss(pred, label)
+        self.log(f"{stage}/loss", loss, batch_size=pred.shape[0], prog_bar=stage == "train", on_epoch=True,
+                 on_step=stage == "train")
+        if stage != "train":
+            self._outs["pred"].append(pred.detach().cpu())
+            self._outs["true"].append(label.detach().cpu())
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "test")
+
+    def _destandardize(self, x: Tensor) -> Tensor:
+        dm = self._datamodule()
+        return dm.destandardize(x) if dm is not None and hasattr(dm, "destandardize") else x
+
+    def yield_metrics(self) -> dict[str, float]:
+        """CropNet metrics of the collected predictions (clears them)."""
+        if not self._outs["pred"]:
+            return {}
+        pred = self._destandardize(torch.cat(self._outs["pred"]))
+        true = self._destandardize(torch.cat(self._outs["true"]))
+        self._outs = {"pred": [], "true": []}
+        if pred.numel() < 2:
+            return {}
+        return cropnet_metrics(pred, true)
+
+    def _epoch_end(self, stage: str) -> None:
+        metrics = self.yield_metrics()
+        for k, v in metrics.items():
+            if np.isfinite(v):
+                self.log(f"{stage}/{k}", v)
+        self.last_metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
