@@ -211,6 +211,32 @@ def test_backbone_loads_the_pretrained_encoder_and_decoder(pretrained_ckpt: tupl
         BACKBONE_REGISTRY.build("s4_unet3d", pretrained=True)
 
 
+def test_fine_tuning_task_holds_exactly_the_pretrained_tensors(pretrained_ckpt: tuple[Path, S4PretrainTask]) -> None:
+    """Through terratorch's SemanticSegmentationTask (the fine-tuning path of the label-efficiency benchmark),
+    every backbone tensor (weights and BatchNorm running statistics) equals the checkpoint's encoder f_in /
+    decoder h tensor; the projection head g and the reconstruction conv are not carried over."""
+    from terratorch.tasks import SemanticSegmentationTask
+
+    path, _ = pretrained_ckpt
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    for modality, cin in (("optical", 10), ("radar", 3)):
+        task = SemanticSegmentationTask(
+            model_factory="EncoderDecoderFactory",
+            model_args={"backbone": "s4_unet3d", "backbone_modality": modality, "backbone_in_channels": cin,
+                        "backbone_widths": SMALL, "backbone_ckpt_path": str(path), "decoder": "IdentityDecoder",
+                        "num_classes": 19}, loss="ce", ignore_index=-1)
+        backbone = {k.removeprefix("encoder."): v for k, v in task.model.state_dict().items()
+                    if k.startswith("encoder.")}
+        assert any("running_mean" in k for k in backbone)
+        for key, value in backbone.items():
+            src = (f"model.decoders.{modality}." + key.removeprefix("decoder.") if key.startswith("decoder.")
+                   else "model." + key)
+            assert torch.equal(value, ckpt[src]), key
+        assert not any(k.startswith("decoder.final") or "projection" in k for k in backbone)
+        other = "radar" if modality == "optical" else "optical"
+        assert not any(f"specific.{other}" in k for k in backbone)
+
+
 def test_terratorch_decoders_work_on_the_backbone() -> None:
     from terratorch.models import EncoderDecoderFactory
 
@@ -283,3 +309,47 @@ def test_miou_and_cloud_ratio_helpers() -> None:
         series_cloud_ratio([0.2, float("nan")])
     with pytest.raises(ValueError, match="labels must be in 0..3"):
         confusion_matrix(np.array([4]), np.array([0]), 4)
+
+
+# ----------------------------------------------------------------------------- label-efficiency benchmark protocol
+def _benchmark_module():  # benchmarks/ is not a package: load the script by path
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "s4_label_efficiency.py"
+    spec = importlib.util.spec_from_file_location("s4_label_efficiency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_benchmark_arms_differ_only_in_the_backbone_init(tiny_world_dir: Path, tmp_path: Path) -> None:
+    """Fairness of the pretrained-vs-scratch comparison: same seeded crops, same head init, same recipe; the
+    pretrained arm's backbone starts from the S4 checkpoint written by the benchmark's own pretraining."""
+    import argparse
+
+    bench = _benchmark_module()
+    sample = {"image": torch.arange(2 * 3 * 8 * 8.0).view(2, 3, 8, 8), "mask": torch.arange(64).view(8, 8)}
+    a = bench.random_crop(sample, 4, torch.Generator().manual_seed(3))
+    b = bench.random_crop(sample, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    y, x = divmod(int(a["mask"][0, 0]), 8)
+    assert torch.equal(a["image"], sample["image"][..., y:y + 4, x:x + 4])
+
+    args = argparse.Namespace(root=str(tiny_world_dir / "PASTIS-R"), widths=SMALL, num_dates=2, label_fraction=1.0,
+                              pretrain_folds=[1, 2, 3, 4, 5], pretrain_crop_size=16, pretrain_batch_size=2,
+                              pretrain_steps=2, pretrain_lr=1e-3, num_pixels=32, temperature=0.5, lambda_r=1.0,
+                              finetune_steps=0, finetune_batch_size=2, finetune_crop_size=16, finetune_lr=1e-3,
+                              finetune_warmup=2)
+    ckpt, losses = bench.pretrain(args, tmp_path)
+    assert losses[-1]["step"] == 2 and np.isfinite(losses[-1]["loss"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    pre = bench.finetune(args, "radar", 1, str(ckpt))
+    scratch = bench.finetune(args, "radar", 1, None)
+    assert torch.equal(pre.encoder.encoder.shared[0][0].weight, state["model.encoder.shared.0.0.weight"])
+    assert not torch.equal(scratch.encoder.encoder.shared[0][0].weight, state["model.encoder.shared.0.0.weight"])
+    for p, s in zip(pre.head.parameters(), scratch.head.parameters()):
+        assert torch.equal(p, s)  # same seed -> same segmentation-head init in both arms
+    args.finetune_steps = 2
+    model = bench.finetune(args, "radar", 1, str(ckpt))
+    assert not model.training
+    assert not torch.equal(model.encoder.encoder.shared[0][0].weight, state["model.encoder.shared.0.0.weight"])
