@@ -328,7 +328,7 @@ def load_image_tokenizer(path: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer checkpoint not found: {str(path)!r}; train one with "
                                 "`python -m terratorch_eoplugins.tasks.tsfusion_tokenizers`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # plain dict of tensors + config
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "fsq" or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r}: expected a dict with kind='fsq', config, state_dict (save_image_tokenizer)")
     tok = FSQImageTokenizer(**ckpt["config"])
