@@ -9,13 +9,30 @@ chips, before and after training:
   a pixel's projected ``O^H_1`` and its projected ``O^T_1``) and of negative pairs (the other rows of the
   mini-batch), for pixel-waveform (P<->W) and pixel-pixel (P<->P) alignment.
 
+Use the demo world for the pixel-waveform figure: the tiny world's validation split holds no forest shot
+(all 91 RH98 < 5 m: ground-only waveforms that the image cannot tell apart), so positive and negative
+pixel-waveform pairs are indistinguishable there whatever the model; the demo world's has 25 % forest shots.
+
+With ``--downstream`` the pretrained weights are saved (``--ckpt-out``) and, in the same run, evaluated on the
+GEDI RH98 task of the same world through the repository's configs (``terratorch_eoplugins`` LightningCLI,
+in-process), side by side:
+
+* zero-shot KNN (``configs/dunia_gedi_zeroshot.yaml``: database = train footprints, cosine top-k, test split)
+  with the pretrained checkpoint and with a randomly initialised DUNIA-tiny, against the mean predictor;
+* low-shot fine-tuning (``configs/dunia_gedi.yaml``, frozen but the last NA layers + 1x1 heads) from the
+  pretrained checkpoint, ``--finetune-epochs`` epochs (0 skips it).
+
     python benchmarks/dunia_alignment.py                         # writes the tiny world to a temp dir
     python benchmarks/dunia_alignment.py --world /path/to/world --steps 300 --chip-size 32
+    python benchmarks/dunia_alignment.py --world /path/to/world --steps 30 --downstream --finetune-epochs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +57,61 @@ def evaluate(task, batches) -> dict[str, float]:  # noqa: ANN001
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def _cli(args: list[str]):  # noqa: ANN202
+    """Run ``terratorch <subcommand> -c <config> ...`` in-process (quietly) and return the LightningCLI."""
+    from terratorch.cli_tools import build_lightning_cli
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return build_lightning_cli(args=args, run=True)
+
+
+def _test_metrics(cli) -> dict[str, float]:  # noqa: ANN001
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        out = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return {k: float(v) for k, v in out[0].items()}
+
+
+def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int) -> None:
+    """Zero-shot KNN RH98 (pretrained vs random init) and low-shot fine-tuning, printed side by side."""
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    root = str(world / "GEDI")
+    rows: list[tuple[str, dict[str, float]]] = []
+    for name, path in (("zero-shot KNN, random-init DUNIA-tiny", None), ("zero-shot KNN, pretrained", ckpt)):
+        args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
+                "--trainer.default_root_dir", str(runs), "--trainer.logger", "false",
+                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks", "[]"]
+        if path is not None:
+            args += ["--model.init_args.dunia_ckpt_path", str(path)]
+        t0 = time.perf_counter()
+        m = _test_metrics(_cli(args))
+        print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        rows.append((name, m))
+    if finetune_epochs > 0 and ckpt is not None:
+        args = ["fit", "-c", "configs/dunia_gedi.yaml", "--data.init_args.root", root,
+                "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
+                "--trainer.max_epochs", str(finetune_epochs), "--trainer.default_root_dir", str(runs),
+                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+        t0 = time.perf_counter()
+        m = _test_metrics(_cli(args))
+        print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
+        rows.append((f"low-shot fine-tuning, {finetune_epochs} epochs", m))
+    print("\nGEDI RH98 on the test split (m)                  RMSE      r")
+    mean_rmse = next((m["test/rh98_rmse_mean_predictor"] for _, m in rows if "test/rh98_rmse_mean_predictor" in m),
+                     float("nan"))
+    print(f"  {'mean predictor (train mean)':<44s} {mean_rmse:7.3f}      -")
+    for name, m in rows:
+        if "test/rh98_rmse_k1" in m:
+            for k in (1, 5, 50):
+                print(f"  {name + f', K={k}':<44s} {m[f'test/rh98_rmse_k{k}']:7.3f} {m[f'test/rh98_r_k{k}']:6.3f}")
+        else:
+            rmse = m.get("test/RMSE", float("nan"))
+            extra = {k: round(v, 3) for k, v in m.items() if k not in ("test/RMSE",)}
+            print(f"  {name:<44s} {rmse:7.3f}      -   {extra}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=Path, default=None, help="synthetic world folder (default: write the tiny world)")
@@ -49,6 +121,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--zero-cl-weight", type=float, default=1.0)
+    ap.add_argument("--vicreg-weight", type=float, default=1.0)
+    ap.add_argument("--downstream", action="store_true", help="also run zero-shot KNN / fine-tuning on GEDI RH98")
+    ap.add_argument("--finetune-epochs", type=int, default=3, help="low-shot fine-tuning epochs (0: skip)")
+    ap.add_argument("--ckpt-out", type=Path, default=None, help="where to save the pretrained weights "
+                    "(default: <temp dir>/dunia_pretrain_tiny.ckpt with --downstream)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -68,7 +146,8 @@ def main() -> None:
     print(f"train chips {len(dm.train_dataset)} ({len(train)} batches), val chips {len(dm.val_dataset)}; "
           f"footprints/batch {np.mean([int(b['footprint_mask'].sum()) for b in train]):.1f}")
     task = DUNIAPretrainTask(variant="tiny", optimizer="adamw", lr=args.lr, weight_decay=0.05, warmup_steps=20,
-                             max_steps=args.steps, sema_switch_every=100, vicreg_pixels=2048)
+                             max_steps=args.steps, sema_switch_every=100, vicreg_pixels=2048,
+                             zero_cl_weight=args.zero_cl_weight, vicreg_weight=args.vicreg_weight)
     opt_cfg = task.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     before = evaluate(task, val)
@@ -82,8 +161,8 @@ def main() -> None:
         sched.step()
         task.sema_update()
         if step % 20 == 0 or step == args.steps - 1:
-            print(f"step {step:4d} loss {float(parts['loss']):.3f} zero_cl {float(parts['zero_cl']):.3f} "
-                  f"vicreg {float(parts['vicreg']):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step:4d} loss {float(parts['loss'].detach()):.3f} zero_cl {float(parts['zero_cl'].detach()):.3f} "
+                  f"vicreg {float(parts['vicreg'].detach()):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     after = evaluate(task, val)
     print("\nvalidation (tiny DUNIA, synthetic world)      before    after")
     for k in ("loss", "zero_cl", "vicreg", "rec_series", "rec_image", "rec_waveform"):
@@ -94,6 +173,15 @@ def main() -> None:
                       ("+P<->P (positive pixel-pixel)", "sim_pp_positive"),
                       ("-P<->P (negative pixel-pixel)", "sim_pp_negative")):
         print(f"  {name:<40s} {before[key]:8.3f} {after[key]:8.3f}")
+    ckpt = args.ckpt_out
+    if ckpt is None and args.downstream:
+        ckpt = Path(tempfile.mkdtemp(prefix="dunia_ckpt_")) / "dunia_pretrain_tiny.ckpt"
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+        print(f"\npretrained weights: {ckpt}")
+    if args.downstream:
+        downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs)
 
 
 if __name__ == "__main__":

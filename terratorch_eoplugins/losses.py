@@ -178,36 +178,59 @@ def _check_pair(a: Tensor, b: Tensor, what: str) -> None:
         raise ValueError(f"{what}: embeddings contain NaN/Inf")
 
 
-def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bool = True,
+def _standardize(z: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
+    """``(z - mean) / std`` along ``dim`` (population std, ``1/N``), as in Zero-CL (Zhang et al., 2021)."""
+    zc = z - z.mean(dim, keepdim=True)
+    return zc / torch.sqrt((zc ** 2).mean(dim, keepdim=True) + eps)
+
+
+def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bool = True, standardize: bool = True,
                  return_parts: bool = False) -> Tensor | dict[str, Tensor]:
     """Zero-CL loss ``L_Fea + L_Ins`` between paired embeddings (DUNIA appendix B, Eqs. 3-6).
 
     ``z_a``: ``[G, D_p]`` pixel embeddings (``O^V`` at the GEDI footprints), ``z_b``: their waveform embeddings
     (``O^W``); both L2-normalised along ``D_p`` when ``normalize`` (the paper's ``Z^A``, ``Z^B``).
 
-    * instance-wise: ``S = Z Z^T / D_p`` (``G x G``), ``H^Ins = W^Ins Z`` with ``W^Ins = S^{-1/2}`` (ZCA),
-      ``L_Ins = sum_i (1 - sum_d H^A_id H^B_id / D_p)^2``;
-    * feature-wise: ``C = Z^T Z / G`` (``D_p x D_p``), ``H^Fea = W^Fea Z^T`` with ``W^Fea = C^{-1/2}``,
+    * instance-wise (Eqs. 3-4): each instance is standardised over its ``D_p`` features, ``S = Z Z^T / D_p``
+      (``G x G``, the instances' correlation "affinity" matrix), ``H^Ins = W^Ins Z`` with ``W^Ins = S^{-1/2}``
+      (ZCA), ``L_Ins = sum_i (1 - sum_d H^A_id H^B_id / D_p)^2``;
+    * feature-wise (Eqs. 5-6): each feature is standardised over the ``G`` instances, ``C = Z^T Z / G``
+      (``D_p x D_p``, the covariance matrix), ``H^Fea = W^Fea Z^T`` with ``W^Fea = C^{-1/2}``,
       ``L_Fea = sum_d (1 - sum_i H^A_di H^B_di / G)^2``.
 
-    Each branch is whitened with its own matrix (:func:`zca_whitening_matrix`, shrinkage and detached, as in the
-    official Zero-CL code). The inner products are divided by ``D_p`` (instance) and ``G`` (feature) so that a
-    whitened vector's inner product with itself is 1 (``H H^T = D_p I`` resp. ``G I`` without the division): the
-    "1 -" target of Eqs. 3 and 5 is then reachable, as with the official code's ``c = z1^T z2 / N``.
+    **Standardisation** (``standardize=True``): appendix B calls ``C`` a *covariance* matrix and whitens as in
+    Zero-CL (Zhang et al., 2021), whose formulation and official code centre and scale the embeddings before
+    whitening: along the batch for the feature-wise term, along the features for the instance-wise term.
+    Without it the second-moment matrix of L2-normalised embeddings is dominated by their shared mean direction:
+    after (shrunk) whitening that direction alone carries the cross-correlation, and both terms are minimised
+    by collapsing every pixel and waveform embedding onto one direction (positive and negative pairs then have
+    the same cosine similarity). Standardised, the loss is invariant to a shared offset and only the
+    instance-specific parts can reach the "1 -" targets. ``standardize=False`` keeps the literal
+    uncentred Eqs. 4 and 6 (kept for comparison; it collapses in training).
+
+    Each branch is whitened with its own matrix (:func:`zca_whitening_matrix`: shrinkage ``(1 - s) C + s I`` on
+    standardised data, and ``W`` detached, as in the official Zero-CL code; only ``Z`` receives gradients). The
+    inner products are divided by ``D_p`` (instance) and ``G`` (feature) so that a whitened vector's inner
+    product with itself is 1 (``H H^T = D_p I`` resp. ``G I`` without the division): the "1 -" target of
+    Eqs. 3 and 5 is then reachable, as with the official code's ``c = z1^T z2 / N``.
     """
     _check_pair(z_a, z_b, "zero_cl_loss")
     g, d = z_a.shape
     if g < 2:
         raise ValueError(f"zero_cl_loss needs at least 2 paired samples (G = {g}); skip batches with fewer GEDI footprints")
+    if d < 2:
+        raise ValueError(f"zero_cl_loss needs at least 2 features (D_p = {d})")
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
     # instance-wise: whiten the G x G affinity Z Z^T / D (= second moment of Z^T, [D, G])
-    ha = zca_whitening_matrix(z_a.T, shrinkage) @ z_a  # G x D
-    hb = zca_whitening_matrix(z_b.T, shrinkage) @ z_b
+    ia, ib = (_standardize(z_a, 1), _standardize(z_b, 1)) if standardize else (z_a, z_b)
+    ha = zca_whitening_matrix(ia.T, shrinkage) @ ia  # G x D
+    hb = zca_whitening_matrix(ib.T, shrinkage) @ ib
     ins = ((1.0 - (ha * hb).sum(1) / d) ** 2).sum()
     # feature-wise: whiten the D x D covariance Z^T Z / G
-    fa = zca_whitening_matrix(z_a, shrinkage) @ z_a.T  # D x G
-    fb = zca_whitening_matrix(z_b, shrinkage) @ z_b.T
+    ca, cb = (_standardize(z_a, 0), _standardize(z_b, 0)) if standardize else (z_a, z_b)
+    fa = zca_whitening_matrix(ca, shrinkage) @ ca.T  # D x G
+    fb = zca_whitening_matrix(cb, shrinkage) @ cb.T
     fea = ((1.0 - (fa * fb).sum(1) / g) ** 2).sum()
     if return_parts:
         return {"loss": fea + ins, "ins": ins, "fea": fea}

@@ -30,17 +30,24 @@ def np_inv_sqrt(m: np.ndarray, shrinkage: float, eps: float = 1e-6) -> np.ndarra
     return e @ np.diag(lam ** -0.5) @ e.T
 
 
-def np_zero_cl(za: np.ndarray, zb: np.ndarray, shrinkage: float) -> tuple[float, float]:
-    """Eqs. 3-6 with the inner products normalised by D (instance) and G (feature)."""
+def np_standardize(z: np.ndarray, axis: int, eps: float = 1e-6) -> np.ndarray:
+    zc = z - z.mean(axis, keepdims=True)
+    return zc / np.sqrt((zc ** 2).mean(axis, keepdims=True) + eps)
+
+
+def np_zero_cl(za: np.ndarray, zb: np.ndarray, shrinkage: float, standardize: bool = True) -> tuple[float, float]:
+    """Eqs. 3-6 (Zero-CL standardisation first) with the inner products normalised by D (instance) and G (feature)."""
     za, zb = np_l2(za.astype(np.float64)), np_l2(zb.astype(np.float64))
     g, d = za.shape
-    # instance-wise: S = Z Z^T / D (G x G), H = S^{-1/2} Z
-    ha = np_inv_sqrt(za @ za.T / d, shrinkage) @ za
-    hb = np_inv_sqrt(zb @ zb.T / d, shrinkage) @ zb
+    # instance-wise: rows standardised over the features, S = Z Z^T / D (G x G), H = S^{-1/2} Z
+    ia, ib = (np_standardize(za, 1), np_standardize(zb, 1)) if standardize else (za, zb)
+    ha = np_inv_sqrt(ia @ ia.T / d, shrinkage) @ ia
+    hb = np_inv_sqrt(ib @ ib.T / d, shrinkage) @ ib
     ins = sum((1 - sum(ha[i, k] * hb[i, k] for k in range(d)) / d) ** 2 for i in range(g))
-    # feature-wise: C = Z^T Z / G (D x D), H = C^{-1/2} Z^T
-    fa = np_inv_sqrt(za.T @ za / g, shrinkage) @ za.T
-    fb = np_inv_sqrt(zb.T @ zb / g, shrinkage) @ zb.T
+    # feature-wise: columns standardised over the batch, C = Z^T Z / G (D x D), H = C^{-1/2} Z^T
+    ca, cb = (np_standardize(za, 0), np_standardize(zb, 0)) if standardize else (za, zb)
+    fa = np_inv_sqrt(ca.T @ ca / g, shrinkage) @ ca.T
+    fb = np_inv_sqrt(cb.T @ cb / g, shrinkage) @ cb.T
     fea = sum((1 - sum(fa[k, i] * fb[k, i] for i in range(g)) / g) ** 2 for k in range(d))
     return float(ins), float(fea)
 
@@ -67,15 +74,47 @@ def np_vicreg(za: np.ndarray, zb: np.ndarray, eps: float = 1e-4) -> tuple[float,
 # ----------------------------------------------------------------------------- Zero-CL
 @pytest.mark.parametrize("g,d", [(26, 16), (8, 16), (40, 8)])
 @pytest.mark.parametrize("shrinkage", [0.0, 0.1])
-def test_zero_cl_matches_numpy_formulas(g: int, d: int, shrinkage: float) -> None:
+@pytest.mark.parametrize("standardize", [True, False])
+def test_zero_cl_matches_numpy_formulas(g: int, d: int, shrinkage: float, standardize: bool) -> None:
     rng = np.random.default_rng(g * d)
-    za = rng.normal(size=(g, d))
+    za = rng.normal(size=(g, d)) + 0.3
     zb = za + 0.5 * rng.normal(size=(g, d))
-    out = zero_cl_loss(torch.tensor(za), torch.tensor(zb), shrinkage=shrinkage, return_parts=True)
-    ins, fea = np_zero_cl(za, zb, shrinkage)
+    out = zero_cl_loss(torch.tensor(za), torch.tensor(zb), shrinkage=shrinkage, standardize=standardize,
+                       return_parts=True)
+    ins, fea = np_zero_cl(za, zb, shrinkage, standardize)
     assert float(out["ins"]) == pytest.approx(ins, rel=1e-6, abs=1e-8)
     assert float(out["fea"]) == pytest.approx(fea, rel=1e-6, abs=1e-8)
     assert float(out["loss"]) == pytest.approx(ins + fea, rel=1e-6)
+
+
+def test_zero_cl_ignores_a_shared_direction() -> None:
+    """Regression (collapse): embeddings sharing one dominant direction with unrelated residuals must not look
+    aligned. Standardised Zero-CL scores them like unrelated views; the uncentred form rewards the shared part."""
+    rng = np.random.default_rng(1)
+    g, d = 26, 64
+    common = rng.normal(size=(1, d)) * 5.0
+    za = torch.tensor(common + rng.normal(size=(g, d)))
+    zb = torch.tensor(common + rng.normal(size=(g, d)))  # same direction, unrelated per-instance parts
+    ua, ub = torch.tensor(rng.normal(size=(g, d))), torch.tensor(rng.normal(size=(g, d)))  # fully unrelated
+    shared, unrelated = float(zero_cl_loss(za, zb)), float(zero_cl_loss(ua, ub))
+    assert shared == pytest.approx(unrelated, rel=0.1)
+    assert float(zero_cl_loss(za, zb, standardize=False)) < float(zero_cl_loss(ua, ub, standardize=False))
+    # aligned per-instance parts on top of the shared direction are what lowers the loss
+    aligned = torch.tensor(common) + (za - torch.tensor(common)) + 0.1 * torch.tensor(rng.normal(size=(g, d)))
+    assert float(zero_cl_loss(za, aligned)) < 0.5 * shared
+
+
+def test_zero_cl_standardised_invariances() -> None:
+    """Without L2 normalisation: L_Fea is invariant to a per-feature offset and scale, L_Ins to a per-instance one."""
+    rng = np.random.default_rng(2)
+    za, zb = torch.tensor(rng.normal(size=(20, 12))), torch.tensor(rng.normal(size=(20, 12)))
+    base = zero_cl_loss(za, zb, normalize=False, return_parts=True)
+    shifted = zero_cl_loss(za * torch.tensor(rng.uniform(0.5, 2.0, size=(1, 12))) + torch.tensor(rng.normal(size=(1, 12))),
+                           zb, normalize=False, return_parts=True)
+    assert float(shifted["fea"]) == pytest.approx(float(base["fea"]), rel=1e-4)
+    shifted = zero_cl_loss(za * torch.tensor(rng.uniform(0.5, 2.0, size=(20, 1))) + torch.tensor(rng.normal(size=(20, 1))),
+                           zb, normalize=False, return_parts=True)
+    assert float(shifted["ins"]) == pytest.approx(float(base["ins"]), rel=1e-4)
 
 
 def test_zero_cl_is_zero_for_identical_full_rank_views() -> None:

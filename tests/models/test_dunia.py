@@ -201,7 +201,8 @@ def test_batch_without_footprints_skips_alignment_or_raises() -> None:
 
 
 def test_short_pretraining_lowers_every_loss() -> None:
-    """Fixed batch, 15 AdamW steps: total, Zero-CL, VICReg and reconstruction losses all decrease."""
+    """Fixed batch, 30 AdamW steps: total, Zero-CL, VICReg and reconstruction losses all decrease (eval mode; the
+    standardised Zero-CL needs ~30 steps before the BatchNorm running statistics of the waveform AE catch up)."""
     task = _task(sema_every=0)
     opt = task.configure_optimizers()["optimizer"]
     batch = _batch(b=2, size=16, k=8)
@@ -209,7 +210,7 @@ def test_short_pretraining_lowers_every_loss() -> None:
     with torch.no_grad():
         first = task.compute_losses(batch)
     task.train()
-    for _ in range(15):
+    for _ in range(30):
         parts = task.compute_losses(batch)
         opt.zero_grad()
         parts["loss"].backward()
