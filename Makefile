@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test install clean-demo
+.PHONY: demo lianet-demo test install clean-demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(VENV)/.installed
 ## demo: install, write the demo synthetic world if absent, train + test the PASTIS demo config, print metrics
 demo: $(VENV)/.installed
 	$(BIN)/eoplugins demo --config configs/micro_unet_pastis.yaml --data-dir data/demo --size demo
+
+## lianet-demo: install, write the demo world if absent, pretrain LIANet on its S2 tiles, fine-tune + test on demo PASTIS
+lianet-demo: $(VENV)/.installed
+	$(BIN)/eoplugins lianet-demo --data-dir data/demo
 
 ## test: install, then run the whole test suite (what .ci/run calls)
 test: $(VENV)/.installed

@@ -207,6 +207,20 @@ class _LIANetSamples(NonGeoDataset):
         raise EODataError(f"{self.region.root}: no tile file of {when.isoformat()} covers the window at column {col}, "
                           f"row {row}")
 
+    def _cloud(self, col: int, row: int, t: int) -> float | None:
+        """Mean cloud probability (``MSK_CLDPRB``, 0-100) of the window on acquisition ``t`` (``None``: no mask)."""
+        when, p = self.times[t], self.patch_size
+        for tile in self.region.tiles:
+            tc, tr = col - tile.offset[0], row - tile.offset[1]
+            path = dict(tile.files).get(when)
+            if path is not None and 0 <= tc and 0 <= tr and tc + p <= tile.shape[1] and tr + p <= tile.shape[0]:
+                mask = Path(path).parent / "MSK_CLDPRB" / Path(path).name
+                if not mask.is_file():
+                    return None
+                with rasterio.open(mask) as src:
+                    return float(src.read(1, window=Window(tc, tr, p, p)).mean())
+        return None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         col, row = s["origin"]
@@ -261,6 +275,9 @@ class LIANetPASTIS(_LIANetSamples):
         label_fraction, seed: subset of the split's patches.
         outside: ``"error"`` (default) or ``"skip"`` for patches outside the region.
         num_dates: keep this many of each patch's dates (``round(linspace)``; ``None`` = all, the reference).
+        max_cloud: drop (date x patch) pairs whose window has a mean cloud probability (``MSK_CLDPRB``, 0-100)
+            above this, before ``num_dates`` subsampling (the supplement fine-tunes PASTIS on cloud-free
+            timestamps only, section 10); ``None`` keeps every date.
     """
 
     classes = PASTIS_CLASSES
@@ -268,8 +285,10 @@ class LIANetPASTIS(_LIANetSamples):
     def __init__(self, root: str | Path, region: S2Region, split: str = "train", protocol: str = "pangaea",
                  fold_rotation: int = 0, dates: str = "region", image: str = "placeholder", void_label: int | None = -1,
                  label_fraction: float = 1.0, seed: int = 0, outside: str = "error", boa_offset: float = 1000.0,
-                 num_dates: int | None = None) -> None:
+                 num_dates: int | None = None, max_cloud: float | None = None) -> None:
         super().__init__(region, PASTIS.patch_size, image, boa_offset)
+        if max_cloud is not None and not 0 <= max_cloud <= 100:
+            raise ValueError(f"max_cloud must be a cloud probability in [0, 100] or None, got {max_cloud!r}")
         if num_dates is not None and num_dates < 1:
             raise ValueError(f"num_dates must be a positive int or None, got {num_dates}")
         if dates not in ("region", "patch"):
@@ -308,6 +327,8 @@ class LIANetPASTIS(_LIANetSamples):
                         raise EODataError(f"{what}: S2 date {d.isoformat()} has no pretraining acquisition on that day "
                                           f"({where} the pretrained period {first}..{last})")
                     indices.append(by_day[d])
+            if max_cloud is not None:
+                indices = [t for t in indices if (self._cloud(*origin, t) or 0.0) <= max_cloud]
             if num_dates is not None and len(indices) > num_dates:
                 indices = [indices[i] for i in np.round(np.linspace(0, len(indices) - 1, num_dates)).astype(int)]
             self.samples += [{"origin": origin, "time_index": t, "id": pid, "index": k} for t in indices]
@@ -460,6 +481,9 @@ class LIANetPASTISDataModule(_LIANetFinetuneDataModule):
         void_label: value of the void class (ignored by the loss with ``ignore_index`` = this value).
         label_fraction, seed: fraction of train patches kept.
         num_dates: dates kept per patch (``None``: all, the reference protocol).
+        outside: ``"error"`` (default) or ``"skip"``: patches outside the region (e.g. of another PASTIS tile
+            when each tile is its own pretraining region, as in the supplement's two-tile protocol).
+        max_cloud: drop (date x patch) pairs cloudier than this (mean ``MSK_CLDPRB``, 0-100; ``None``: keep all).
         batch_size, num_workers, batch_keys: loader settings (batch 32 in the paper).
     """
 
@@ -467,9 +491,14 @@ class LIANetPASTISDataModule(_LIANetFinetuneDataModule):
                  tiles: Sequence[str] | None = None, protocol: str = "pangaea", fold_rotation: int = 0,
                  dates: str = "region", image: str = "placeholder", void_label: int | None = -1,
                  label_fraction: float = 1.0, seed: int = 0, num_dates: int | None = None, batch_size: int = 32,
-                 num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS) -> None:
+                 num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS, outside: str = "error",
+                 max_cloud: float | None = None) -> None:
         super().__init__(tiles_root, tiles, batch_size, num_workers, batch_keys)
+        self.max_cloud = max_cloud
         protocol_folds(protocol, fold_rotation)  # validate early
+        if outside not in ("error", "skip"):
+            raise ValueError(f"outside must be 'error' or 'skip', got {outside!r}")
+        self.outside = outside
         self.num_dates = num_dates
         self.root, self.protocol, self.fold_rotation = Path(root), protocol, fold_rotation
         self.dates, self.image, self.void_label = dates, image, void_label
@@ -487,7 +516,7 @@ class LIANetPASTISDataModule(_LIANetFinetuneDataModule):
         return LIANetPASTIS(self.root, self.region, split=split, protocol=self.protocol, fold_rotation=self.fold_rotation,
                             dates=self.dates, image=self.image, void_label=self.void_label,
                             label_fraction=self.label_fraction if split == "train" else 1.0, seed=self.seed,
-                            num_dates=self.num_dates)
+                            num_dates=self.num_dates, outside=self.outside, max_cloud=self.max_cloud)
 
 
 class LIANetBurnScarsDataModule(_LIANetFinetuneDataModule):

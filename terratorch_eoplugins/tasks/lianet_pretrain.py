@@ -56,11 +56,18 @@ class LIANetPretrainTask(BaseTask):
         min_lr_ratio: final LR as a fraction of ``lr``.
         plot_every_n_epochs: reconstruction plots of the first validation batch (0 = never).
         export_generator: write ``lianet_generator.pt`` into the log directory at the end of ``fit``.
+        table_lr: base learning rate of the hash tables (``None``: ``lr``, as the reference). Adam moves a
+            table row by at most about ``lr`` per update and a fine-level row is only updated when a sampled
+            patch touches it, so short CPU runs use a larger table rate (Instant-NGP trains its hash tables at
+            1e-2); warmup and cosine decay apply to both groups.
     """
 
     def __init__(self, variant: str = "modified", generator_args: Mapping[str, Any] | None = None, lr: float = 5e-4,
                  weight_decay: float = 0.0, warmup: int = 5, scheduler_interval: str = "epoch",
-                 min_lr_ratio: float = 0.0, plot_every_n_epochs: int = 1, export_generator: bool = True) -> None:
+                 min_lr_ratio: float = 0.0, plot_every_n_epochs: int = 1, export_generator: bool = True,
+                 table_lr: float | None = None) -> None:
+        if table_lr is not None and not table_lr > 0:
+            raise ValueError(f"table_lr must be a positive learning rate or None, got {table_lr!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         generator_config(variant, **dict(generator_args or {}))  # validate early
@@ -188,7 +195,14 @@ class LIANetPretrainTask(BaseTask):
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.generator is not None
-        opt = torch.optim.AdamW(self.generator.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        lr, table_lr = self.hparams.lr, self.hparams.get("table_lr")
+        if table_lr is None or table_lr == lr:
+            groups: list[dict[str, Any]] = [{"params": list(self.generator.parameters())}]
+        else:
+            tables = [p for n, p in self.generator.named_parameters() if n.startswith("encoder.")]
+            rest = [p for n, p in self.generator.named_parameters() if not n.startswith("encoder.")]
+            groups = [{"params": rest}, {"params": tables, "lr": float(table_lr)}]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
         interval = self.hparams.scheduler_interval
         if interval == "epoch":
             total = int(self.trainer.max_epochs or 1)

@@ -124,6 +124,30 @@ def test_pastis_patches_land_on_their_pixels(tiny_world_dir: Path) -> None:
     assert len(region_ds) == 3 * len(region_ds.pastis)
 
 
+def test_pastis_max_cloud_drops_cloudy_pairs(tiny_world_dir: Path) -> None:
+    """max_cloud keeps exactly the (date x patch) pairs whose MSK_CLDPRB window mean is at most the threshold."""
+    import rasterio
+    from rasterio.windows import Window
+
+    region = scan_region(tiny_world_dir / "S2_TILES")
+    every = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="region")
+    clear = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="region", max_cloud=20)
+    tile = region.tiles[0]
+    files = dict(tile.files)
+
+    def cloud(s: dict) -> float:
+        path = files[region.times[s["time_index"]]]
+        col, row = s["origin"][0] - tile.offset[0], s["origin"][1] - tile.offset[1]
+        with rasterio.open(path.parent / "MSK_CLDPRB" / path.name) as src:
+            return float(src.read(1, window=Window(col, row, 128, 128)).mean())
+
+    expected = [(s["id"], s["time_index"]) for s in every.samples if cloud(s) <= 20]
+    assert [(s["id"], s["time_index"]) for s in clear.samples] == expected
+    assert 0 < len(clear) < len(every)  # the tiny world has cloudy dates
+    with pytest.raises(ValueError, match="max_cloud"):
+        LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", max_cloud=150)
+
+
 def test_bad_georeferencing_and_dates(tiny_world_dir: Path) -> None:
     region = scan_region(tiny_world_dir / "S2_TILES")
     square = [(0, 0), (1280, 0), (1280, -1280), (0, -1280), (0, 0)]

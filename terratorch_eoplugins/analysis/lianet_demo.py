@@ -1,0 +1,216 @@
+"""LIANet end-to-end demo: pretrain on the demo region's Sentinel-2 tiles, fine-tune on demo PASTIS, compare.
+
+One command (``eoplugins lianet-demo --data-dir data/demo``, ``make lianet-demo``) that, like
+:mod:`terratorch_eoplugins.demo`, runs the real terratorch CLI in subprocesses exactly as a user would:
+
+1. writes the synthetic demo world if absent (S2 tiles of the region + PASTIS-R cut from the same world);
+2. ``terratorch fit -c configs/lianet_pretrain_pastis.yaml`` (coordinate-only reconstruction of the
+   region's tiles; LIANet supplement section 8);
+3. ``terratorch fit -c configs/lianet_pastis.yaml --model.init_args.model_args.backbone_ckpt_path <ckpt>``
+   (frozen generator + conv head on (date x patch) samples; supplement section 10) and
+   ``terratorch test`` with the fine-tuning checkpoint of the best validation loss;
+4. prints the pretraining validation PSNR of the first and last epoch, the fine-tuning test mIoU and pixel
+   accuracy and those of the majority-class baseline (the train split's most frequent class, scored with
+   the same torchmetrics metrics on the same test samples).
+
+Returns exit status 0 only if the PSNR rose, the test mIoU beats the baseline's and the test pixel accuracy is
+not below the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from terratorch_eoplugins.demo import _last_metrics, _terratorch
+
+PRETRAIN_CONFIG = "configs/lianet_pretrain_pastis.yaml"
+FINETUNE_CONFIG = "configs/lianet_pastis.yaml"
+
+
+def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
+    """``(epoch, value)`` of every row of a Lightning CSVLogger file that has ``key`` (in file order)."""
+    out: list[tuple[int, float]] = []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(key) not in ("", None):
+                out.append((int(float(row.get("epoch") or 0)), float(row[key])))
+    if not out:
+        raise ValueError(f"{metrics_csv}: no {key!r} values logged")
+    return out
+
+
+def majority_baseline(data_config: Path, overrides: Mapping[str, Any]) -> dict[str, float]:
+    """Test mIoU / pixel accuracy / macro F1 of always predicting the train split's most frequent class.
+
+    ``data_config`` is a datamodule piece (``class_path`` + ``init_args``); ``overrides`` replace init args
+    (e.g. the data roots given on the command line).
+    """
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+
+    import terratorch_eoplugins  # noqa: F401
+
+    cfg = yaml.safe_load(data_config.read_text())
+    init = {**cfg.get("init_args", {}), **overrides}
+    module_name, cls_name = cfg["class_path"].rsplit(".", 1)
+    dm = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)(**init)
+    dm.setup("fit")
+    counts = torch.zeros(dm.num_classes, dtype=torch.long)
+    for i in range(len(dm.train_dataset)):
+        m = dm.train_dataset[i]["mask"]
+        counts += torch.bincount(m[m >= 0].flatten(), minlength=dm.num_classes)[: dm.num_classes]
+    majority = int(counts.argmax())
+    dm.setup("test")
+    miou = MulticlassJaccardIndex(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
+    acc = MulticlassAccuracy(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="micro")
+    f1 = MulticlassF1Score(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
+    for i in range(len(dm.test_dataset)):
+        m = dm.test_dataset[i]["mask"][None]
+        pred = torch.full_like(m, majority)
+        miou.update(pred, m)
+        acc.update(pred, m)
+        f1.update(pred, m)
+    return {"majority_class": majority, "mIoU": float(miou.compute()), "Pixel_Accuracy": float(acc.compute()),
+            "F1_Score": float(f1.compute()),
+            "test_samples": len(dm.test_dataset)}
+
+
+def _data_piece(config: str) -> Path:
+    return Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
+
+
+def _pretrain(config: str, tiles_root: str, log: list[str], name: str, stamp: str, extra: Sequence[str],
+              epochs: int | None, runs_dir: str, env: dict[str, str]) -> tuple[Path, Path, float, list[tuple[int, float]]]:
+    """``terratorch fit`` of the pretraining config; returns (generator file, log dir, seconds, val PSNR per epoch)."""
+    args = ["fit", "-c", config, f"--data.init_args.root={tiles_root}", *log, f"--trainer.logger.init_args.name={name}",
+            f"--trainer.logger.init_args.version=fit-{stamp}", *extra]
+    if epochs is not None:
+        args.append(f"--trainer.max_epochs={epochs}")
+    t1 = time.perf_counter()
+    _terratorch(args, env)
+    seconds = time.perf_counter() - t1
+    pre_dir = Path(runs_dir) / name / f"fit-{stamp}"
+    ckpt = pre_dir / "lianet_generator.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"pretraining wrote no {ckpt}")
+    return ckpt, pre_dir, seconds, epoch_metric(pre_dir / "metrics.csv", "val/PSNR")
+
+
+def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: str = "runs",
+                    pretrain_config: str = PRETRAIN_CONFIG, finetune_config: str = FINETUNE_CONFIG,
+                    pretrain_epochs: int | None = None, finetune_epochs: int | None = None,
+                    extra_pretrain: Sequence[str] = (), extra_finetune: Sequence[str] = (),
+                    pretrained: str | None = None) -> dict[str, float]:
+    """Write the world if absent, pretrain, fine-tune and test through the terratorch CLI; print a summary.
+
+    ``pretrained``: an existing pretraining checkpoint of the demo region; skips step 1 (no PSNR reported).
+    """
+    from terratorch_eoplugins.synthetic import write_world
+
+    for cfg in (pretrain_config, finetune_config):
+        if not Path(cfg).is_file():
+            raise FileNotFoundError(f"config {cfg!r} not found (run from the repository root or pass its path)")
+    t0 = time.perf_counter()
+    written = write_world(data_dir, size=size, products=["s2_tiles", "s1_tiles", "pastis"])
+    pastis_root = str(written["pastis"])
+    tiles_root = str(Path(written["s2_tiles"]).parent)
+    world_s = time.perf_counter() - t0
+    print(f"synthetic world ({size}) ready in {data_dir} [{world_s:.0f} s]", flush=True)
+
+    env = dict(os.environ)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = [f"--trainer.logger.init_args.save_dir={runs_dir}", f"--trainer.default_root_dir={runs_dir}",
+           "--trainer.enable_progress_bar=false"]
+
+    # 1. pretraining
+    pre_name, pre_s, psnr = "lianet_demo_pretrain", 0.0, [(-1, float("nan"))]
+    if pretrained is not None:
+        ckpt = Path(pretrained)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--pretrained checkpoint {pretrained!r} not found")
+        pre_dir = ckpt.parent
+    else:
+        ckpt, pre_dir, pre_s, psnr = _pretrain(pretrain_config, tiles_root, log, pre_name, stamp, extra_pretrain,
+                                               pretrain_epochs, runs_dir, env)
+
+    # 2. fine-tuning + test
+    ft_name = "lianet_demo_pastis"
+    data_over = [f"--data.init_args.root={pastis_root}", f"--data.init_args.tiles_root={tiles_root}"]
+    model_over = [f"--model.init_args.model_args.backbone_ckpt_path={ckpt}"]
+    ft_args = ["fit", "-c", finetune_config, *data_over, *model_over, *log,
+               f"--trainer.logger.init_args.name={ft_name}", f"--trainer.logger.init_args.version=fit-{stamp}",
+               *extra_finetune]
+    if finetune_epochs is not None:
+        ft_args.append(f"--trainer.max_epochs={finetune_epochs}")
+    t2 = time.perf_counter()
+    _terratorch(ft_args, env)
+    ft_s = time.perf_counter() - t2
+    ft_dir = Path(runs_dir) / ft_name / f"fit-{stamp}"
+    best = sorted((ft_dir / "checkpoints").glob("best-*.ckpt"))
+    if not best:
+        raise FileNotFoundError(f"no best-*.ckpt written under {ft_dir / 'checkpoints'}")
+    t3 = time.perf_counter()
+    _terratorch(["test", "-c", finetune_config, *data_over, *model_over, *log,
+                 f"--trainer.logger.init_args.name={ft_name}", f"--trainer.logger.init_args.version=test-{stamp}",
+                 f"--ckpt_path={best[-1]}", *extra_finetune], env)
+    test_s = time.perf_counter() - t3
+    metrics = _last_metrics(Path(runs_dir) / ft_name / f"test-{stamp}" / "metrics.csv")
+    base = majority_baseline(_data_piece(finetune_config), {"root": pastis_root, "tiles_root": tiles_root})
+    total = time.perf_counter() - t0
+
+    miou = metrics.get("test/mIoU", float("nan"))
+    print("\n================ LIANet demo summary ================")
+    print(f"time              world {world_s:.0f} s, pretrain {pre_s:.0f} s, fine-tune {ft_s:.0f} s, "
+          f"test {test_s:.0f} s (total {total:.0f} s)")
+    print(f"pretraining       {pre_dir}  (generator {ckpt})")
+    if pretrained is None:
+        print(f"val/PSNR          epoch {psnr[0][0]}: {psnr[0][1]:.2f} dB -> epoch {psnr[-1][0]}: {psnr[-1][1]:.2f} dB "
+              f"(best {max(v for _, v in psnr):.2f} dB)")
+    print(f"fine-tuning       {ft_dir}  (best {best[-1].name})")
+    for key in ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score"):
+        if key in metrics:
+            print(f"{key:21s}{metrics[key]:.4f}")
+    print(f"majority baseline mIoU {base['mIoU']:.4f}  pixel acc {base['Pixel_Accuracy']:.4f}  F1 {base['F1_Score']:.4f}  "
+          f"(always class {base['majority_class']}, {base['test_samples']} test samples)")
+    verdict = "ABOVE" if miou > base["mIoU"] else "NOT above"
+    print(f"test mIoU {miou:.4f} is {verdict} the majority-class baseline {base['mIoU']:.4f} "
+          f"({miou / max(base['mIoU'], 1e-12):.1f}x)")
+    acc = metrics.get("test/Pixel_Accuracy", float("nan"))
+    print(f"test pixel accuracy {acc:.4f} is {'not below' if acc >= base['Pixel_Accuracy'] else 'BELOW'} the "
+          f"baseline's {base['Pixel_Accuracy']:.4f}")
+    return {"psnr_first": psnr[0][1], "psnr_last": psnr[-1][1], "test_mIoU": miou,
+            "test_pixel_accuracy": acc, "test_F1": metrics.get("test/F1_Score", float("nan")), "majority_mIoU": base["mIoU"],
+            "majority_pixel_accuracy": base["Pixel_Accuracy"], "majority_F1": base["F1_Score"], "seconds": total}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="eoplugins lianet-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data/demo")
+    p.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--pretrain-config", default=PRETRAIN_CONFIG)
+    p.add_argument("--finetune-config", default=FINETUNE_CONFIG)
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the pretraining config's max_epochs")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="override the fine-tuning config's max_epochs")
+    p.add_argument("--pretrained", default=None,
+                   help="reuse this pretraining checkpoint of the demo region (skips pretraining)")
+    a = p.parse_args(argv)
+    res = run_lianet_demo(a.data_dir, a.size, a.runs_dir, a.pretrain_config, a.finetune_config, a.pretrain_epochs,
+                          a.finetune_epochs, pretrained=a.pretrained)
+    ok = (res["test_mIoU"] > res["majority_mIoU"] and res["test_pixel_accuracy"] >= res["majority_pixel_accuracy"]
+          and (a.pretrained is not None or res["psnr_last"] > res["psnr_first"]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
