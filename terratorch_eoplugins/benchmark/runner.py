@@ -44,6 +44,7 @@ from terratorch_eoplugins.benchmark.spec import (
     model_overrides,
     top_level_data_piece,
 )
+from terratorch_eoplugins.demo import _last_metrics
 
 CALLBACK = "terratorch_eoplugins.benchmark.callbacks.BenchmarkStats"
 
@@ -74,18 +75,8 @@ def select_metrics(kind: str, metrics: dict[str, float], keys: dict[str, str] | 
     return [float(metrics.get(keys.get(col, key), math.nan)) for col, key, _ in METRICS[kind]]
 
 
-def last_metrics(metrics_csv: Path) -> dict[str, float]:
-    """Merge the rows of a Lightning CSVLogger file, later values winning."""
-    out: dict[str, float] = {}
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                if v not in ("", None):
-                    try:
-                        out[k] = float(v)
-                    except ValueError:
-                        pass
-    return out
+# one Lightning CSV reader for every CLI driver (quickstart demo, LIANet demo, sweeps)
+last_metrics = _last_metrics
 
 
 def append_row(path: Path, row: dict) -> None:
