@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -42,18 +43,20 @@ def _last_metrics(metrics_csv: Path) -> dict[str, float]:
     return out
 
 
-def majority_baseline(data_config: Path, root: str | None = None) -> dict[str, float]:
-    """mIoU and pixel accuracy on the test split of always predicting the train split's most frequent class."""
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+def majority_baseline(data_config: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Test mIoU / pixel accuracy / macro F1 of always predicting the train split's most frequent class.
+
+    ``data_config`` is a datamodule piece (``class_path`` + ``init_args``); ``overrides`` replace init args
+    (e.g. the data roots given on the command line).
+    """
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
     import terratorch_eoplugins  # noqa: F401
 
     cfg = yaml.safe_load(data_config.read_text())
-    if root is not None:
-        cfg.setdefault("init_args", {})["root"] = root
+    init = {**cfg.get("init_args", {}), **(overrides or {})}
     module_name, cls_name = cfg["class_path"].rsplit(".", 1)
-    cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-    dm = cls(**cfg.get("init_args", {}))
+    dm = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)(**init)
     dm.setup("fit")
     counts = torch.zeros(dm.num_classes, dtype=torch.long)
     for i in range(len(dm.train_dataset)):
@@ -63,12 +66,15 @@ def majority_baseline(data_config: Path, root: str | None = None) -> dict[str, f
     dm.setup("test")
     miou = MulticlassJaccardIndex(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
     acc = MulticlassAccuracy(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="micro")
+    f1 = MulticlassF1Score(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
     for i in range(len(dm.test_dataset)):
         m = dm.test_dataset[i]["mask"][None]
         pred = torch.full_like(m, majority)
         miou.update(pred, m)
         acc.update(pred, m)
-    return {"majority_class": majority, "mIoU": float(miou.compute()), "Pixel_Accuracy": float(acc.compute())}
+        f1.update(pred, m)
+    return {"majority_class": majority, "mIoU": float(miou.compute()), "Pixel_Accuracy": float(acc.compute()),
+            "F1_Score": float(f1.compute()), "test_samples": len(dm.test_dataset)}
 
 
 def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "data/demo", size: str = "demo",
@@ -105,7 +111,7 @@ def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "da
     test_dir = Path(runs_dir) / name / f"test-{stamp}"
     metrics = _last_metrics(test_dir / "metrics.csv")
     data_piece = Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
-    base = majority_baseline(data_piece, root=pastis_root)
+    base = majority_baseline(data_piece, {"root": pastis_root})
 
     print("\n================ demo summary ================")
     print(f"config            {config}")

@@ -24,14 +24,12 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
 import yaml
 
-from terratorch_eoplugins.demo import _last_metrics, _terratorch
+from terratorch_eoplugins.demo import _last_metrics, _terratorch, majority_baseline
 
 PRETRAIN_CONFIG = "configs/lianet_pretrain_pastis.yaml"
 FINETUNE_CONFIG = "configs/lianet_pastis.yaml"
@@ -47,41 +45,6 @@ def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
     if not out:
         raise ValueError(f"{metrics_csv}: no {key!r} values logged")
     return out
-
-
-def majority_baseline(data_config: Path, overrides: Mapping[str, Any]) -> dict[str, float]:
-    """Test mIoU / pixel accuracy / macro F1 of always predicting the train split's most frequent class.
-
-    ``data_config`` is a datamodule piece (``class_path`` + ``init_args``); ``overrides`` replace init args
-    (e.g. the data roots given on the command line).
-    """
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
-
-    import terratorch_eoplugins  # noqa: F401
-
-    cfg = yaml.safe_load(data_config.read_text())
-    init = {**cfg.get("init_args", {}), **overrides}
-    module_name, cls_name = cfg["class_path"].rsplit(".", 1)
-    dm = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)(**init)
-    dm.setup("fit")
-    counts = torch.zeros(dm.num_classes, dtype=torch.long)
-    for i in range(len(dm.train_dataset)):
-        m = dm.train_dataset[i]["mask"]
-        counts += torch.bincount(m[m >= 0].flatten(), minlength=dm.num_classes)[: dm.num_classes]
-    majority = int(counts.argmax())
-    dm.setup("test")
-    miou = MulticlassJaccardIndex(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
-    acc = MulticlassAccuracy(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="micro")
-    f1 = MulticlassF1Score(num_classes=dm.num_classes, ignore_index=dm.ignore_index, average="macro")
-    for i in range(len(dm.test_dataset)):
-        m = dm.test_dataset[i]["mask"][None]
-        pred = torch.full_like(m, majority)
-        miou.update(pred, m)
-        acc.update(pred, m)
-        f1.update(pred, m)
-    return {"majority_class": majority, "mIoU": float(miou.compute()), "Pixel_Accuracy": float(acc.compute()),
-            "F1_Score": float(f1.compute()),
-            "test_samples": len(dm.test_dataset)}
 
 
 def _data_piece(config: str) -> Path:
