@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from terratorch_eoplugins.datasets._common import EODataError, collate_samples
 from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
 
 __all__ = ["DEFAULT_BINS", "confusion_matrix", "mean_iou", "series_cloud_ratio", "cloud_robustness",
            "load_segmentation_checkpoint", "main"]
@@ -157,9 +158,7 @@ def load_segmentation_checkpoint(path: str | Path) -> nn.Module:
     from terratorch.tasks import SemanticSegmentationTask
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"fine-tuned checkpoint not found: {str(p)!r}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(p, "fine-tuned")
     hp = dict(ckpt.get("hyper_parameters", {}))
     if "model_args" not in hp:
         raise ValueError(f"{p}: not a terratorch SemanticSegmentationTask checkpoint (no 'model_args' hyper-parameters)")

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
+
 __all__ = ["bootstrap_ci", "coordinate_swap", "load_pretrain_task", "main"]
 
 
@@ -49,10 +51,8 @@ def load_pretrain_task(ckpt: str | Path) -> Any:
     from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask
 
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"TS-fusion pretraining checkpoint not found: {str(path)!r}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "state_dict" not in blob or "hyper_parameters" not in blob:
+    blob = read_checkpoint(path, "TS-fusion pretraining")
+    if "state_dict" not in blob or "hyper_parameters" not in blob:
         raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionPretrainTask (state_dict + hyper_parameters)")
     hp = dict(blob["hyper_parameters"])
     task = TSFusionPretrainTask(**{k: v for k, v in hp.items() if not k.startswith("_")})

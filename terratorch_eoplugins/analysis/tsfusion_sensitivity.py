@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
+
 __all__ = ["load_cropnet_task", "modality_gradients", "main"]
 
 
@@ -34,10 +36,8 @@ def load_cropnet_task(ckpt: str | Path) -> Any:
     from terratorch_eoplugins.tasks.tsfusion_cropnet import TSFusionCropNetTask
 
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"TS-fusion CropNet checkpoint not found: {str(path)!r}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "state_dict" not in blob or "hyper_parameters" not in blob:
+    blob = read_checkpoint(path, "TS-fusion CropNet")
+    if "state_dict" not in blob or "hyper_parameters" not in blob:
         raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionCropNetTask (state_dict + hyper_parameters)")
     hp = {k: v for k, v in dict(blob["hyper_parameters"]).items() if not k.startswith("_")}
     hp.update(pretrained_ckpt=None, tokenizer_ckpt=None)  # weights come from this checkpoint

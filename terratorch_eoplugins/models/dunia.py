@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.models._checkpoint import read_state_dict
 from terratorch_eoplugins.nn.convlstm import MultiTemporalAE
 from terratorch_eoplugins.nn.dpt import DPTDecoder
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
@@ -295,20 +296,7 @@ class DUNIAPretrainModel(nn.Module):
 
 # ======================================================================================== checkpoints
 def _read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"DUNIA checkpoint not found: {str(p)!r}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({err})") from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
-    hparams = dict(obj.get("hyper_parameters", {}) or {})
-    state = obj.get("state_dict", obj)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{p}: 'state_dict' is not a mapping")
-    return {k: v for k, v in state.items() if isinstance(v, Tensor)}, hparams
+    return read_state_dict(path, "DUNIA")
 
 
 def _checkpoint_variant(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:

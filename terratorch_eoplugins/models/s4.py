@@ -29,10 +29,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.models._checkpoint import read_state_dict
 from terratorch_eoplugins.nn.unet3d import UNet3DDecoder, UNet3DEncoder, crop_to, pad_to_multiple
 
 __all__ = ["S4Model", "S4ProjectionHead", "S4UNet3DBackbone", "s4_unet3d", "load_s4_pretrained", "S4_MODALITIES"]
@@ -208,18 +208,8 @@ class S4UNet3DBackbone(nn.Module):
 
 
 def _read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"S4 checkpoint not found: {str(p)!r}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({err})") from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
-    hparams = dict(obj.get("hyper_parameters", {}) or {})
-    state = obj.get("state_dict", obj)
-    return {k.removeprefix("model."): v for k, v in state.items() if isinstance(v, Tensor)}, hparams
+    state, hparams = read_state_dict(path, "S4")
+    return {k.removeprefix("model."): v for k, v in state.items()}, hparams
 
 
 def load_s4_pretrained(backbone: S4UNet3DBackbone, path: str | Path) -> None:

@@ -1,0 +1,38 @@
+"""Reading checkpoint files safely: one place for every model family's loader."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def read_checkpoint(path: str | Path, what: str) -> Mapping[str, Any]:
+    """``torch.load(path, weights_only=True)`` on CPU with clear errors (never unpickles arbitrary objects).
+
+    ``what`` names the expected checkpoint in the messages (e.g. ``"DUNIA"``). Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` for a file that is not a readable mapping (Lightning checkpoint or state dict).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {str(p)!r}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({err})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors of a Lightning checkpoint's ``state_dict`` (or of a plain state dict) and its hyper-parameters."""
+    obj = read_checkpoint(path, what)
+    hparams = dict(obj.get("hyper_parameters", {}) or {})
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: 'state_dict' is not a mapping")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}, hparams
