@@ -471,7 +471,13 @@ class PASTIS(NonGeoDataset):
             suptitle: optional figure title.
             date_index: which date to show (default: the middle one).
         """
-        image = sample["image"]
+        if "image" in sample:
+            image = sample["image"]
+        else:  # terratorch's plot_sample moves a multi-modal ``image`` dict's entries to the sample's top level
+            image = {m: sample[m] for m in self.modalities if m in sample}
+            if not image:
+                raise KeyError(f"PASTIS.plot: the sample has no 'image' and none of the modalities "
+                               f"{list(self.modalities)}; keys: {sorted(sample)}")
         if isinstance(image, Mapping):
             modality = "S2" if "S2" in image else next(iter(image))
             image = image[modality]

@@ -233,6 +233,21 @@ def test_plot(tree, tmp_path):
         ds.plot(s, date_index=50)
 
 
+def test_plot_modality_split_sample(tree):
+    """terratorch's ``plot_sample`` moves a multi-modal ``image`` dict's entries to the sample's top level."""
+    ds = PASTIS(tree.root, split="test", modalities=("S2", "S1A"))
+    s = ds[0]
+    split = {k: v for k, v in s.items() if k != "image"} | dict(s["image"])
+    split["prediction"] = s["mask"].clone()
+    fig = ds.plot(split)
+    ref = ds.plot(s | {"prediction": s["mask"].clone()})
+    assert len(fig.axes) == 3
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), ref.axes[0].images[0].get_array())
+    plt.close("all")
+    with pytest.raises(KeyError, match="no 'image' and none of the modalities"):
+        ds.plot({"mask": s["mask"]})
+
+
 # ---------------------------------------------------------------- datamodule
 def test_datamodule_batches(tree):
     dm = PASTISDataModule(root=str(tree.root), batch_size=2, num_dates=4,
