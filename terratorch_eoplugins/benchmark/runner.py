@@ -241,9 +241,9 @@ class SweepRunner:
         assert pre is not None
         pdir = self.runs_dir / "_pretrain" / run.pretrain_id
         done = pdir / "pretrain.done"
-        if done.is_file():
+        if done.is_file():  # finished earlier (a resumed sweep, or another model entry sharing it): its own time
             info = json.loads(done.read_text())
-            return Path(info["ckpt"]), 0.0, ""
+            return Path(info["ckpt"]), float(info.get("wall_s", 0.0)), ""
         config = self.repo / pre.config
         args = ["fit", "-c", pre.config, f"--seed_everything={run.seed}",
                 *data_root_overrides(top_level_data_piece(config), self.world), *pre.overrides, *self.extra,

@@ -27,7 +27,9 @@ tasks that log their own metrics. A model x task entry may also give its own ``d
 ``overrides``, ``label_fractions``, ``settings_only`` (a subset of the model's settings), per-setting model
 patches (``settings: {embedding: {model_args: {...}}}``, merged over the sweep-level patch) and a ``pretrain``
 stage (``{config: configs/lianet_pretrain_pastis.yaml, ckpt_arg: model.init_args.model_args.backbone_ckpt_path,
-overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. Entries with ``optional: true`` whose
+overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. Model entries whose ``pretrain`` stages name
+the same ``share`` key reuse one pretraining per task x seed (e.g. DUNIA's low-shot head and zero-shot KNN runs);
+their stages must then be identical. Entries with ``optional: true`` whose
 pieces do not exist yet are skipped (so a model whose configs are still being written is one YAML edit away).
 
 Model patches (``model:`` of a setting) are merged into the model piece's ``init_args``: scalar keys become
@@ -64,6 +66,8 @@ class PretrainSpec:
     ckpt_arg: str
     overrides: tuple[str, ...] = ()
     ckpt: str = "last"  # "last" or "best"
+    #: a name shared by several model entries that reuse one pretraining (default: the model's name)
+    share: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ class RunSpec:
 
     @property
     def pretrain_id(self) -> str:
-        return f"{self.model}__{self.task}__s{self.seed}"
+        owner = self.pretrain.share if self.pretrain is not None and self.pretrain.share else self.model
+        return f"{owner}__{self.task}__s{self.seed}"
 
 
 def deep_merge(base: Any, patch: Any) -> Any:
@@ -229,7 +234,8 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
             if pre:
                 pretrain = PretrainSpec(config=_req(pre, "config", f"{where}.tasks.{tname}.pretrain"),
                                         ckpt_arg=_req(pre, "ckpt_arg", f"{where}.tasks.{tname}.pretrain"),
-                                        overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"))
+                                        overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"),
+                                        share=str(pre["share"]) if pre.get("share") else None)
             run_fractions = [float(f) for f in entry.get("label_fractions", tinfo.get("label_fractions", fractions))]
             for s in entry.get("settings_only", m_settings):
                 sdef = settings[s]
@@ -251,4 +257,14 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise SweepSpecError(f"{path}: duplicate runs {sorted(dup)} (a model listed twice?)")
+    stages: dict[str, tuple[str, PretrainSpec]] = {}
+    for r in runs:
+        if r.pretrain is None:
+            continue
+        first = stages.setdefault(r.pretrain_id, (r.model, r.pretrain))
+        if (first[1].config, first[1].overrides) != (r.pretrain.config, r.pretrain.overrides):
+            raise SweepSpecError(
+                f"{path}: models {first[0]!r} and {r.model!r} share the pretraining {r.pretrain_id!r} "
+                f"(pretrain.share) but give it different config/overrides: {first[1].config} {list(first[1].overrides)} "
+                f"vs {r.pretrain.config} {list(r.pretrain.overrides)}; a shared pretraining must be identical")
     return Sweep(path=path, name=name, world=world, raw=raw, runs=runs, skipped=skipped)

@@ -450,6 +450,7 @@ class DUNIAZeroShotKNNTask(BaseTask):
             s = acc.setdefault(kk, torch.zeros(6, y.shape[1], dtype=torch.float64))
             s += torch.stack([y.sum(0), p.sum(0), (y * y).sum(0), (p * p).sum(0), (y * p).sum(0),
                               ((y - p) ** 2).sum(0)])
+            acc[f"sae_k{kk}"] = acc.get(f"sae_k{kk}", 0) + (y - p).abs().sum(0)  # for the MAE
 
     def _acc_classification(self, preds: dict[int, Tensor], y: Tensor) -> None:
         c = self.hparams["num_classes"]
@@ -492,14 +493,18 @@ class DUNIAZeroShotKNNTask(BaseTask):
             rmse_mean = torch.sqrt(acc["sse_mean"] / n)
             for kk in self.k_values:
                 rmse, r = self.regression_scores(acc[kk], n)
+                mae = acc[f"sae_k{kk}"] / n
                 for vi, name in enumerate(self.target_names):
                     out[f"{stage}/{name}_rmse_k{kk}"] = float(rmse[vi])
+                    out[f"{stage}/{name}_mae_k{kk}"] = float(mae[vi])
                     out[f"{stage}/{name}_r_k{kk}"] = float(r[vi])
                     if kk == self.k:
                         out[f"{stage}/{name}_rmse"] = float(rmse[vi])
+                        out[f"{stage}/{name}_mae"] = float(mae[vi])
                         out[f"{stage}/{name}_r"] = float(r[vi])
                 if kk == self.k:
-                    out[f"{stage}/rmse"], out[f"{stage}/r"] = float(rmse[0]), float(r[0])
+                    out[f"{stage}/rmse"], out[f"{stage}/mae"], out[f"{stage}/r"] = (float(rmse[0]), float(mae[0]),
+                                                                                    float(r[0]))
             for vi, name in enumerate(self.target_names):
                 out[f"{stage}/{name}_rmse_mean_predictor"] = float(rmse_mean[vi])
             out[f"{stage}/rmse_mean_predictor"] = float(rmse_mean[0])

@@ -87,6 +87,23 @@ def test_sweep_matrix_expands_and_skips_optional_missing(tmp_path: Path) -> None
     assert sweep.skipped == ["future x pastis: missing configs/models/pastis/nope.yaml"]
 
 
+def test_shared_pretraining_has_one_id_and_must_be_identical(tmp_path: Path) -> None:
+    pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
+           "share": "dunia", "overrides": ["--trainer.max_epochs=1"]}
+    models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
+              {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
+                                                       "pretrain": pre | {"ckpt_arg": "model.init_args.dunia_ckpt_path"}}}},
+              {"name": "s4", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml",
+                                                "pretrain": pre | {"share": None}}}}]
+    gedi = {"tasks": {"gedi": {"data": "configs/data/gedi.yaml", "kind": "regression"}}}
+    sweep = load_sweep(_write_sweep(tmp_path, models, **gedi), repo=REPO)
+    ids = {r.model: r.pretrain_id for r in sweep.runs}
+    assert ids == {"dunia": "dunia__gedi__s0", "dunia_knn": "dunia__gedi__s0", "s4": "s4__gedi__s0"}
+    models[1]["tasks"]["gedi"]["pretrain"] = pre | {"overrides": ["--trainer.max_epochs=2"]}
+    with pytest.raises(SweepSpecError, match="share the pretraining 'dunia__gedi__s0'.*must be identical"):
+        load_sweep(_write_sweep(tmp_path, models, **gedi), repo=REPO)
+
+
 @pytest.mark.parametrize("models, message", [
     ([{"name": "m", "tasks": {"pastis": {"model": "configs/models/pastis/nope.yaml"}}}], "not found: configs/models"),
     ([{"name": "m", "tasks": {"mars": {"model": "configs/models/pastis/unet.yaml"}}}], "unknown task 'mars'"),
@@ -219,3 +236,34 @@ def test_eoplugins_sweep_command_lists_and_renders(tmp_path: Path, capsys: pytes
     assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--render"]) == 0
     assert "| Pastis | MICRO† | 1 | **0.200** | **0.300** | **0.400** |" in (results / "t.md").read_text()
     assert (results / "t.png").stat().st_size > 1000
+
+
+def test_runner_runs_a_shared_pretraining_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two model entries sharing a pretraining: one `terratorch fit` of the stage, same checkpoint and time for both."""
+    from terratorch_eoplugins.benchmark import runner as runner_mod
+
+    pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
+           "share": "dunia"}
+    models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
+              {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
+                                                       "pretrain": pre | {"ckpt_arg": "model.init_args.dunia_ckpt_path"}}}}]
+    sweep = load_sweep(_write_sweep(tmp_path, models, tasks={"gedi": {"data": "configs/data/gedi.yaml",
+                                                                    "kind": "regression"}}), repo=REPO)
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float | None) -> runner_mod.ProcResult:
+        calls.append(cmd)
+        ckpts = log.parent / "fit" / "checkpoints"
+        ckpts.mkdir(parents=True)
+        (ckpts / "last.ckpt").write_bytes(b"weights")
+        return runner_mod.ProcResult(0, 12.5, 100.0, "")
+
+    monkeypatch.setattr(runner_mod, "run_logged", fake_run)
+    runner = runner_mod.SweepRunner(sweep, repo=REPO, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res",
+                                    log=lambda s: None)
+    got = [runner._pretrain(r) for r in sweep.runs]
+    assert len(calls) == 1 and "configs/dunia_pretrain.yaml" in calls[0]
+    assert got[0] == got[1] and got[0][0].name == "last.ckpt" and got[0][1:] == (12.5, "")
+    args = [runner.run_args(r, got[0][0]) for r in sweep.runs]
+    assert f"--model.init_args.model_args.backbone_ckpt_path={got[0][0]}" in args[0]
+    assert f"--model.init_args.dunia_ckpt_path={got[0][0]}" in args[1]

@@ -194,6 +194,28 @@ def test_classification_beats_majority_on_band_defined_classes() -> None:
     assert m["test/mIoU_k50"] > m["test/mIoU_majority"] + 0.3
 
 
+def test_logged_regression_metrics_match_numpy_over_batches() -> None:
+    """RMSE, MAE and r at every K, accumulated batch by batch, equal the formulas on all pixels at once."""
+    rng = np.random.default_rng(1)
+    task = DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[1, 5], k=5)
+    task.database = KNNDatabase(3, "regression")
+    task.database.add(torch.randn(20, 3), torch.from_numpy(rng.normal(10, 2, (20, 1))).float())
+    y = rng.normal(10, 3, 300)
+    preds = {1: 0.5 * y + rng.normal(5, 1, 300), 5: 0.8 * y + rng.normal(2, 1, 300)}
+    for chunk in np.array_split(np.arange(300), 4):
+        task._acc_regression({kk: torch.from_numpy(p[chunk])[:, None] for kk, p in preds.items()},
+                             torch.from_numpy(y[chunk])[:, None])
+    out = task._log_metrics("test")
+    for kk, p in preds.items():
+        assert out[f"test/rh98_rmse_k{kk}"] == pytest.approx(np.sqrt(np.mean((y - p) ** 2)), rel=1e-6)
+        assert out[f"test/rh98_mae_k{kk}"] == pytest.approx(np.mean(np.abs(y - p)), rel=1e-6)
+        assert out[f"test/rh98_r_k{kk}"] == pytest.approx(np.corrcoef(y, p)[0, 1], rel=1e-6)
+    assert (out["test/rmse"], out["test/mae"], out["test/r"]) == (
+        out["test/rh98_rmse_k5"], out["test/rh98_mae_k5"], out["test/rh98_r_k5"])
+    mean = float(task.database.label_mean())
+    assert out["test/rmse_mean_predictor"] == pytest.approx(np.sqrt(np.mean((y - mean) ** 2)), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- tiny world, Lightning
 def test_zero_shot_rh98_on_the_tiny_world_beats_the_mean_predictor(tiny_world_dir: Path) -> None:
     """fit (database from the train chips, no gradient step) then validate through Lightning on the GEDI world.
