@@ -8,10 +8,17 @@ For each seed:
 2. fine-tune :class:`~terratorch_eoplugins.tasks.tsfusion_cropnet.TSFusionCropNetTask` twice with the same
    epochs, optimiser and data: from the pretrained encoder ("pretrained") and from a random encoder that
    shares the pretrained run's tokenizers ("scratch", the paper's "S" rows, which also share TerraMind's
-   tokenizers); both with MP and/or MMP pooling;
-3. report the protocol's test-year (2020) metrics on yields: RMSE, R2 (Pearson r^2, MMST-ViT), R2_cod.
+   tokenizers); both with MP and/or MMP pooling, one learning rate end to end with a linear warmup
+   (``--warmup-epochs``) and cosine decay, and the epoch with the best validation (2022) R2 is tested
+   (appendix A.2: "selected the best model based on validation R^2"; ``--select last`` tests the last epoch);
+3. report the protocol's test-year (2020) metrics on yields: RMSE, R2 (Pearson r^2: the paper's tables have
+   R^2 = Corr.^2 in 69 of 72 cells, as MMST-ViT), R2_cod (coefficient of determination), and the calibration of
+   the predictions (``test_bias``: mean predicted - true yield; ``test_std_ratio``: std of predicted / true yields).
 
 Prints per-run rows and mean +- std over seeds, side by side, and writes them to ``--csv``.
+``--pretrain-dir`` keeps the pretraining checkpoints and reuses one made with the same settings and seed
+(runs are deterministic on CPU), so seeds can run as separate processes and fine-tuning variants can share them;
+``--encoder-lr-scale 0`` freezes the encoder (a probe of the pretrained vs random features).
 
     python benchmarks/tsfusion_pretraining.py --world /tmp/tsf_demo     # demo world (writes it if missing)
     python benchmarks/tsfusion_pretraining.py --size tiny --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 15
@@ -40,15 +47,43 @@ def _trainer(epochs: int, **kw):  # noqa: ANN202
                       enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0, **kw)
 
 
+def _best_callback():  # noqa: ANN202
+    import lightning.pytorch as pl
+
+    class BestValR2(pl.Callback):
+        """Keep (in memory) the weights of the epoch with the best validation R2 (paper, appendix A.2)."""
+
+        def __init__(self) -> None:
+            self.score, self.state, self.metrics, self.epoch = -float("inf"), None, {}, -1
+
+        def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001  (after the task's epoch end)
+            if trainer.sanity_checking:
+                return
+            m = {k: float(v) for k, v in getattr(pl_module, "last_metrics", {}).items() if k.startswith("val/")}
+            score = m.get("val/R2", float("nan"))
+            if np.isfinite(score) and score > self.score:
+                self.score, self.metrics, self.epoch = score, m, trainer.current_epoch
+                self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    return BestValR2
+
+
 def summarize(rows: list[dict], poolings: list[str]) -> None:
     """Print mean +- std over seeds of each metric, scratch vs pretrained side by side, and the win count."""
     print(f"{'pooling':8s} {'metric':12s} {'scratch':>18s} {'pretrained':>18s} {'wins':>6s}")
     for pooling in poolings:
-        for metric in ("test_R2", "test_R2_cod", "test_RMSE", "val_R2"):
+        for metric in ("test_R2", "test_R2_cod", "test_RMSE", "val_R2", "test_bias", "test_std_ratio"):
+            if any(metric not in r for r in rows):
+                continue
             vals = {arm: np.array([r[metric] for r in rows if r["pooling"] == pooling and r["arm"] == arm])
                     for arm in ("scratch", "pretrained")}
-            better = vals["pretrained"] < vals["scratch"] if metric.endswith("RMSE") else \
-                vals["pretrained"] > vals["scratch"]
+            if metric == "test_bias":  # closer to 0 is better
+                better = np.abs(vals["pretrained"]) < np.abs(vals["scratch"])
+            elif metric == "test_std_ratio":  # closer to 1 is better
+                better = np.abs(np.log(vals["pretrained"])) < np.abs(np.log(vals["scratch"]))
+            else:
+                better = vals["pretrained"] < vals["scratch"] if metric.endswith("RMSE") else \
+                    vals["pretrained"] > vals["scratch"]
             print(f"{pooling:8s} {metric:12s} " + " ".join(
                 f"{vals[a].mean():8.3f} +- {vals[a].std():6.3f}" for a in ("scratch", "pretrained"))
                 + f" {int(better.sum())}/{len(better)}")
@@ -73,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-county", type=int, default=8, help="(grid, date) samples pooled per county in training")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="fine-tuning linear warmup (paper: 5 of 200)")
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="encoder learning rate = finetune-lr * this, both arms (1: one rate, as the paper)")
+    p.add_argument("--select", default="best", choices=["best", "last"],
+                   help="test the epoch with the best validation R2 (paper, appendix A.2) or the last epoch")
+    p.add_argument("--pretrain-dir", default=None,
+                   help="keep pretraining checkpoints here and reuse one made with the same settings")
     p.add_argument("--csv", default="benchmarks/results/tsfusion_pretraining.csv")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pretrain-only", action="store_true", help="only write the pretraining checkpoints (--pretrain-dir)")
     p.add_argument("--aggregate", nargs="+", default=None,
                    help="only summarise the given CSV files of earlier runs (e.g. one process per seed)")
     args = p.parse_args(argv)
@@ -112,46 +155,67 @@ def main(argv: list[str] | None = None) -> int:
     ft_dm = CropNetDataModule(root, crop=args.crop, grid_aggregation="none", normalize=False, standardize_label=True,
                               long_term_years=0, batch_size=4, batch_keys=KEYS, image_size=args.image_size,
                               max_dates=args.max_dates)
+    BestValR2 = _best_callback()
     rows = []
     t_all = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="tsfusion_bench_"))
+    keep = Path(args.pretrain_dir) if args.pretrain_dir else tmp
+    keep.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         pl.seed_everything(seed, verbose=False)
         t0 = time.time()
         pre = TSFusionPretrainTask(lr=args.pretrain_lr, input_budget=48, target_budget=48, generate_batches=2,
                                    **shared)
-        tr = _trainer(args.pretrain_epochs, limit_val_batches=0)
-        tr.fit(pre, pre_dm)
-        ckpt = tmp / f"pretrain_seed{seed}.ckpt"
-        tr.save_checkpoint(ckpt)
+        tag = (f"{world.resolve().name}_e{args.pretrain_epochs}_lr{args.pretrain_lr:g}_b{args.before}a{args.after}"
+               f"_px{args.image_size}_tok{args.tokenizer_steps}")
+        ckpt = keep / f"pretrain_{tag}_seed{seed}.ckpt"
+        if args.pretrain_dir and ckpt.is_file():  # same settings and seed: reuse
+            from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask as _T
+
+            pre = _T.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+        else:
+            tr = _trainer(args.pretrain_epochs, limit_val_batches=0)
+            tr.fit(pre, pre_dm)
+            tr.save_checkpoint(ckpt)
         gen = _trainer(1)
         res = gen.test(pre, pre_dm, verbose=False)[0]
         t_pre = time.time() - t0
         print(f"seed {seed}: pretrain {t_pre:.0f}s  test loss {res['test/loss']:.3f}  generated-weather R2 "
               f"{res.get('test/gen_r2', float('nan')):.3f} (tavg {res.get('test/gen_r2_tavg', float('nan')):.3f}, "
               f"precip {res.get('test/gen_r2_precip', float('nan')):.3f})", flush=True)
-        for pooling in args.pooling:
+        for pooling in [] if args.pretrain_only else args.pooling:
             for arm in ("scratch", "pretrained"):
                 pl.seed_everything(seed, verbose=False)
                 t1 = time.time()
                 task = TSFusionCropNetTask(pooling=pooling, lr=args.finetune_lr,
                                            pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
                                            tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
+                                           warmup_epochs=args.warmup_epochs, encoder_lr_scale=args.encoder_lr_scale,
                                            **shared)
-                tr = _trainer(args.finetune_epochs)
+                best = BestValR2()
+                tr = _trainer(args.finetune_epochs, callbacks=[best])
                 tr.fit(task, ft_dm)
-                val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
+                if args.select == "best" and best.state is not None:
+                    task.load_state_dict(best.state)
+                    val = best.metrics
+                else:
+                    val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
                 test = tr.test(task, ft_dm, verbose=False)[0]
                 row = {"seed": seed, "pooling": pooling, "arm": arm, "gen_r2": res.get("test/gen_r2", float("nan")),
+                       "gen_r2_tavg": res.get("test/gen_r2_tavg", float("nan")), "best_epoch": best.epoch,
                        "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
                        "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
                        "test_r": test.get("test/r", float("nan")), "test_R2_cod": test.get("test/R2_cod", float("nan")),
+                       "test_bias": float((task.last_yields["pred"] - task.last_yields["true"]).mean()),
+                       "test_std_ratio": float(task.last_yields["pred"].std() / task.last_yields["true"].std()),
                        "seconds": time.time() - t1}
                 rows.append(row)
                 print(f"  {pooling:3s} {arm:10s} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
                       f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
     print(f"\n{args.crop}, {len(args.seeds)} seeds, {args.pretrain_epochs} pretraining / {args.finetune_epochs} "
           f"fine-tuning epochs, total {time.time() - t_all:.0f}s")
+    if not rows:
+        return 0
     summarize(rows, args.pooling)
     if args.csv:
         out = Path(args.csv)

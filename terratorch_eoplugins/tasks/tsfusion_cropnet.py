@@ -25,6 +25,7 @@ Batches come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataM
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -96,6 +97,9 @@ class TSFusionCropNetTask(BaseTask):
         months: weather months of the datamodule (read from the datamodule when it has them).
         hidden_dim, dropout, residual_scale: head (appendix A.2: dropout 0.25, residual 0.1).
         lr, weight_decay: AdamW (paper: 5e-5, 0.01; larger rates for short CPU runs); cosine decay.
+        warmup_epochs: linear warmup epochs before the cosine decay (appendix A.2: 5 of 200 epochs); it keeps the
+            first, large gradients of the random head from overwriting a pretrained encoder.
+        encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale`` (1: one rate, as the paper).
         train_samples_per_county: during training, pool a random subset of this many (grid, date) samples per
             county (compute saving and augmentation; ``None`` = all). Validation and test always use all.
     """
@@ -110,13 +114,18 @@ class TSFusionCropNetTask(BaseTask):
                  image_tokenizer_kwargs: Mapping[str, Any] | None = None, tokenizer_steps: int = 200,
                  use_modalities: Sequence[str] | None = None, months: Sequence[int] = (4, 5, 6, 7, 8, 9),
                  hidden_dim: int = 128, dropout: float = 0.25, residual_scale: float = 0.1, lr: float = 1e-3,
-                 weight_decay: float = 0.01, train_samples_per_county: int | None = None) -> None:
+                 weight_decay: float = 0.01, train_samples_per_county: int | None = None,
+                 warmup_epochs: float = 0.0, encoder_lr_scale: float = 1.0) -> None:
         if pooling not in ("mp", "mmp"):
             raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
         if model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {model!r}")
         if train_samples_per_county is not None and train_samples_per_county < 1:
             raise ValueError(f"train_samples_per_county must be >= 1 or None, got {train_samples_per_county}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if encoder_lr_scale < 0:
+            raise ValueError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
         super().__init__()
 
     def configure_models(self) -> None:
@@ -154,10 +163,26 @@ class TSFusionCropNetTask(BaseTask):
         self.tokenizers.load_state_dict(sub)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with cosine decay over the run (appendix A.2)."""
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-        total = max(1, int(getattr(self.trainer, "estimated_stepping_batches", 1) or 1))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        """AdamW with linear warmup (``warmup_epochs``) and cosine decay over the run (appendix A.2)."""
+        hp = self.hparams
+        lr, scale = hp["lr"], hp.get("encoder_lr_scale", 1.0)
+        enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+        groups = [{"params": head, "lr": lr}] + ([{"params": enc, "lr": lr * scale}] if scale > 0 else [])
+        if scale == 0:
+            for p in enc:
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=hp["weight_decay"])
+        total = max(1, int(getattr(self.trainer, "estimated_stepping_batches", 1) or 1)) if self._trainer else 1
+        epochs = max(1, int(getattr(self.trainer, "max_epochs", 1) or 1)) if self._trainer else 1
+        warm = min(int(round(hp.get("warmup_epochs", 0.0) * total / epochs)), max(total - 1, 0))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ data
@@ -286,6 +311,8 @@ class TSFusionCropNetTask(BaseTask):
         pred = self._destandardize(torch.cat(self._outs["pred"]))
         true = self._destandardize(torch.cat(self._outs["true"]))
         self._outs = {"pred": [], "true": []}
+        #: yields (exp of the log predictions / labels) of the last validation or test epoch, for analyses
+        self.last_yields = {"pred": torch.exp(pred.double()).ravel(), "true": torch.exp(true.double()).ravel()}
         if pred.numel() < 2:
             return {}
         return cropnet_metrics(pred, true)

@@ -394,6 +394,39 @@ def test_pretrain_checkpoint_fine_tunes_with_mp_and_mmp_and_gives_gradient_sensi
         TSFusionCropNetTask(pretrained_ckpt=str(ckpt), **bad)
 
 
+def test_cropnet_fine_tuning_schedule_warms_up_and_scales_the_encoder_rate() -> None:
+    from types import SimpleNamespace
+
+    from terratorch_eoplugins.tasks.tsfusion_cropnet import TSFusionCropNetTask
+
+    kw = dict(before=5, after=2, image_size=16, image_tokenizer_kwargs={"levels": [5, 4, 4], "hidden_dims": [16, 16]},
+              model_kwargs={"dim": 16, "encoder_depth": 1, "decoder_depth": 1}, hidden_dim=8, lr=1e-3)
+    task = TSFusionCropNetTask(warmup_epochs=2, encoder_lr_scale=0.1, **kw)
+    task._trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10)  # 10 steps per epoch
+    conf = task.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    n_enc = sum(p.numel() for p in task.model.encoder.parameters())
+    assert sum(p.numel() for p in opt.param_groups[1]["params"]) == n_enc
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in task.model.parameters())
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    lrs = np.array(lrs)
+    # linear warmup over 2 epochs (20 steps) to the peak, then cosine decay; the encoder runs at 0.1 x the rate
+    assert np.allclose(lrs[:20, 0], 1e-3 * np.arange(1, 21) / 20)
+    assert np.allclose(lrs[20:, 0], 1e-3 * 0.5 * (1 + np.cos(np.pi * np.arange(80) / 80)))
+    assert np.allclose(lrs[:, 1], 0.1 * lrs[:, 0])
+    frozen = TSFusionCropNetTask(encoder_lr_scale=0.0, **kw)
+    frozen._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)
+    opt0 = frozen.configure_optimizers()["optimizer"]
+    assert len(opt0.param_groups) == 1 and not any(p.requires_grad for p in frozen.model.encoder.parameters())
+    for bad in (dict(warmup_epochs=-1), dict(encoder_lr_scale=-0.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TSFusionCropNetTask(**bad, **kw)
+
+
 def test_county_pairs_reject_a_county_without_grids() -> None:
     from terratorch_eoplugins.tasks.tsfusion_cropnet import county_pairs
 
