@@ -20,11 +20,17 @@ in-process), side by side:
 * zero-shot KNN (``configs/dunia_gedi_zeroshot.yaml``: database = train footprints, cosine top-k, test split)
   with the pretrained checkpoint and with a randomly initialised DUNIA-tiny, against the mean predictor;
 * low-shot fine-tuning (``configs/dunia_gedi.yaml``, frozen but the last NA layers + 1x1 heads) from the
-  pretrained checkpoint, ``--finetune-epochs`` epochs (0 skips it).
+  pretrained checkpoint, ``--finetune-epochs`` epochs (0 skips it; the cosine schedule's ``T_max`` is set to the
+  same number of epochs) at ``--finetune-lr``, with the head's output bias initialised to the training target mean
+  (:class:`~terratorch_eoplugins.models.dunia.TargetMeanBiasInit`); its RMSE and Pearson r are computed here from the predictions on
+  the test footprint pixels, printed next to the zero-shot rows.
+
+``--ckpt`` skips pretraining and evaluates an existing pretraining checkpoint (``--ckpt-out`` of an earlier run).
 
     python benchmarks/dunia_alignment.py                         # writes the tiny world to a temp dir
     python benchmarks/dunia_alignment.py --world /path/to/world --steps 300 --chip-size 32
     python benchmarks/dunia_alignment.py --world /path/to/world --steps 30 --downstream --finetune-epochs 3
+    python benchmarks/dunia_alignment.py --world /path/to/world --ckpt /path/to/dunia_pretrain_tiny.ckpt --downstream
 """
 
 from __future__ import annotations
@@ -71,7 +77,28 @@ def _test_metrics(cli) -> dict[str, float]:  # noqa: ANN001
     return {k: float(v) for k, v in out[0].items()}
 
 
-def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int) -> None:
+def _finetuned_predictions(cli, split: str = "test") -> tuple[float, float, int]:  # noqa: ANN001
+    """RMSE and Pearson r of the fine-tuned model on the footprint pixels (target != ignore_index) of a split."""
+    model, dm = cli.model, cli.datamodule
+    dm.setup("test" if split == "test" else "fit")
+    ignore = float(model.hparams.get("ignore_index", -1))
+    preds, targets = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in (dm.test_dataloader() if split == "test" else dm.val_dataloader()):
+            y = batch["mask"].float()
+            rest = {k: v for k, v in batch.items() if k not in ("image", "mask", "filename")}
+            out = model(batch["image"], **rest).output.reshape(y.shape)
+            keep = y != ignore
+            preds.append(out[keep])
+            targets.append(y[keep])
+    p, t = torch.cat(preds).double(), torch.cat(targets).double()
+    rmse = float((p - t).pow(2).mean().sqrt())
+    r = float(np.corrcoef(p.numpy(), t.numpy())[0, 1]) if len(p) > 1 else float("nan")
+    return rmse, r, len(p)
+
+
+def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int, finetune_lr: float) -> None:
     """Zero-shot KNN RH98 (pretrained vs random init) and low-shot fine-tuning, printed side by side."""
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -85,19 +112,27 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int)
         if path is not None:
             args += ["--model.init_args.dunia_ckpt_path", str(path)]
         t0 = time.perf_counter()
-        m = _test_metrics(_cli(args))
+        cli = _cli(args)
+        val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        m = {**_test_metrics(cli), **val}
         print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((name, m))
     if finetune_epochs > 0 and ckpt is not None:
         args = ["fit", "-c", "configs/dunia_gedi.yaml", "--data.init_args.root", root,
                 "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
-                "--trainer.max_epochs", str(finetune_epochs), "--trainer.default_root_dir", str(runs),
+                "--trainer.max_epochs", str(finetune_epochs), "--model.init_args.lr", str(finetune_lr),
+                "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}",
+                "--trainer.default_root_dir", str(runs),
                 "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+                "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
+                '[{"class_path": "terratorch_eoplugins.models.dunia.TargetMeanBiasInit"}]']
         t0 = time.perf_counter()
-        m = _test_metrics(_cli(args))
+        cli = _cli(args)
+        m = _test_metrics(cli)
+        m["rmse"], m["r"], m["n"] = _finetuned_predictions(cli, "test")
+        m["val_rmse"], m["val_r"], _ = _finetuned_predictions(cli, "val")
         print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
-        rows.append((f"low-shot fine-tuning, {finetune_epochs} epochs", m))
+        rows.append((f"low-shot fine-tuning, {finetune_epochs} ep, lr {finetune_lr:g}", m))
     print("\nGEDI RH98 on the test split (m)                  RMSE      r")
     mean_rmse = next((m["test/rh98_rmse_mean_predictor"] for _, m in rows if "test/rh98_rmse_mean_predictor" in m),
                      float("nan"))
@@ -107,9 +142,21 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int)
             for k in (1, 5, 50):
                 print(f"  {name + f', K={k}':<44s} {m[f'test/rh98_rmse_k{k}']:7.3f} {m[f'test/rh98_r_k{k}']:6.3f}")
         else:
-            rmse = m.get("test/RMSE", float("nan"))
-            extra = {k: round(v, 3) for k, v in m.items() if k not in ("test/RMSE",)}
-            print(f"  {name:<44s} {rmse:7.3f}      -   {extra}")
+            extra = f"(footprint pixels {int(m['n'])}; task test/RMSE {m.get('test/RMSE', float('nan')):.3f})"
+            print(f"  {name:<44s} {m['rmse']:7.3f} {m['r']:6.3f}   {extra}")
+    zs = next((m for n, m in rows if n == "zero-shot KNN, pretrained"), None)
+    ft = next((m for n, m in rows if n.startswith("low-shot")), None)
+    if zs is not None and ft is not None:
+        nan = float("nan")
+        print("\nfine-tuned vs zero-shot (pretrained)            test RMSE      r    val RMSE      r")
+        print(f"  {'mean predictor (train mean)':<44s} {zs.get('test/rh98_rmse_mean_predictor', nan):9.3f}      -"
+              f" {zs.get('val/rh98_rmse_mean_predictor', nan):11.3f}      -")
+        for k in (1, 5, 50):
+            print(f"  {f'zero-shot KNN K={k}':<44s} {zs[f'test/rh98_rmse_k{k}']:9.3f} {zs[f'test/rh98_r_k{k}']:6.3f}"
+                  f" {zs.get(f'val/rh98_rmse_k{k}', nan):11.3f} {zs.get(f'val/rh98_r_k{k}', nan):6.3f}")
+        print(f"  {'low-shot fine-tuned':<44s} {ft['rmse']:9.3f} {ft['r']:6.3f} {ft['val_rmse']:11.3f} {ft['val_r']:6.3f}")
+        print(f"  fine-tuned / zero-shot K=5 RMSE ratio {ft['rmse'] / zs['test/rh98_rmse_k5']:.3f}; "
+              f"r difference {ft['r'] - zs['test/rh98_r_k5']:+.3f}")
 
 
 def main() -> None:
@@ -124,7 +171,10 @@ def main() -> None:
     ap.add_argument("--zero-cl-weight", type=float, default=1.0)
     ap.add_argument("--vicreg-weight", type=float, default=1.0)
     ap.add_argument("--downstream", action="store_true", help="also run zero-shot KNN / fine-tuning on GEDI RH98")
-    ap.add_argument("--finetune-epochs", type=int, default=3, help="low-shot fine-tuning epochs (0: skip)")
+    ap.add_argument("--finetune-epochs", type=int, default=20, help="low-shot fine-tuning epochs (0: skip)")
+    ap.add_argument("--finetune-lr", type=float, default=3e-3, help="low-shot fine-tuning AdamW learning rate")
+    ap.add_argument("--ckpt", type=Path, default=None, help="existing DUNIA pretraining checkpoint: skip pretraining "
+                    "(needs --world) and run --downstream with it")
     ap.add_argument("--ckpt-out", type=Path, default=None, help="where to save the pretrained weights "
                     "(default: <temp dir>/dunia_pretrain_tiny.ckpt with --downstream)")
     args = ap.parse_args()
@@ -133,6 +183,12 @@ def main() -> None:
     from terratorch_eoplugins.datamodules.dunia import DUNIAPretrainDataModule
     from terratorch_eoplugins.tasks.dunia_pretrain import DUNIAPretrainTask
 
+    if args.ckpt is not None:
+        if args.world is None or not args.ckpt.is_file():
+            ap.error("--ckpt needs an existing checkpoint file and --world (the world it was pretrained on)")
+        downstream(args.world, args.ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs,
+                   args.finetune_lr)
+        return
     world = args.world
     if world is None:
         from terratorch_eoplugins.synthetic import write_world
@@ -181,7 +237,7 @@ def main() -> None:
         torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
         print(f"\npretrained weights: {ckpt}")
     if args.downstream:
-        downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs)
+        downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs, args.finetune_lr)
 
 
 if __name__ == "__main__":

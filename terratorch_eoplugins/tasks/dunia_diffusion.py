@@ -163,7 +163,9 @@ class DUNIAWaveformDiffusionTask(BaseTask):
                     mod.backend = hp["na_backend"]
         self._cond_cache: dict[int, Tensor] = {}
         self.cond_dim = int(getattr(self.dunia, "out_dim", 64))
-        self.autoencoder = WaveformAutoencoder(length=hp["waveform_length"], **dict(hp["autoencoder_kwargs"] or {}))
+        # O^W has the DUNIA model's D_p (as in DUNIAPretrainModel), so a pretraining checkpoint's autoencoder loads
+        ae_kwargs = {"embed_dim": self.cond_dim, **dict(hp["autoencoder_kwargs"] or {})}
+        self.autoencoder = WaveformAutoencoder(length=hp["waveform_length"], **ae_kwargs)
         loaded = None
         for path in (hp["autoencoder_ckpt_path"], hp["dunia_ckpt_path"]):
             if path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,3 +294,29 @@ def test_pretraining_chips_series_from_georeferenced_tiles(tiny_world_dir: Path)
     # the leaf-on composite resembles the series' temporal mean (same place, same bands)
     corr = np.corrcoef(series.mean(1).flatten().numpy(), image.flatten().numpy())[0, 1]
     assert corr > 0.7
+
+
+def test_target_mean_bias_init_sets_head_bias_to_labelled_mean() -> None:
+    from types import SimpleNamespace
+
+    from terratorch.models.heads.regression_head import RegressionHead
+
+    from terratorch_eoplugins.models.dunia import TargetMeanBiasInit
+
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.full((2, 8, 8), -1.0) for _ in range(3)]
+    for m in masks:
+        m.view(-1)[torch.randperm(128, generator=g)[:10]] = torch.rand(10, generator=g) * 30
+    batches = [{"image": torch.zeros(2, 14, 8, 8), "mask": m} for m in masks]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: iter(batches)))
+    module = SimpleNamespace(model=SimpleNamespace(head=RegressionHead(4)), hparams={"ignore_index": -1})
+    TargetMeanBiasInit().on_fit_start(trainer, module)
+    labelled = np.concatenate([m.numpy()[m.numpy() != -1] for m in masks])
+    assert module.model.head.head[-1].bias.item() == pytest.approx(labelled.mean(), rel=1e-6)
+    TargetMeanBiasInit(max_batches=1).on_fit_start(trainer, module)
+    assert module.model.head.head[-1].bias.item() == pytest.approx(masks[0][masks[0] != -1].mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        empty = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: iter([{"mask": -torch.ones(1, 4, 4)}])))
+        TargetMeanBiasInit().on_fit_start(empty, module)
+    with pytest.raises(ValueError, match="no head ending in a Conv2d"):
+        TargetMeanBiasInit().on_fit_start(trainer, SimpleNamespace(model=SimpleNamespace(), hparams={}))

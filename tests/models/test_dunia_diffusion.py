@@ -118,3 +118,25 @@ def test_predict_writes_generated_waveforms_with_shot_numbers(tiny_world_dir: Pa
         ds = dm.predict_dataset
         shots = set(ds.shots_ds.shots["shot_number"][ds.shot_ids].tolist())
         assert set(f["shot_number"][()].tolist()) <= shots
+
+
+def test_pretraining_checkpoint_gives_conditioning_model_and_autoencoder(tmp_path: Path) -> None:
+    """A DUNIA pretraining checkpoint whose D_p is not the autoencoder default (64) provides both the conditioning
+    image model and the waveform autoencoder (O^W has the checkpoint's D_p)."""
+    from terratorch_eoplugins.models.dunia import DUNIAPretrainModel
+
+    micro = dict(embed_dim=32, ffn_dim=64, num_heads=2, out_dim=8, na_kernel=5, na_heads=1)
+    wave = {"num_quantizers": 2, "codebook_size": 32}
+    torch.manual_seed(0)
+    model = DUNIAPretrainModel("tiny", micro, lstm_layers=1, waveform_length=64, waveform_kwargs=wave)
+    ckpt = tmp_path / "dunia_pretrain.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"variant": "tiny", "image_kwargs": micro, "lstm_layers": 1, "waveform_length": 64,
+                                     "waveform_kwargs": wave}}, ckpt)
+    task = DUNIAWaveformDiffusionTask(dunia_ckpt_path=str(ckpt), dunia_kwargs=micro,
+                                      **{k: v for k, v in TINY.items() if k != "autoencoder_steps"})
+    assert bool(task.ae_ready) and task.cond_dim == 8 and task.autoencoder.to_embedding.out_features == 8
+    for k, v in model.waveform.state_dict().items():
+        assert torch.equal(task.autoencoder.state_dict()[k], v)
+    loaded = task.dunia.state_dict()  # pretraining heads (projection, reconstruction) are not loaded
+    assert loaded and all(torch.equal(v, model.image.state_dict()[k]) for k, v in loaded.items())
