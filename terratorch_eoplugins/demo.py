@@ -29,6 +29,32 @@ def _terratorch(args: list[str], env: dict[str, str]) -> None:
     subprocess.run([*cmd, *args], check=True, env=env)
 
 
+def run_stage(subcommand: str, config: str, overrides: Sequence[str], runs_dir: str, name: str, version: str,
+              env: dict[str, str], max_epochs: int | None = None) -> tuple[Path, float]:
+    """``terratorch <subcommand> -c <config>`` logging to ``<runs_dir>/<name>/<version>``; returns (log dir, seconds)."""
+    args = [subcommand, "-c", config, *overrides, f"--trainer.logger.init_args.save_dir={runs_dir}",
+            f"--trainer.default_root_dir={runs_dir}", f"--trainer.logger.init_args.name={name}",
+            f"--trainer.logger.init_args.version={version}"]
+    if max_epochs is not None:
+        args.append(f"--trainer.max_epochs={max_epochs}")
+    t = time.perf_counter()
+    _terratorch(args, env)
+    return Path(runs_dir) / name / version, time.perf_counter() - t
+
+
+def best_checkpoint(log_dir: Path) -> Path:
+    """The last ``best-*.ckpt`` (sorted by name) under ``<log_dir>/checkpoints``."""
+    ckpts = sorted((log_dir / "checkpoints").glob("best-*.ckpt"))
+    if not ckpts:
+        raise FileNotFoundError(f"no best-*.ckpt written under {log_dir / 'checkpoints'}")
+    return ckpts[-1]
+
+
+def data_piece(config: str) -> Path:
+    """The data piece a top-level config composes (``data: data/x.yaml``, relative to the config)."""
+    return Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
+
+
 def _last_metrics(metrics_csv: Path) -> dict[str, float]:
     """Merge the rows of a Lightning CSVLogger file, later values winning."""
     out: dict[str, float] = {}
@@ -90,28 +116,12 @@ def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "da
     env = dict(os.environ)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = "demo_" + Path(config).stem
-    common = [f"--data.init_args.root={pastis_root}", f"--trainer.logger.init_args.save_dir={runs_dir}",
-              f"--trainer.default_root_dir={runs_dir}"]
-    fit_args = ["fit", "-c", config, *common, f"--trainer.logger.init_args.name={name}",
-                f"--trainer.logger.init_args.version=fit-{stamp}"]
-    if max_epochs is not None:
-        fit_args.append(f"--trainer.max_epochs={max_epochs}")
-    t1 = time.perf_counter()
-    _terratorch(fit_args, env)
-    fit_s = time.perf_counter() - t1
-    fit_dir = Path(runs_dir) / name / f"fit-{stamp}"
-    ckpts = sorted((fit_dir / "checkpoints").glob("best-*.ckpt"))
-    if not ckpts:
-        raise FileNotFoundError(f"no best-*.ckpt written under {fit_dir / 'checkpoints'}")
-    best = ckpts[-1]
-    t2 = time.perf_counter()
-    _terratorch(["test", "-c", config, *common, f"--trainer.logger.init_args.name={name}",
-                 f"--trainer.logger.init_args.version=test-{stamp}", f"--ckpt_path={best}"], env)
-    test_s = time.perf_counter() - t2
-    test_dir = Path(runs_dir) / name / f"test-{stamp}"
+    data = [f"--data.init_args.root={pastis_root}"]
+    fit_dir, fit_s = run_stage("fit", config, data, runs_dir, name, f"fit-{stamp}", env, max_epochs)
+    best = best_checkpoint(fit_dir)
+    test_dir, test_s = run_stage("test", config, [*data, f"--ckpt_path={best}"], runs_dir, name, f"test-{stamp}", env)
     metrics = _last_metrics(test_dir / "metrics.csv")
-    data_piece = Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
-    base = majority_baseline(data_piece, {"root": pastis_root})
+    base = majority_baseline(data_piece(config), {"root": pastis_root})
 
     print("\n================ demo summary ================")
     print(f"config            {config}")

@@ -27,9 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from terratorch_eoplugins.demo import _last_metrics, _terratorch, majority_baseline
+from terratorch_eoplugins.demo import _last_metrics, best_checkpoint, data_piece, majority_baseline, run_stage
 
 PRETRAIN_CONFIG = "configs/lianet_pretrain_pastis.yaml"
 FINETUNE_CONFIG = "configs/lianet_pastis.yaml"
@@ -47,21 +45,11 @@ def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
     return out
 
 
-def _data_piece(config: str) -> Path:
-    return Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
-
-
 def _pretrain(config: str, tiles_root: str, log: list[str], name: str, stamp: str, extra: Sequence[str],
               epochs: int | None, runs_dir: str, env: dict[str, str]) -> tuple[Path, Path, float, list[tuple[int, float]]]:
     """``terratorch fit`` of the pretraining config; returns (generator file, log dir, seconds, val PSNR per epoch)."""
-    args = ["fit", "-c", config, f"--data.init_args.root={tiles_root}", *log, f"--trainer.logger.init_args.name={name}",
-            f"--trainer.logger.init_args.version=fit-{stamp}", *extra]
-    if epochs is not None:
-        args.append(f"--trainer.max_epochs={epochs}")
-    t1 = time.perf_counter()
-    _terratorch(args, env)
-    seconds = time.perf_counter() - t1
-    pre_dir = Path(runs_dir) / name / f"fit-{stamp}"
+    pre_dir, seconds = run_stage("fit", config, [f"--data.init_args.root={tiles_root}", *log, *extra], runs_dir, name,
+                                 f"fit-{stamp}", env, epochs)
     ckpt = pre_dir / "lianet_generator.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"pretraining wrote no {ckpt}")
@@ -91,8 +79,7 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
 
     env = dict(os.environ)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log = [f"--trainer.logger.init_args.save_dir={runs_dir}", f"--trainer.default_root_dir={runs_dir}",
-           "--trainer.enable_progress_bar=false"]
+    log = ["--trainer.enable_progress_bar=false"]
 
     # 1. pretraining
     pre_name, pre_s, psnr = "lianet_demo_pretrain", 0.0, [(-1, float("nan"))]
@@ -109,25 +96,14 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
     ft_name = "lianet_demo_pastis"
     data_over = [f"--data.init_args.root={pastis_root}", f"--data.init_args.tiles_root={tiles_root}"]
     model_over = [f"--model.init_args.model_args.backbone_ckpt_path={ckpt}"]
-    ft_args = ["fit", "-c", finetune_config, *data_over, *model_over, *log,
-               f"--trainer.logger.init_args.name={ft_name}", f"--trainer.logger.init_args.version=fit-{stamp}",
-               *extra_finetune]
-    if finetune_epochs is not None:
-        ft_args.append(f"--trainer.max_epochs={finetune_epochs}")
-    t2 = time.perf_counter()
-    _terratorch(ft_args, env)
-    ft_s = time.perf_counter() - t2
-    ft_dir = Path(runs_dir) / ft_name / f"fit-{stamp}"
-    best = sorted((ft_dir / "checkpoints").glob("best-*.ckpt"))
-    if not best:
-        raise FileNotFoundError(f"no best-*.ckpt written under {ft_dir / 'checkpoints'}")
-    t3 = time.perf_counter()
-    _terratorch(["test", "-c", finetune_config, *data_over, *model_over, *log,
-                 f"--trainer.logger.init_args.name={ft_name}", f"--trainer.logger.init_args.version=test-{stamp}",
-                 f"--ckpt_path={best[-1]}", *extra_finetune], env)
-    test_s = time.perf_counter() - t3
-    metrics = _last_metrics(Path(runs_dir) / ft_name / f"test-{stamp}" / "metrics.csv")
-    base = majority_baseline(_data_piece(finetune_config), {"root": pastis_root, "tiles_root": tiles_root})
+    over = [*data_over, *model_over, *log]
+    ft_dir, ft_s = run_stage("fit", finetune_config, [*over, *extra_finetune], runs_dir, ft_name, f"fit-{stamp}", env,
+                             finetune_epochs)
+    best = best_checkpoint(ft_dir)
+    test_dir, test_s = run_stage("test", finetune_config, [*over, f"--ckpt_path={best}", *extra_finetune], runs_dir,
+                                 ft_name, f"test-{stamp}", env)
+    metrics = _last_metrics(test_dir / "metrics.csv")
+    base = majority_baseline(data_piece(finetune_config), {"root": pastis_root, "tiles_root": tiles_root})
     total = time.perf_counter() - t0
 
     miou = metrics.get("test/mIoU", float("nan"))
@@ -138,7 +114,7 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
     if pretrained is None:
         print(f"val/PSNR          epoch {psnr[0][0]}: {psnr[0][1]:.2f} dB -> epoch {psnr[-1][0]}: {psnr[-1][1]:.2f} dB "
               f"(best {max(v for _, v in psnr):.2f} dB)")
-    print(f"fine-tuning       {ft_dir}  (best {best[-1].name})")
+    print(f"fine-tuning       {ft_dir}  (best {best.name})")
     for key in ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score"):
         if key in metrics:
             print(f"{key:21s}{metrics[key]:.4f}")
