@@ -11,6 +11,8 @@ For each seed:
    tokenizers); both with MP and/or MMP pooling, one learning rate end to end with a linear warmup
    (``--warmup-epochs``) and cosine decay, and the epoch with the best validation (2022) R2 is tested
    (appendix A.2: "selected the best model based on validation R^2"; ``--select last`` tests the last epoch);
+   with several ``--finetune-lr`` values each arm is fine-tuned at each rate and keeps the rate with the best
+   validation R2 (the same grid and selection rule for both arms; all candidates go to ``<csv>_all_lrs.csv``);
 3. report the protocol's test-year (2020) metrics on yields: RMSE, R2 (Pearson r^2: the paper's tables have
    R^2 = Corr.^2 in 69 of 72 cells, as MMST-ViT), R2_cod (coefficient of determination), and the calibration of
    the predictions (``test_bias``: mean predicted - true yield; ``test_std_ratio``: std of predicted / true yields).
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-steps", type=int, default=150)
     p.add_argument("--samples-per-county", type=int, default=8, help="(grid, date) samples pooled per county in training")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-lr", type=float, nargs="+", default=[1e-3],
+                   help="fine-tuning learning rate(s); with several, each arm (scratch / pretrained) is fine-tuned "
+                        "at each one and the rate with the best validation R2 is kept for that arm (model selection "
+                        "on 2022, as the paper's protocol; the test year is only read for the kept run)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="fine-tuning linear warmup (paper: 5 of 200)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="encoder learning rate = finetune-lr * this, both arms (1: one rate, as the paper)")
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                               long_term_years=0, batch_size=4, batch_keys=KEYS, image_size=args.image_size,
                               max_dates=args.max_dates)
     BestValR2 = _best_callback()
-    rows = []
+    rows, cands = [], []
     t_all = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="tsfusion_bench_"))
     keep = Path(args.pretrain_dir) if args.pretrain_dir else tmp
@@ -183,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: pretrain {t_pre:.0f}s  test loss {res['test/loss']:.3f}  generated-weather R2 "
               f"{res.get('test/gen_r2', float('nan')):.3f} (tavg {res.get('test/gen_r2_tavg', float('nan')):.3f}, "
               f"precip {res.get('test/gen_r2_precip', float('nan')):.3f})", flush=True)
-        for pooling in [] if args.pretrain_only else args.pooling:
-            for arm in ("scratch", "pretrained"):
+        for pooling, arm, lr in [] if args.pretrain_only else [
+                (pooling, arm, lr) for pooling in args.pooling for arm in ("scratch", "pretrained")
+                for lr in args.finetune_lr]:
                 pl.seed_everything(seed, verbose=False)
                 t1 = time.time()
-                task = TSFusionCropNetTask(pooling=pooling, lr=args.finetune_lr,
+                task = TSFusionCropNetTask(pooling=pooling, lr=lr,
                                            pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
                                            tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
                                            warmup_epochs=args.warmup_epochs, encoder_lr_scale=args.encoder_lr_scale,
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
                 test = tr.test(task, ft_dm, verbose=False)[0]
-                row = {"seed": seed, "pooling": pooling, "arm": arm, "gen_r2": res.get("test/gen_r2", float("nan")),
+                row = {"seed": seed, "pooling": pooling, "arm": arm, "lr": lr,
+                       "gen_r2": res.get("test/gen_r2", float("nan")),
                        "gen_r2_tavg": res.get("test/gen_r2_tavg", float("nan")), "best_epoch": best.epoch,
                        "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
                        "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
@@ -209,11 +216,18 @@ def main(argv: list[str] | None = None) -> int:
                        "test_bias": float((task.last_yields["pred"] - task.last_yields["true"]).mean()),
                        "test_std_ratio": float(task.last_yields["pred"].std() / task.last_yields["true"].std()),
                        "seconds": time.time() - t1}
-                rows.append(row)
-                print(f"  {pooling:3s} {arm:10s} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
+                cands.append(row)
+                print(f"  {pooling:3s} {arm:10s} lr {lr:g} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
                       f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
+        for pooling in [] if args.pretrain_only else args.pooling:  # per arm: the rate with the best val R2
+            for arm in ("scratch", "pretrained"):
+                mine = [r for r in cands if r["seed"] == seed and r["pooling"] == pooling and r["arm"] == arm]
+                best_row = max(mine, key=lambda r: r["val_R2"] if np.isfinite(r["val_R2"]) else -np.inf)
+                rows.append(best_row)
+                if len(args.finetune_lr) > 1:
+                    print(f"  kept {pooling:3s} {arm:10s} lr {best_row['lr']:g} (val R2 {best_row['val_R2']:.3f})")
     print(f"\n{args.crop}, {len(args.seeds)} seeds, {args.pretrain_epochs} pretraining / {args.finetune_epochs} "
-          f"fine-tuning epochs, total {time.time() - t_all:.0f}s")
+          f"fine-tuning epochs, learning rate(s) {args.finetune_lr}, total {time.time() - t_all:.0f}s")
     if not rows:
         return 0
     summarize(rows, args.pooling)
@@ -225,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         print(f"wrote {out}")
+        if len(args.finetune_lr) > 1:  # every candidate run, for the record
+            every = out.with_name(out.stem + "_all_lrs" + out.suffix)
+            with every.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(cands[0]))
+                w.writeheader()
+                w.writerows(cands)
+            print(f"wrote {every}")
     return 0
 
 
