@@ -26,6 +26,8 @@ in-process), side by side:
   the test footprint pixels, printed next to the zero-shot rows.
 
 ``--ckpt`` skips pretraining and evaluates an existing pretraining checkpoint (``--ckpt-out`` of an earlier run).
+``--seed`` also seeds the fine-tuning run (head initialisation, batch order); ``--finetune-embedding`` overrides the
+config's ``decoder_embedding`` (``both``: O^V and O^H; ``vertical``: O^V only).
 
     python benchmarks/dunia_alignment.py                         # writes the tiny world to a temp dir
     python benchmarks/dunia_alignment.py --world /path/to/world --steps 300 --chip-size 32
@@ -98,7 +100,8 @@ def _finetuned_predictions(cli, split: str = "test") -> tuple[float, float, int]
     return rmse, r, len(p)
 
 
-def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int, finetune_lr: float) -> None:
+def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int, finetune_lr: float,
+               seed: int = 0, embedding: str | None = None) -> None:
     """Zero-shot KNN RH98 (pretrained vs random init) and low-shot fine-tuning, printed side by side."""
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -125,14 +128,17 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
                 "--trainer.default_root_dir", str(runs),
                 "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
-                '[{"class_path": "terratorch_eoplugins.models.dunia.TargetMeanBiasInit"}]']
+                '[{"class_path": "terratorch_eoplugins.models.dunia.TargetMeanBiasInit"}]',
+                "--seed_everything", str(seed)]
+        if embedding is not None:
+            args += ["--model.init_args.model_args.decoder_embedding", embedding]
         t0 = time.perf_counter()
         cli = _cli(args)
         m = _test_metrics(cli)
         m["rmse"], m["r"], m["n"] = _finetuned_predictions(cli, "test")
         m["val_rmse"], m["val_r"], _ = _finetuned_predictions(cli, "val")
         print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
-        rows.append((f"low-shot fine-tuning, {finetune_epochs} ep, lr {finetune_lr:g}", m))
+        rows.append((f"low-shot fine-tuning, {finetune_epochs} ep, lr {finetune_lr:g}, seed {seed}", m))
     print("\nGEDI RH98 on the test split (m)                  RMSE      r")
     mean_rmse = next((m["test/rh98_rmse_mean_predictor"] for _, m in rows if "test/rh98_rmse_mean_predictor" in m),
                      float("nan"))
@@ -173,6 +179,8 @@ def main() -> None:
     ap.add_argument("--downstream", action="store_true", help="also run zero-shot KNN / fine-tuning on GEDI RH98")
     ap.add_argument("--finetune-epochs", type=int, default=20, help="low-shot fine-tuning epochs (0: skip)")
     ap.add_argument("--finetune-lr", type=float, default=3e-3, help="low-shot fine-tuning AdamW learning rate")
+    ap.add_argument("--finetune-embedding", default=None, choices=["vertical", "horizontal", "both"],
+                    help="embedding read by the low-shot head (default: the config's, both)")
     ap.add_argument("--ckpt", type=Path, default=None, help="existing DUNIA pretraining checkpoint: skip pretraining "
                     "(needs --world) and run --downstream with it")
     ap.add_argument("--ckpt-out", type=Path, default=None, help="where to save the pretrained weights "
@@ -187,7 +195,7 @@ def main() -> None:
         if args.world is None or not args.ckpt.is_file():
             ap.error("--ckpt needs an existing checkpoint file and --world (the world it was pretrained on)")
         downstream(args.world, args.ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs,
-                   args.finetune_lr)
+                   args.finetune_lr, args.seed, args.finetune_embedding)
         return
     world = args.world
     if world is None:
@@ -237,7 +245,8 @@ def main() -> None:
         torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
         print(f"\npretrained weights: {ckpt}")
     if args.downstream:
-        downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs, args.finetune_lr)
+        downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs, args.finetune_lr,
+                   args.seed, args.finetune_embedding)
 
 
 if __name__ == "__main__":

@@ -73,11 +73,15 @@ def test_registered_backbone_and_lowshot_head_through_terratorch() -> None:
     assert out.shape == (2, 5, 16, 16)
 
 
-def test_lowshot_trains_only_last_na_layers_and_head() -> None:
+@pytest.mark.parametrize(("embedding", "updated"), [("vertical", {"decoder_v"}), ("horizontal", {"decoder_h"}),
+                                                    ("both", {"decoder_v", "decoder_h"})])
+def test_lowshot_trains_only_last_na_layers_and_head(embedding: str, updated: set[str]) -> None:
     from terratorch_eoplugins.models.dunia import DUNIABackbone, DUNIALowShotHead
 
     bb = DUNIABackbone("tiny", lowshot=True, **MICRO)
-    head = DUNIALowShotHead(bb.out_channels, "vertical")
+    head = DUNIALowShotHead(bb.out_channels, embedding)
+    # the first 1x1 conv halves the channels it reads: D_p (one embedding) or 2 D_p (O^V and O^H concatenated)
+    assert head.conv[0].in_channels == (16 if embedding == "both" else 8) and head.out_channels == head.conv[0].in_channels // 2
     trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.decoder_v.na.1.", "model.decoder_h.na.1.")) for n in trainable)
     bb.train()
@@ -89,6 +93,8 @@ def test_lowshot_trains_only_last_na_layers_and_head() -> None:
     after = bb.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".na.1." in k for k in changed)  # BatchNorm statistics of frozen parts untouched too
+    # only the NA layer(s) of the decoder(s) whose embedding the head reads get a gradient
+    assert {k.split(".")[1] for k in changed} == updated
 
 
 def test_band_mapping_temporal_median_and_modalities() -> None:
