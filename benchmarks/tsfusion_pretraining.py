@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-lr", type=float, nargs="+", default=[1e-3],
                    help="fine-tuning learning rate(s); with several, each arm (scratch / pretrained) is fine-tuned "
-                        "at each one and the rate with the best validation R2 is kept for that arm (model selection "
-                        "on 2022, as the paper's protocol; the test year is only read for the kept run)")
+                        "at each one and the rate with the best validation R2 is kept for that arm (selection on "
+                        "2022 only, as the paper's protocol; every candidate's test metrics go to <csv>_all_lrs.csv)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="fine-tuning linear warmup (paper: 5 of 200)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="encoder learning rate = finetune-lr * this, both arms (1: one rate, as the paper)")
