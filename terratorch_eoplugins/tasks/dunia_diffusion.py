@@ -33,7 +33,7 @@ nearest ``O^V`` (cosine) in a database built from the training split, (c) a rand
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +126,9 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             ``None`` keeps the model's own setting).
         cache_conditions: keep each footprint's ``O^V`` by shot number (DUNIA is frozen, so it never changes):
             the image model then runs once per chip over the whole run.
+        latent_stats_batches: training batches whose footprints set the per-channel mean/std that standardise the
+            latents (``sigma_data = 1``), read once when the diffusion phase starts (:meth:`fit_latent_stats`);
+            ``0``: the first diffusion batch alone.
     """
 
     ignore = ()
@@ -141,7 +144,10 @@ class DUNIAWaveformDiffusionTask(BaseTask):
                  lr: float = 1e-4, weight_decay: float = 0.0, normalize_condition: bool = True,
                  database_max_items: int = 100_000, val_generate_batches: int = 1, val_generate_max: int = 32,
                  predict_output: str | None = None, seed: int = 0,
-                 na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True) -> None:
+                 na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True,
+                 latent_stats_batches: int = 64) -> None:
+        if latent_stats_batches < 0:
+            raise ValueError(f"latent_stats_batches must be >= 0, got {latent_stats_batches}")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if num_steps < 1:
@@ -255,6 +261,32 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             return (zq - mean[None, :, None]) / std[None, :, None]
         return (zq - self.latent_mean[None, :, None]) / self.latent_std[None, :, None]
 
+    @torch.no_grad()
+    def fit_latent_stats(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None) -> int:
+        """Set the latent standardisation (per-channel mean and std of the frozen autoencoder's quantized latents)
+        from the valid footprints of ``batches`` (at most ``max_batches``); returns the number of footprints."""
+        self.autoencoder.eval()
+        c = self.autoencoder.latent_channels
+        total, total_sq, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            wave = batch["waveform"][batch["footprint_mask"].bool()].float().to(self.latent_mean.device)
+            if len(wave) == 0:
+                continue
+            zq, _, _ = self.autoencoder.quantize(self.autoencoder.encode(wave))
+            z = zq.double().transpose(0, 1).reshape(c, -1).cpu()
+            total, total_sq, n = total + z.sum(1), total_sq + z.pow(2).sum(1), n + z.shape[1]
+        if n < 2:
+            raise ValueError("DUNIA waveform diffusion: no GEDI footprint in the batches given to fit_latent_stats "
+                             "(the training split needs footprints with waveforms)")
+        mean = total / n
+        std = ((total_sq - n * mean.pow(2)) / (n - 1)).clamp_min(0).sqrt().clamp_min(1e-6)
+        self.latent_mean.copy_(mean.to(self.latent_mean))
+        self.latent_std.copy_(std.to(self.latent_std))
+        self.stats_ready.fill_(True)
+        return n // self.autoencoder.latent_length
+
     def decode_latents(self, x: Tensor) -> Tensor:
         """Generated standardised latents -> waveforms ``[G, L]`` with the frozen decoder."""
         z = x * self.latent_std[None, :, None] + self.latent_mean[None, :, None]
@@ -291,6 +323,11 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             for p in self.autoencoder.parameters():
                 p.requires_grad_(False)
             logger.info("DUNIA waveform diffusion: autoencoder frozen after %d steps", self.global_step)
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if not bool(self.stats_ready) and self.hparams["latent_stats_batches"] > 0 and datamodule is not None:
+            n = self.fit_latent_stats(datamodule.train_dataloader(), self.hparams["latent_stats_batches"])
+            logger.info("DUNIA waveform diffusion: latent statistics from %d training footprints", n)
         z0 = self.latents(s["waveform"], update_stats=True)
         loss = self.diffusion.loss(z0, s["cond"], self.hparams["p_uncond"])
         self.log("train/loss", loss, batch_size=g, prog_bar=True, on_step=True, on_epoch=True)

@@ -120,6 +120,29 @@ def test_predict_writes_generated_waveforms_with_shot_numbers(tiny_world_dir: Pa
         assert set(f["shot_number"][()].tolist()) <= shots
 
 
+def test_latent_statistics_pool_all_footprints_of_the_given_batches(batch) -> None:
+    """fit_latent_stats: per-channel mean/std over every valid footprint of several batches (not only the first),
+    equal to the statistics of the concatenated latents."""
+    torch.manual_seed(0)
+    task = DUNIAWaveformDiffusionTask(**TINY)
+    second = dict(batch)
+    second["waveform"] = batch["waveform"] * 3.0 + 0.01
+    n = task.fit_latent_stats([batch, second, batch], max_batches=2)
+    waves = torch.cat([b["waveform"][b["footprint_mask"].bool()] for b in (batch, second)]).float()
+    assert n == len(waves) and bool(task.stats_ready)
+    with torch.no_grad():
+        zq, _, _ = task.autoencoder.quantize(task.autoencoder.encode(waves))
+    z = zq.double().transpose(0, 1).reshape(zq.shape[1], -1).numpy()
+    np.testing.assert_allclose(task.latent_mean.numpy(), z.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(task.latent_std.numpy(), np.maximum(z.std(1, ddof=1), 1e-6), rtol=1e-4, atol=1e-6)
+    empty = dict(batch)
+    empty["footprint_mask"] = torch.zeros_like(batch["footprint_mask"])
+    with pytest.raises(ValueError, match="no GEDI footprint"):
+        DUNIAWaveformDiffusionTask(**TINY).fit_latent_stats([empty])
+    with pytest.raises(ValueError, match="latent_stats_batches"):
+        DUNIAWaveformDiffusionTask(latent_stats_batches=-1, **TINY)
+
+
 def test_pretraining_checkpoint_gives_conditioning_model_and_autoencoder(tmp_path: Path) -> None:
     """A DUNIA pretraining checkpoint whose D_p is not the autoencoder default (64) provides both the conditioning
     image model and the waveform autoencoder (O^W has the checkpoint's D_p)."""
