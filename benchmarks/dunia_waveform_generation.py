@@ -136,11 +136,7 @@ def main() -> None:
         p.requires_grad_(False)
     t_ae = time.time() - t0
 
-    with torch.no_grad():
-        ztr = torch.cat([ae.quantize(ae.encode(wtr[i:i + 1024]))[0] for i in range(0, len(wtr), 1024)])
-    task.latent_mean.copy_(ztr.mean(dim=(0, 2)))
-    task.latent_std.copy_(ztr.std(dim=(0, 2)).clamp_min(1e-6))
-    task.stats_ready.fill_(True)
+    task.fit_latent_stats(wtr[i:i + 1024] for i in range(0, len(wtr), 1024))
     ztr = task.latents(wtr)
     zva, cva = task.latents(data["val"]["waveform"]), data["val"]["cond"]
     diff = task.diffusion

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,39 +254,32 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         with torch.no_grad():
             zq, _, _ = self.autoencoder.quantize(self.autoencoder.encode(waveform))
         if not bool(self.stats_ready):
-            mean, std = zq.mean(dim=(0, 2)), zq.std(dim=(0, 2)).clamp_min(1e-6)
-            if update_stats:
-                self.latent_mean.copy_(mean)
-                self.latent_std.copy_(std)
-                self.stats_ready.fill_(True)
+            mean, std = self._latent_moments(zq, store=update_stats)
             return (zq - mean[None, :, None]) / std[None, :, None]
         return (zq - self.latent_mean[None, :, None]) / self.latent_std[None, :, None]
 
+    def _latent_moments(self, zq: Tensor, store: bool) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std of quantized latents ``[G, C, T]``; ``store`` keeps them as the standardisation."""
+        mean, std = zq.mean(dim=(0, 2)), zq.std(dim=(0, 2)).clamp_min(1e-6)
+        if store:
+            self.latent_mean.copy_(mean)
+            self.latent_std.copy_(std)
+            self.stats_ready.fill_(True)
+        return mean, std
+
     @torch.no_grad()
-    def fit_latent_stats(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None) -> int:
+    def fit_latent_stats(self, waveforms: Iterable[Tensor]) -> int:
         """Set the latent standardisation (per-channel mean and std of the frozen autoencoder's quantized latents)
-        from the valid footprints of ``batches`` (at most ``max_batches``); returns the number of footprints."""
+        from chunks of footprint waveforms ``[G, L]``, pooled; returns the number of footprints."""
         self.autoencoder.eval()
-        c = self.autoencoder.latent_channels
-        total, total_sq, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            wave = batch["waveform"][batch["footprint_mask"].bool()].float().to(self.latent_mean.device)
-            if len(wave) == 0:
-                continue
-            zq, _, _ = self.autoencoder.quantize(self.autoencoder.encode(wave))
-            z = zq.double().transpose(0, 1).reshape(c, -1).cpu()
-            total, total_sq, n = total + z.sum(1), total_sq + z.pow(2).sum(1), n + z.shape[1]
-        if n < 2:
-            raise ValueError("DUNIA waveform diffusion: no GEDI footprint in the batches given to fit_latent_stats "
+        zs = [self.autoencoder.quantize(self.autoencoder.encode(w.float().to(self.latent_mean.device)))[0]
+              for w in waveforms if len(w)]
+        if not zs:
+            raise ValueError("DUNIA waveform diffusion: no GEDI footprint in the waveforms given to fit_latent_stats "
                              "(the training split needs footprints with waveforms)")
-        mean = total / n
-        std = ((total_sq - n * mean.pow(2)) / (n - 1)).clamp_min(0).sqrt().clamp_min(1e-6)
-        self.latent_mean.copy_(mean.to(self.latent_mean))
-        self.latent_std.copy_(std.to(self.latent_std))
-        self.stats_ready.fill_(True)
-        return n // self.autoencoder.latent_length
+        z = torch.cat(zs)
+        self._latent_moments(z, store=True)
+        return len(z)
 
     def decode_latents(self, x: Tensor) -> Tensor:
         """Generated standardised latents -> waveforms ``[G, L]`` with the frozen decoder."""
@@ -326,7 +320,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if not bool(self.stats_ready) and self.hparams["latent_stats_batches"] > 0 and datamodule is not None:
-            n = self.fit_latent_stats(datamodule.train_dataloader(), self.hparams["latent_stats_batches"])
+            batches = islice(datamodule.train_dataloader(), self.hparams["latent_stats_batches"])
+            n = self.fit_latent_stats(b["waveform"][b["footprint_mask"].bool()] for b in batches)
             logger.info("DUNIA waveform diffusion: latent statistics from %d training footprints", n)
         z0 = self.latents(s["waveform"], update_stats=True)
         loss = self.diffusion.loss(z0, s["cond"], self.hparams["p_uncond"])

@@ -127,8 +127,9 @@ def test_latent_statistics_pool_all_footprints_of_the_given_batches(batch) -> No
     task = DUNIAWaveformDiffusionTask(**TINY)
     second = dict(batch)
     second["waveform"] = batch["waveform"] * 3.0 + 0.01
-    n = task.fit_latent_stats([batch, second, batch], max_batches=2)
-    waves = torch.cat([b["waveform"][b["footprint_mask"].bool()] for b in (batch, second)]).float()
+    chunks = [b["waveform"][b["footprint_mask"].bool()] for b in (batch, second)]
+    n = task.fit_latent_stats(iter(chunks))
+    waves = torch.cat(chunks).float()
     assert n == len(waves) and bool(task.stats_ready)
     with torch.no_grad():
         zq, _, _ = task.autoencoder.quantize(task.autoencoder.encode(waves))
@@ -138,7 +139,7 @@ def test_latent_statistics_pool_all_footprints_of_the_given_batches(batch) -> No
     empty = dict(batch)
     empty["footprint_mask"] = torch.zeros_like(batch["footprint_mask"])
     with pytest.raises(ValueError, match="no GEDI footprint"):
-        DUNIAWaveformDiffusionTask(**TINY).fit_latent_stats([empty])
+        DUNIAWaveformDiffusionTask(**TINY).fit_latent_stats([empty["waveform"][empty["footprint_mask"].bool()]])
     with pytest.raises(ValueError, match="latent_stats_batches"):
         DUNIAWaveformDiffusionTask(latent_stats_batches=-1, **TINY)
 
