@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 # torch is left unpinned on purpose: PyPI's build (CUDA-enabled, runs on CPU) matches PyPI's torchvision.
+# --no-cache-dir: the CUDA wheels are several GB; caching them as well doubles the disk the install needs.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-cache-dir -e ".[test]"
 	# natten (neighborhood attention, DUNIA) compiles against the installed torch: no build isolation
-	$(PIP) install -q --no-build-isolation "natten>=0.17"
+	$(PIP) install -q --no-cache-dir --no-build-isolation "natten>=0.17"
 	touch $@
 
 install: $(VENV)/.installed
