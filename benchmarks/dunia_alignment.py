@@ -25,6 +25,10 @@ in-process), side by side:
   (:class:`~terratorch_eoplugins.models.dunia.TargetMeanBiasInit`); its RMSE and Pearson r are computed here from the predictions on
   the test footprint pixels, printed next to the zero-shot rows.
 
+``--finetune-labels dense`` fine-tunes on the world's dense 10 m RH98 map over the training chips
+(``configs/dunia_gedi_dense.yaml``: the paper's densely annotated 64 x 64 images for W_rh) instead of the
+training footprints; validation and test stay on the GEDI footprints in both cases, so the rows compare.
+
 ``--ckpt`` skips pretraining and evaluates an existing pretraining checkpoint (``--ckpt-out`` of an earlier run).
 ``--seed`` also seeds the fine-tuning run (head initialisation, batch order); ``--finetune-embedding`` overrides the
 config's ``decoder_embedding`` (``both``: O^V and O^H; ``vertical``: O^V only).
@@ -101,7 +105,7 @@ def _finetuned_predictions(cli, split: str = "test") -> tuple[float, float, int]
 
 
 def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int, finetune_lr: float,
-               seed: int = 0, embedding: str | None = None) -> None:
+               seed: int = 0, embedding: str | None = None, labels: str = "footprints") -> None:
     """Zero-shot KNN RH98 (pretrained vs random init) and low-shot fine-tuning, printed side by side."""
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -121,7 +125,8 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((name, m))
     if finetune_epochs > 0 and ckpt is not None:
-        args = ["fit", "-c", "configs/dunia_gedi.yaml", "--data.init_args.root", root,
+        config = "configs/dunia_gedi.yaml" if labels == "footprints" else "configs/dunia_gedi_dense.yaml"
+        args = ["fit", "-c", config, "--data.init_args.root", root,
                 "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
                 "--trainer.max_epochs", str(finetune_epochs), "--model.init_args.lr", str(finetune_lr),
                 "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}",
@@ -132,13 +137,15 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
                 "--seed_everything", str(seed)]
         if embedding is not None:
             args += ["--model.init_args.model_args.decoder_embedding", embedding]
+        if labels == "dense":
+            args += ["--data.init_args.dense_target", str(world / "GEDI" / "canopy_height_rh98_10m.tif")]
         t0 = time.perf_counter()
         cli = _cli(args)
         m = _test_metrics(cli)
         m["rmse"], m["r"], m["n"] = _finetuned_predictions(cli, "test")
         m["val_rmse"], m["val_r"], _ = _finetuned_predictions(cli, "val")
         print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
-        rows.append((f"low-shot fine-tuning, {finetune_epochs} ep, lr {finetune_lr:g}, seed {seed}", m))
+        rows.append((f"low-shot fine-tuning ({labels}), {finetune_epochs} ep, lr {finetune_lr:g}, seed {seed}", m))
     print("\nGEDI RH98 on the test split (m)                  RMSE      r")
     mean_rmse = next((m["test/rh98_rmse_mean_predictor"] for _, m in rows if "test/rh98_rmse_mean_predictor" in m),
                      float("nan"))
@@ -181,6 +188,8 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=3e-3, help="low-shot fine-tuning AdamW learning rate")
     ap.add_argument("--finetune-embedding", default=None, choices=["vertical", "horizontal", "both"],
                     help="embedding read by the low-shot head (default: the config's, both)")
+    ap.add_argument("--finetune-labels", default="footprints", choices=["footprints", "dense"],
+                    help="fine-tune on the training footprints or on the dense RH98 map of the training chips")
     ap.add_argument("--ckpt", type=Path, default=None, help="existing DUNIA pretraining checkpoint: skip pretraining "
                     "(needs --world) and run --downstream with it")
     ap.add_argument("--ckpt-out", type=Path, default=None, help="where to save the pretrained weights "
@@ -195,7 +204,7 @@ def main() -> None:
         if args.world is None or not args.ckpt.is_file():
             ap.error("--ckpt needs an existing checkpoint file and --world (the world it was pretrained on)")
         downstream(args.world, args.ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs,
-                   args.finetune_lr, args.seed, args.finetune_embedding)
+                   args.finetune_lr, args.seed, args.finetune_embedding, args.finetune_labels)
         return
     world = args.world
     if world is None:
@@ -246,7 +255,7 @@ def main() -> None:
         print(f"\npretrained weights: {ckpt}")
     if args.downstream:
         downstream(world, ckpt, Path(tempfile.mkdtemp(prefix="dunia_runs_")), args.finetune_epochs, args.finetune_lr,
-                   args.seed, args.finetune_embedding)
+                   args.seed, args.finetune_embedding, args.finetune_labels)
 
 
 if __name__ == "__main__":

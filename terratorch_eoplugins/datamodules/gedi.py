@@ -17,6 +17,11 @@ class GEDIDataModule(EODataModule):
     ``batch_keys``, ``footprints``, ``footprint_mask``, ``waveform``, ``rh98``, ``cover``, ``pai``,
     ``shot_number``, ``crs``, ``transform``, ``bounds``, ``location_coords``.
 
+    ``dense_target`` (a GEDI-derived 10 m product GeoTIFF, e.g. a canopy-height map) gives the splits
+    in ``dense_splits`` (default: train only) a dense target map instead of the footprints, and keeps
+    their chips without footprints; the other splits stay on the footprints, so validation and test
+    measure the same GEDI shots as the zero-shot retrieval.
+
     YAML::
 
         data:
@@ -32,10 +37,15 @@ class GEDIDataModule(EODataModule):
                  block_chips: int = 2, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
                  label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto",
                  batch_size: int = 8, num_workers: int = 0, batch_keys: Sequence[str] | None = (),
-                 image_modalities: Mapping[str, Sequence[int]] | None = None) -> None:
+                 image_modalities: Mapping[str, Sequence[int]] | None = None, dense_target: str | None = None,
+                 dense_splits: Sequence[str] = ("train",)) -> None:
         """Collect the :class:`GEDIChips` arguments (see there); ``composite`` defaults to
         ``root/S2L2A_S1GRD_composite.tif``. ``label_fraction`` applies to the training split only.
-        ``image_modalities`` splits the 14-band chips into named modalities (see :class:`EODataModule`)."""
+        ``image_modalities`` splits the 14-band chips into named modalities (see :class:`EODataModule`).
+        ``dense_target``/``dense_splits``: see the class docstring."""
+        bad = sorted(set(dense_splits) - {"train", "val", "test"})
+        if bad:
+            raise ValueError(f"dense_splits may only name 'train', 'val' and 'test', got {list(dense_splits)}")
         super().__init__(GEDIChips, batch_size=batch_size, num_workers=num_workers, batch_keys=batch_keys,
                          image_modalities=image_modalities,
                          root=str(root), composite=None if composite is None else str(Path(composite)),
@@ -47,9 +57,22 @@ class GEDIDataModule(EODataModule):
                          power_beams_only=power_beams_only, night_only=night_only, block_chips=block_chips,
                          split_fractions=tuple(split_fractions), label_fraction=label_fraction, seed=seed,
                          s2_units=s2_units)
+        self.dense_target = None if dense_target is None else str(Path(dense_target))
+        self.dense_splits = tuple(dense_splits)
+
+    def _split_dataset(self, split: str) -> GEDIChips:
+        kwargs = dict(self.kwargs)
+        if self.dense_target is not None and split in self.dense_splits:
+            kwargs.update(dense_target=self.dense_target, require_footprints=False)
+        return self.dataset_class(split=split, **kwargs)
 
     def setup(self, stage: str) -> None:
-        """Build the split datasets; ``predict`` uses the test split."""
-        super().setup(stage)
+        """Build the split datasets (fit: train + val, validate: val, test/predict: test)."""
+        if stage == "fit":
+            self.train_dataset = self._split_dataset("train")
+        if stage in ("fit", "validate"):
+            self.val_dataset = self._split_dataset("val")
+        if stage == "test":
+            self.test_dataset = self._split_dataset("test")
         if stage == "predict":
-            self.predict_dataset = self.dataset_class(split="test", **self.kwargs)
+            self.predict_dataset = self._split_dataset("test")

@@ -8,7 +8,8 @@ unchanged (layout in ``datasets.md`` section 4):
   location and acquisition time. Configurable quality filtering; filtered shots are counted.
 * :class:`GEDIChips`: chips of a 14-band Sentinel-2 + Sentinel-1 composite GeoTIFF with every
   filtered GEDI footprint inside, as padded per-footprint tensors and as a sparse pixel-wise
-  target map for terratorch's ``PixelwiseRegressionTask``.
+  target map for terratorch's ``PixelwiseRegressionTask``; optionally a dense target map read from
+  a GEDI-derived 10 m product GeoTIFF (e.g. a canopy-height map) instead of the footprints.
 
 Waveform processing (GEDI-BDL style): ``w = max(raw - noise_mean_corrected, 0)``, normalised to
 unit sum, then brought to ``waveform_length`` samples. ``waveform_mode="pad"`` (default) keeps
@@ -39,6 +40,7 @@ from matplotlib.figure import Figure
 from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
@@ -55,7 +57,7 @@ from terratorch_eoplugins.datasets._common import (
 
 __all__ = [
     "ALL_BEAMS", "COMPOSITE_BANDS", "COMPOSITE_NAME", "COVERAGE_BEAMS", "GEDIChips", "GEDIGranule", "GEDIShots",
-    "POWER_BEAMS", "extract_waveform", "find_granules", "process_waveform",
+    "CANOPY_HEIGHT_NAME", "POWER_BEAMS", "extract_waveform", "find_granules", "process_waveform",
 ]
 
 COVERAGE_BEAMS: tuple[str, ...] = ("BEAM0000", "BEAM0001", "BEAM0010", "BEAM0011")
@@ -66,6 +68,8 @@ COMPOSITE_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B
                                     "B12", "VV", "VH")
 #: File name of the composite inside the GEDI root (as written by :mod:`terratorch_eoplugins.synthetic.gedi`).
 COMPOSITE_NAME = "S2L2A_S1GRD_composite.tif"
+#: File name of the synthetic world's dense 10 m RH98 map (a stand-in for a GEDI-derived canopy-height product).
+CANOPY_HEIGHT_NAME = "canopy_height_rh98_10m.tif"
 TARGETS: tuple[str, ...] = ("rh98", "cover", "pai")
 #: GEDI ``delta_time`` counts seconds since this instant (UTC).
 GEDI_EPOCH = dt.datetime(2018, 1, 1)
@@ -534,6 +538,14 @@ class GEDIChips(NonGeoDataset):
     depend on the quality filters. Chips without footprints are dropped unless
     ``require_footprints=False``. ``label_fraction`` subsamples the training chips.
 
+    Dense targets (``dense_target``): a single-band GeoTIFF of a wall-to-wall product derived from
+    GEDI (a 10 m canopy-height map for ``targets=("rh98",)``, as the densely annotated images DUNIA
+    fine-tunes on) replaces the footprint values in ``mask``: every pixel of the chip gets the
+    product's value, and its no-data value, NaN and infinities become ``ignore_value``. A product on
+    the composite's grid is read window by window; one in another CRS, resolution or extent is
+    warped onto the composite's grid on the fly (``dense_resampling``, bilinear by default). Chips
+    without any valid product pixel are dropped; ``require_footprints`` still applies on top.
+
     Sample: ``image`` float32 ``14 x H x W``; ``mask`` float32 ``H x W`` (one target) or
     ``n_targets x H x W`` with each footprint's value at its pixel (mean when several share a
     pixel) and ``ignore_value`` elsewhere; ``footprints`` long ``K x 2`` (row, col in the chip),
@@ -553,7 +565,8 @@ class GEDIChips(NonGeoDataset):
                  block_chips: int = 2, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
                  label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto", s2_offset: float = 1000.0,
                  means: Sequence[float] | None = None, stds: Sequence[float] | None = None,
-                 crs: str | None = None) -> None:
+                 crs: str | None = None, dense_target: str | Path | None = None, dense_band: int = 1,
+                 dense_resampling: str = "bilinear") -> None:
         """Index shots and chips.
 
         Args:
@@ -575,6 +588,10 @@ class GEDIChips(NonGeoDataset):
             s2_offset: L2A radiometric offset subtracted from DN (1000 for baseline >= 04.00, else 0).
             means, stds: Per-band statistics (14 each) after S2 conversion; default from the composite.
             crs: Expected CRS of the composite (e.g. ``"EPSG:32631"``); a different one is an error.
+            dense_target: GeoTIFF of a dense product of the (single) target, e.g. ``root/canopy_height_rh98_10m.tif``;
+                ``mask`` then holds its values instead of the footprints' (see above).
+            dense_band: 1-based band of ``dense_target`` to read.
+            dense_resampling: rasterio resampling name used when the product is not on the composite's grid.
         """
         if split not in ("all", "train", "val", "test"):
             raise ValueError(f"split must be 'all', 'train', 'val' or 'test', got {split!r}")
@@ -600,6 +617,7 @@ class GEDIChips(NonGeoDataset):
                                       "Give `composite=` or write the synthetic world with `eoplugins synth --out DIR`.")
         self._raster = _RasterCache(str(self.composite))
         self._open_composite(crs, s2_units, s2_offset, means, stds)
+        self._open_dense(dense_target, dense_band, dense_resampling)
         self._collocate()
         self._make_chips(split, block_chips, split_fractions, require_footprints, label_fraction, seed)
         self._set_padding(max_footprints, seed)
@@ -666,6 +684,66 @@ class GEDIChips(NonGeoDataset):
         self.means = np.asarray(means if means is not None else np.nanmean(small, axis=(1, 2)), np.float32)
         sd = np.asarray(stds if stds is not None else np.nanstd(small, axis=(1, 2)), np.float32)
         self.stds = np.where(sd > 0, sd, 1.0).astype(np.float32)
+
+    def _open_dense(self, path: str | Path | None, band: int, resampling: str) -> None:
+        """Check the dense product and decide whether it must be warped onto the composite's grid."""
+        self.dense_target: Path | None = None
+        self._dense: _RasterCache | None = None
+        if path is None:
+            return
+        if len(self.targets) != 1:
+            raise ValueError(f"dense_target needs exactly one target (the product's variable), got targets={self.targets}")
+        try:
+            self.dense_resampling = Resampling[resampling]
+        except KeyError:
+            raise ValueError(f"dense_resampling must be a rasterio resampling name (e.g. 'bilinear', 'nearest'), "
+                             f"got {resampling!r}") from None
+        self.dense_target = require_file(path, f"dense {self.targets[0]} product GeoTIFF",
+                                         "Give the path of a single-band GeoTIFF (the synthetic world writes "
+                                         f"{CANOPY_HEIGHT_NAME} beside the granules).")
+        with rasterio.open(self.dense_target) as src:
+            if not isinstance(band, int) or not 1 <= band <= src.count:
+                raise EODataError(f"{self.dense_target}: dense_band={band!r} but the file has {src.count} band(s); "
+                                  "expected a 1-based band index")
+            if src.crs is None or src.transform.is_identity:
+                raise EODataError(f"{self.dense_target}: dense product has no CRS or no geotransform; expected a "
+                                  f"georeferenced GeoTIFF (the composite is in {self.crs_str})")
+            same_grid = (ProjCRS.from_user_input(src.crs.to_wkt()).equals(self.crs_obj, ignore_axis_order=True)
+                         and src.transform.almost_equals(self.transform) and src.shape == (self.height, self.width))
+            self.dense_nodata = src.nodata
+            if not same_grid:
+                logger.info("GEDI: %s (%s, %s px) is warped onto the composite grid (%s, %s px) with %s resampling",
+                            self.dense_target.name, src.crs.to_string(), src.shape, self.crs_str,
+                            (self.height, self.width), resampling)
+        self.dense_band, self.dense_same_grid = band, same_grid
+        self._dense = _RasterCache(str(self.dense_target))
+
+    def _read_dense(self, row: int, col: int, nrows: int, ncols: int) -> np.ndarray:
+        """Dense product on the composite's pixels ``[row:row+nrows, col:col+ncols]``; invalid pixels -> NaN."""
+        src = self._dense.get()
+        win = Window(col, row, ncols, nrows)
+        if self.dense_same_grid:
+            arr = src.read(self.dense_band, window=win, masked=True)
+        else:
+            with WarpedVRT(src, crs=self.crs_str, transform=self.transform, width=self.width, height=self.height,
+                           resampling=self.dense_resampling, src_nodata=self.dense_nodata, nodata=np.nan,
+                           dtype="float32") as vrt:
+                arr = vrt.read(self.dense_band, window=win, masked=True)
+        out = np.ma.filled(arr.astype(np.float32), np.nan)
+        out[~np.isfinite(out)] = np.nan
+        return out
+
+    def _dense_valid_per_chip(self, n_r: int, n_c: int) -> np.ndarray:
+        """Number of valid dense-product pixels in every chip (read one row of chips at a time)."""
+        cs = self.chip_size
+        counts = np.zeros(n_r * n_c, np.int64)
+        for i in range(n_r):
+            strip = np.isfinite(self._read_dense(i * cs, 0, cs, n_c * cs))
+            counts[i * n_c : (i + 1) * n_c] = strip.reshape(cs, n_c, cs).sum(axis=(0, 2))
+        if not counts.any():
+            raise EODataError(f"{self.dense_target}: no valid (finite, not no-data={self.dense_nodata}) pixel falls "
+                              f"inside the composite {self.composite} ({self.crs_str}); check that the product covers it")
+        return counts
 
     def _convert(self, x: np.ndarray) -> np.ndarray:
         """S2 DN -> reflectance when needed (bands first, composite order)."""
@@ -743,6 +821,12 @@ class GEDIChips(NonGeoDataset):
             if len(chips) == 0:
                 raise EODataError(f"{self.composite}: no chip of split {split!r} contains a GEDI footprint after "
                                   "filtering; use require_footprints=False, other split settings or more granules")
+        if self._dense is not None:
+            valid = self._dense_valid_per_chip(n_r, n_c)
+            chips = chips[valid[chips] > 0]
+            if len(chips) == 0:
+                raise EODataError(f"{self.dense_target}: no chip of split {split!r} holds a valid pixel of the "
+                                  "dense product")
         if split == "train" and label_fraction < 1.0:
             chips = np.asarray(subsample_fraction(chips, label_fraction, seed), np.int64)
         self.chips = [(int(k // n_c) * cs, int(k % n_c) * cs) for k in chips]
@@ -793,7 +877,10 @@ class GEDIChips(NonGeoDataset):
             v[:k] = s[t][sid]
             per[t] = v
         mask = np.full((len(self.targets), cs, cs), self.ignore_value, np.float32)
-        for ti, t in enumerate(self.targets):
+        if self._dense is not None:
+            dense = self._read_dense(row, col, cs, cs)
+            mask[0] = np.where(np.isfinite(dense), dense, self.ignore_value)
+        for ti, t in enumerate(self.targets if self._dense is None else ()):
             vals = s[t][sid].astype(np.float64)
             ok = np.isfinite(vals)
             tot = np.zeros((cs, cs))
@@ -838,10 +925,12 @@ class GEDIChips(NonGeoDataset):
             fm = sample["footprint_mask"].detach().cpu().numpy().astype(bool)
             foot = sample["footprints"].detach().cpu().numpy()[fm]
             vals = sample[tgt].detach().cpu().numpy()[fm]
-        else:  # batch filtered to image/mask (as terratorch tasks plot it): footprints from the target map
+        elif self._dense is None:  # batch filtered to image/mask (as terratorch tasks plot it): footprints from the map
             fm = None
             foot = np.argwhere(mask != self.ignore_value)
             vals = mask[mask != self.ignore_value]
+        else:  # dense target map: no footprint to mark
+            fm, foot, vals = None, np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
         panels = 4 if "prediction" in sample else 3
         fig, axs = plt.subplots(1, panels, figsize=(4 * panels, 4))
         axs[0].imshow(rgb)

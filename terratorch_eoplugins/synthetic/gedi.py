@@ -9,6 +9,7 @@ of every track in the real on-disk layout (see ``datasets.md`` section 4)::
     out_dir/GEDI/GEDI02_A_<...>_003_01_V002.h5
     out_dir/GEDI/GEDI02_B_<...>_003_01_V002.h5
     out_dir/GEDI/S2L2A_S1GRD_composite.tif
+    out_dir/GEDI/canopy_height_rh98_10m.tif
 
 Waveform physics (per footprint, using the world pixel under the footprint centre):
 
@@ -23,6 +24,15 @@ RH metrics come from the noise-free cumulative energy above the ground mode, so 
 the canopy height in forests and stays at ~1-2 m elsewhere; L2B ``cover`` is the world's
 ``canopy_cover`` and ``pai = -ln(1 - cover) / 0.5`` (Beer's law, k = 0.5). A few shots carry
 ``quality_flag = 0``, ``degrade_flag = 3``, low ``sensitivity``, or -9999 in L2B.
+
+``canopy_height_rh98_10m.tif`` is the synthetic stand-in for a GEDI-derived 10 m canopy-height map
+(the wall-to-wall RH98 products that DUNIA fine-tunes on, e.g. Lang et al. 2023 or Schwartz et al.
+2023): one float32 band, the RH98 of the noise-free waveform that a footprint centred on each pixel
+would return (same waveform model, leaf-on low vegetation), no-data -9999 over water (as such maps mask
+water bodies).
+It is computed through a lookup table over (canopy height, cover, ground-return width), so it is
+coherent with the footprints' L2A RH98 up to their noise (energy, geolocation jitter, acquisition
+date).
 
 The composite is the per-band median of the cloud-free Sentinel-2 dates (float32 BOA
 reflectance, bands B01..B12 with B8A) followed by the median Sentinel-1 VV and VH backscatter
@@ -39,6 +49,7 @@ import h5py
 import numpy as np
 import rasterio
 from pyproj import Transformer
+from scipy.interpolate import RegularGridInterpolator
 
 from terratorch_eoplugins.synthetic.world import (
     GRASSLAND,
@@ -49,6 +60,7 @@ from terratorch_eoplugins.synthetic.world import (
     _rng,
     make_world,
     smooth_noise,
+    WATER,
     to_datetime,
 )
 
@@ -58,6 +70,7 @@ POWER_BEAMS: tuple[str, ...] = ("BEAM0101", "BEAM0110", "BEAM1000", "BEAM1011")
 BEAM_ORDER: tuple[str, ...] = ("BEAM0000", "BEAM0101", "BEAM0001", "BEAM0110",
                                "BEAM0010", "BEAM1000", "BEAM0011", "BEAM1011")
 COMPOSITE_NAME = "S2L2A_S1GRD_composite.tif"
+CANOPY_HEIGHT_NAME = "canopy_height_rh98_10m.tif"
 GEDI_EPOCH = dt.datetime(2018, 1, 1)
 BIN_M = 0.15            # range of one 1-ns waveform sample (metres)
 PULSE_SIGMA_M = 0.75    # transmit pulse standard deviation (metres)
@@ -107,6 +120,57 @@ def rh_metrics(z: np.ndarray, wf: np.ndarray, ground: float) -> np.ndarray:
     # np.interp needs strictly increasing xp: keep the first sample of each plateau.
     keep = np.concatenate([[True], np.diff(cum) > 0])
     return (np.interp(np.arange(101) / 100.0, cum[keep], zb[keep]) - ground).astype(np.float32)
+
+
+def _rh98_lookup() -> RegularGridInterpolator:
+    """RH98 (m) of :func:`simulate_waveform` on a (height, cover, ground-return sigma) grid, linearly interpolated."""
+    heights = np.arange(0.0, 40.01, 0.5)
+    covers = np.linspace(0.0, 0.99, 23)
+    sigmas = np.linspace(PULSE_SIGMA_M, 3.0, 10)
+    table = np.zeros((len(heights), len(covers), len(sigmas)), np.float32)
+    for i, h in enumerate(heights):
+        z = h + 30.0 - BIN_M * np.arange(int((h + 50.0) / BIN_M) + 1)  # ground at 0, 30 m above, 20 m below
+        for j, c in enumerate(covers):
+            for k, sg in enumerate(sigmas):
+                table[i, j, k] = rh_metrics(z, simulate_waveform(z, 0.0, h, c, sg), 0.0)[98]
+    return RegularGridInterpolator((heights, covers, sigmas), table)
+
+
+def _ground_sigma(world: World, dem: np.ndarray, green: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Width (m) of the ground return: transmit pulse widened by slope and by low vegetation."""
+    gy, gx = np.gradient(dem, world.spec.resolution)
+    slope = np.hypot(gy, gx)[rows, cols]
+    lc = world.landcover[rows, cols]
+    low_veg = np.where((lc == CROPLAND) | (lc == GRASSLAND), 0.8 * green[rows, cols], 0.0)
+    return np.sqrt(PULSE_SIGMA_M**2 + (12.5 * slope) ** 2 + (low_veg / 2) ** 2)
+
+
+def write_canopy_height(world: World, path: str | Path, dem: np.ndarray | None = None,
+                        when: dt.datetime | None = None) -> Path:
+    """Write the dense 10 m RH98 map of ``world`` (float32 GeoTIFF, no-data -9999) to ``path``.
+
+    Every pixel gets the RH98 of the noise-free waveform of a footprint centred on it (see the
+    module docstring); ``when`` sets the low-vegetation state (default: mid-July of the world's
+    last season, leaf-on). Water pixels get the no-data value -9999.
+    """
+    path = Path(path)
+    dem = _ground_elevation(world) if dem is None else dem
+    when = when or dt.datetime(to_datetime(world.spec.end).year, 7, 15)
+    green = world.green_fraction(when)
+    h, w = world.shape
+    rows, cols = np.indices((h, w)).reshape(2, -1)
+    pts = np.stack([np.clip(world.canopy_height[rows, cols], 0, 40), np.clip(world.canopy_cover[rows, cols], 0, 0.99),
+                    np.clip(_ground_sigma(world, dem, green, rows, cols), PULSE_SIGMA_M, 3.0)], 1)
+    rh98 = _rh98_lookup()(pts).reshape(h, w).astype(np.float32)
+    rh98[world.landcover == WATER] = INVALID
+    profile = dict(driver="GTiff", width=w, height=h, count=1, dtype="float32", crs=world.crs,
+                   transform=world.transform, nodata=INVALID, compress="deflate", predictor=3)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(rh98, 1)
+        dst.set_band_description(1, "RH98")
+        dst.update_tags(UNITS="m", PRODUCT="GEDI-derived canopy height (RH98) at 10 m, synthetic",
+                        DATE=when.date().isoformat())
+    return path
 
 
 def _track_layout(world: World, n_tracks: int, seed: int) -> list[dict]:
@@ -163,8 +227,7 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
     ground = dem[rows, cols].astype(np.float64)
     gy, gx = np.gradient(dem, res)
     slope = np.hypot(gy, gx)[rows, cols]
-    low_veg = np.where((lc == CROPLAND) | (lc == GRASSLAND), 0.8 * green[rows, cols], 0.0)
-    sigma_g = np.sqrt(PULSE_SIGMA_M**2 + (12.5 * slope) ** 2 + (low_veg / 2) ** 2)
+    sigma_g = _ground_sigma(world, dem, green, rows, cols)
 
     energy = (6000.0 if power else 3000.0) * np.exp(rng.normal(0, 0.2, n))
     weak = rng.random(n) < 0.03
@@ -345,4 +408,5 @@ def write_gedi(out_dir: str | Path, size: str = "tiny", seed: int = 0, world: Wo
         beams = {b: _simulate_beam(world, dem, green, tr, b, seed, to_lonlat) for b in COVERAGE_BEAMS + POWER_BEAMS}
         _write_granule(out, tr, beams)
     write_composite(world, out / COMPOSITE_NAME)
+    write_canopy_height(world, out / CANOPY_HEIGHT_NAME, dem)
     return out

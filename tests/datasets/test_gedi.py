@@ -18,6 +18,7 @@ from pyproj import Transformer
 from terratorch_eoplugins.datamodules.gedi import GEDIDataModule
 from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.gedi import (
+    CANOPY_HEIGHT_NAME,
     COMPOSITE_BANDS,
     COMPOSITE_NAME,
     GEDIChips,
@@ -468,3 +469,126 @@ def test_datamodule_and_plot(synth: Path) -> None:
     fig = dm.train_dataset.plot({**sample, "prediction": sample["mask"]}, suptitle="chip")
     assert len(fig.axes) >= 4
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------- dense target product
+def _write_dense(path: Path, values: np.ndarray, crs: str | None = UTM, transform: Affine | None = None,
+                 nodata: float | None = -9999.0) -> Path:
+    profile = dict(driver="GTiff", width=values.shape[-1], height=values.shape[-2], count=1 if values.ndim == 2
+                   else values.shape[0], dtype="float32", nodata=nodata,
+                   transform=transform if transform is not None else Affine(10, 0, ORIGIN[0], 0, -10, ORIGIN[1]))
+    if crs is not None:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(values if values.ndim == 3 else values[None])
+    return path
+
+
+def test_synthetic_dense_rh98_map_matches_footprints(synth: Path) -> None:
+    """The world's dense RH98 map is the footprints' RH98 at their pixels (same waveform model) and masks water."""
+    from terratorch_eoplugins.synthetic.world import WATER
+
+    world = make_world("tiny", 0)
+    with rasterio.open(synth / CANOPY_HEIGHT_NAME) as src:
+        assert src.count == 1 and src.crs.to_epsg() == 32631 and src.transform == world.transform
+        dense, nodata = src.read(1), src.nodata
+    assert nodata == -9999.0
+    np.testing.assert_array_equal(dense == nodata, world.landcover == WATER)
+    ds = GEDIShots(synth, waveform_length=8)
+    x, y = TO_UTM.transform(ds.shots["lon"], ds.shots["lat"])
+    rows, cols = (np.asarray(v) for v in rasterio.transform.rowcol(world.transform, x, y))
+    inside = (rows >= 0) & (rows < world.shape[0]) & (cols >= 0) & (cols < world.shape[1])
+    at = dense[rows[inside], cols[inside]]
+    rh98 = ds.shots["rh98"][inside]
+    ok = at != nodata
+    assert ok.sum() > 500
+    # The lookup table's linear interpolation is the only difference from the footprints' own RH98.
+    assert np.abs(at[ok] - rh98[ok]).max() < 1.0 and np.sqrt(np.mean((at[ok] - rh98[ok]) ** 2)) < 0.2
+    forest = world.landcover == FOREST
+    assert dense[forest].mean() > 10 and 0 < dense[~forest & (dense != nodata)].mean() < 2.5
+
+
+def test_dense_target_replaces_footprints(synth: Path) -> None:
+    path = synth / CANOPY_HEIGHT_NAME
+    with rasterio.open(path) as src:
+        dense, nodata = src.read(1), src.nodata
+    ds = GEDIChips(synth, split="all", chip_size=64, waveform_length=8, dense_target=path, require_footprints=False)
+    assert len(ds) == 24
+    for i in (0, 7, 23):
+        s = ds[i]
+        r, c = ds.chips[i]
+        want = dense[r : r + 64, c : c + 64]
+        want = np.where(want == nodata, -1.0, want)
+        np.testing.assert_array_equal(s["mask"].numpy(), want)
+        assert s["footprint_mask"].any()  # footprints and waveforms still come with the chip
+    # The same map in another CRS and at 20 m is warped onto the composite grid.
+    world = make_world("tiny", 0)
+    utm32 = "EPSG:32632"
+    tr = Transformer.from_crs(UTM, utm32, always_xy=True)
+    x0, y0 = tr.transform(world.bounds[0] - 500, world.bounds[3] + 500)
+    h, w = (world.shape[0] + 100) // 2, (world.shape[1] + 100) // 2
+    xs = x0 + 20 * (np.arange(w) + 0.5)
+    ys = y0 - 20 * (np.arange(h) + 0.5)
+    gx, gy = np.meshgrid(xs, ys)
+    bx, by = Transformer.from_crs(utm32, UTM, always_xy=True).transform(gx, gy)
+    rows, cols = (np.asarray(v).reshape(bx.shape) for v in rasterio.transform.rowcol(world.transform, bx.ravel(),
+                                                                                     by.ravel()))
+    rows, cols = rows.clip(0, world.shape[0] - 1), cols.clip(0, world.shape[1] - 1)
+    warped_src = _write_dense(synth.parent / "rh98_utm32_20m.tif", world.canopy_height[rows, cols].astype(np.float32),
+                              crs=utm32, transform=Affine(20, 0, x0, 0, -20, y0))
+    wd = GEDIChips(synth, split="all", chip_size=64, waveform_length=8, dense_target=warped_src,
+                   require_footprints=False, dense_resampling="nearest")
+    got = np.stack([wd[i]["mask"].numpy() for i in range(len(wd))])
+    truth = np.stack([world.canopy_height[r : r + 64, c : c + 64] for r, c in wd.chips])
+    assert (got != -1).all()
+    assert np.corrcoef(got.ravel(), truth.ravel())[0, 1] > 0.9 and np.median(np.abs(got - truth)) < 0.5
+
+
+def test_dense_target_nodata_nan_and_errors(handmade: Path, tmp_path: Path) -> None:
+    kw = dict(chip_size=8, waveform_length=16, block_chips=1, composite=write_composite(tmp_path / "c.tif"))
+    vals = np.arange(256, dtype=np.float32).reshape(16, 16) / 10
+    vals[0, 0], vals[1, 1], vals[2, 2] = -9999.0, np.nan, np.inf
+    vals[8:, 8:] = -9999.0  # one whole chip without a valid pixel: dropped
+    path = _write_dense(tmp_path / "d.tif", vals)
+    ds = GEDIChips(handmade, split="all", require_footprints=False, dense_target=path, ignore_value=-1.0, **kw)
+    assert sorted(ds.chips) == [(0, 0), (0, 8), (8, 0)]
+    m = ds[ds.chips.index((0, 0))]["mask"].numpy()
+    assert m[0, 0] == m[1, 1] == m[2, 2] == -1.0 and m[3, 4] == pytest.approx(vals[3, 4])
+    with pytest.raises(EODatasetNotFoundError, match="dense rh98 product"):
+        GEDIChips(handmade, dense_target=tmp_path / "missing.tif", **kw)
+    with pytest.raises(EODataError, match="dense_band=2 but the file has 1 band"):
+        GEDIChips(handmade, dense_target=path, dense_band=2, **kw)
+    with pytest.raises(ValueError, match="exactly one target"):
+        GEDIChips(handmade, dense_target=path, targets=("rh98", "cover"), **kw)
+    with pytest.raises(ValueError, match="dense_resampling"):
+        GEDIChips(handmade, dense_target=path, dense_resampling="smooth", **kw)
+    with pytest.raises(EODataError, match="no CRS"):
+        GEDIChips(handmade, dense_target=_write_dense(tmp_path / "nocrs.tif", vals, crs=None), **kw)
+    far = _write_dense(tmp_path / "far.tif", vals, transform=Affine(10, 0, ORIGIN[0] + 50_000, 0, -10, ORIGIN[1]))
+    with pytest.raises(EODataError, match="no valid .* pixel falls inside the composite"):
+        GEDIChips(handmade, dense_target=far, **kw)
+    split = dict(split="test", require_footprints=False, split_fractions=(0.5, 0.25, 0.25))
+    (r, c), = GEDIChips(handmade, **split, **kw).chips  # the test split's only chip
+    hole = vals.copy()
+    hole[r : r + 8, c : c + 8] = np.nan
+    with pytest.raises(EODataError, match="no chip of split 'test' holds a valid pixel"):
+        GEDIChips(handmade, dense_target=_write_dense(tmp_path / "hole.tif", hole), **split, **kw)
+
+
+def test_datamodule_dense_train_sparse_eval(synth: Path) -> None:
+    dm = GEDIDataModule(root=str(synth), chip_size=64, batch_size=4, waveform_length=8,
+                        dense_target=str(synth / CANOPY_HEIGHT_NAME))
+    dm.setup("fit")
+    dm.setup("test")
+    train = next(iter(dm.train_dataloader()))["mask"]
+    assert (train != -1).float().mean() > 0.9  # every non-water pixel is labelled
+    sparse = GEDIChips(synth, split="train", chip_size=64, waveform_length=8)
+    assert len(dm.train_dataset) >= len(sparse)  # chips without footprints are kept for dense training
+    fig = dm.train_dataset.plot({"image": dm.train_dataset[0]["image"], "mask": dm.train_dataset[0]["mask"]})
+    assert fig.axes[0].get_title() == "RGB + 0 footprints (rh98)"
+    plt.close(fig)
+    for ds in (dm.val_dataset, dm.test_dataset):  # evaluation stays on the footprints
+        m = ds[0]["mask"]
+        assert ds.dense_target is None and 0 < int((m != -1).sum()) < 200
+    with pytest.raises(ValueError, match="dense_splits"):
+        GEDIDataModule(root=str(synth), dense_target="x.tif", dense_splits=("training",))
