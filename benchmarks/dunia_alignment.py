@@ -27,7 +27,9 @@ in-process), side by side:
 
 ``--finetune-labels dense`` fine-tunes on the world's dense 10 m RH98 map over the training chips
 (``configs/dunia_gedi_dense.yaml``: the paper's densely annotated 64 x 64 images for W_rh) instead of the
-training footprints; validation and test stay on the GEDI footprints in both cases, so the rows compare.
+training footprints; validation and test stay on the GEDI footprints in both cases, so the rows compare. It
+also scores the fine-tuned model and the pretrained zero-shot KNN (database: train footprints, as above) on
+the dense map of every val/test chip (all non-water pixels: ~100 times more test pixels than footprints).
 
 ``--ckpt`` skips pretraining and evaluates an existing pretraining checkpoint (``--ckpt-out`` of an earlier run).
 ``--seed`` also seeds the fine-tuning run (head initialisation, batch order); ``--finetune-embedding`` overrides the
@@ -83,9 +85,11 @@ def _test_metrics(cli) -> dict[str, float]:  # noqa: ANN001
     return {k: float(v) for k, v in out[0].items()}
 
 
-def _finetuned_predictions(cli, split: str = "test") -> tuple[float, float, int]:  # noqa: ANN001
-    """RMSE and Pearson r of the fine-tuned model on the footprint pixels (target != ignore_index) of a split."""
+def _finetuned_predictions(cli, split: str = "test", dense: bool = False) -> tuple[float, float, int]:  # noqa: ANN001
+    """RMSE and Pearson r of the fine-tuned model on the labelled pixels (target != ignore_index) of a split:
+    its footprints, or with ``dense`` every valid pixel of the datamodule's dense map."""
     model, dm = cli.model, cli.datamodule
+    dm.dense_splits = ("train", "val", "test") if dense else ("train",)
     dm.setup("test" if split == "test" else "fit")
     ignore = float(model.hparams.get("ignore_index", -1))
     preds, targets = [], []
@@ -124,6 +128,15 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         m = {**_test_metrics(cli), **val}
         print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((name, m))
+    dense_map = world / "GEDI" / "canopy_height_rh98_10m.tif"
+    if labels == "dense" and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
+        cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
+                    "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",
+                    "--model.init_args.dunia_ckpt_path", str(ckpt), "--trainer.default_root_dir", str(runs),
+                    "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                    "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"])
+        val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        rows.append(("zero-shot KNN, pretrained, dense maps", {**_test_metrics(cli), **val}))
     if finetune_epochs > 0 and ckpt is not None:
         config = "configs/dunia_gedi.yaml" if labels == "footprints" else "configs/dunia_gedi_dense.yaml"
         args = ["fit", "-c", config, "--data.init_args.root", root,
@@ -138,12 +151,15 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         if embedding is not None:
             args += ["--model.init_args.model_args.decoder_embedding", embedding]
         if labels == "dense":
-            args += ["--data.init_args.dense_target", str(world / "GEDI" / "canopy_height_rh98_10m.tif")]
+            args += ["--data.init_args.dense_target", str(dense_map)]
         t0 = time.perf_counter()
         cli = _cli(args)
         m = _test_metrics(cli)
         m["rmse"], m["r"], m["n"] = _finetuned_predictions(cli, "test")
         m["val_rmse"], m["val_r"], _ = _finetuned_predictions(cli, "val")
+        if labels == "dense":
+            m["dense_rmse"], m["dense_r"], m["dense_n"] = _finetuned_predictions(cli, "test", dense=True)
+            m["dense_val_rmse"], m["dense_val_r"], _ = _finetuned_predictions(cli, "val", dense=True)
         print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((f"low-shot fine-tuning ({labels}), {finetune_epochs} ep, lr {finetune_lr:g}, seed {seed}", m))
     print("\nGEDI RH98 on the test split (m)                  RMSE      r")
@@ -151,6 +167,8 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
                      float("nan"))
     print(f"  {'mean predictor (train mean)':<44s} {mean_rmse:7.3f}      -")
     for name, m in rows:
+        if name.endswith("dense maps"):
+            continue
         if "test/rh98_rmse_k1" in m:
             for k in (1, 5, 50):
                 print(f"  {name + f', K={k}':<44s} {m[f'test/rh98_rmse_k{k}']:7.3f} {m[f'test/rh98_r_k{k}']:6.3f}")
@@ -170,6 +188,18 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         print(f"  {'low-shot fine-tuned':<44s} {ft['rmse']:9.3f} {ft['r']:6.3f} {ft['val_rmse']:11.3f} {ft['val_r']:6.3f}")
         print(f"  fine-tuned / zero-shot K=5 RMSE ratio {ft['rmse'] / zs['test/rh98_rmse_k5']:.3f}; "
               f"r difference {ft['r'] - zs['test/rh98_r_k5']:+.3f}")
+    zd = next((m for n, m in rows if n == "zero-shot KNN, pretrained, dense maps"), None)
+    if zd is not None and ft is not None and "dense_rmse" in ft:
+        nan = float("nan")
+        print(f"\non the dense RH98 map of the val/test chips ({int(ft['dense_n'])} test pixels)"
+              "  test RMSE      r    val RMSE      r")
+        print(f"  {'mean predictor (train footprint mean)':<44s} {zd.get('test/rh98_rmse_mean_predictor', nan):9.3f}"
+              f"      - {zd.get('val/rh98_rmse_mean_predictor', nan):11.3f}      -")
+        for k in (1, 5, 50):
+            print(f"  {f'zero-shot KNN K={k}':<44s} {zd[f'test/rh98_rmse_k{k}']:9.3f} {zd[f'test/rh98_r_k{k}']:6.3f}"
+                  f" {zd.get(f'val/rh98_rmse_k{k}', nan):11.3f} {zd.get(f'val/rh98_r_k{k}', nan):6.3f}")
+        print(f"  {'low-shot fine-tuned (dense labels)':<44s} {ft['dense_rmse']:9.3f} {ft['dense_r']:6.3f}"
+              f" {ft['dense_val_rmse']:11.3f} {ft['dense_val_r']:6.3f}")
 
 
 def main() -> None:
