@@ -128,7 +128,9 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         m = {**_test_metrics(cli), **val}
         print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((name, m))
-    dense_map = world / "GEDI" / "canopy_height_rh98_10m.tif"
+    from terratorch_eoplugins.datasets.gedi import CANOPY_HEIGHT_NAME
+
+    dense_map = world / "GEDI" / CANOPY_HEIGHT_NAME
     if labels == "dense" and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
         cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
                     "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",

@@ -692,15 +692,17 @@ class GEDIChips(NonGeoDataset):
         if path is None:
             return
         if len(self.targets) != 1:
-            raise ValueError(f"dense_target needs exactly one target (the product's variable), got targets={self.targets}")
+            raise ValueError(f"dense_target needs exactly one target (the product's variable), "
+                             f"got targets={self.targets}")
         try:
             self.dense_resampling = Resampling[resampling]
         except KeyError:
             raise ValueError(f"dense_resampling must be a rasterio resampling name (e.g. 'bilinear', 'nearest'), "
                              f"got {resampling!r}") from None
         self.dense_target = require_file(path, f"dense {self.targets[0]} product GeoTIFF",
-                                         "Give the path of a single-band GeoTIFF (the synthetic world writes "
-                                         f"{CANOPY_HEIGHT_NAME} beside the granules).")
+                                         "Give the path of a single-band GeoTIFF; the synthetic world writes "
+                                         f"{CANOPY_HEIGHT_NAME} beside the granules (worlds written before "
+                                         "it existed: `eoplugins synth --out DIR --overwrite`).")
         with rasterio.open(self.dense_target) as src:
             if not isinstance(band, int) or not 1 <= band <= src.count:
                 raise EODataError(f"{self.dense_target}: dense_band={band!r} but the file has {src.count} band(s); "
@@ -742,7 +744,8 @@ class GEDIChips(NonGeoDataset):
             counts[i * n_c : (i + 1) * n_c] = strip.reshape(cs, n_c, cs).sum(axis=(0, 2))
         if not counts.any():
             raise EODataError(f"{self.dense_target}: no valid (finite, not no-data={self.dense_nodata}) pixel falls "
-                              f"inside the composite {self.composite} ({self.crs_str}); check that the product covers it")
+                              f"inside the composite {self.composite} ({self.crs_str}); check that the product "
+                              "covers it")
         return counts
 
     def _convert(self, x: np.ndarray) -> np.ndarray:
