@@ -27,9 +27,10 @@ in-process), side by side:
 
 ``--finetune-labels dense`` fine-tunes on the world's dense 10 m RH98 map over the training chips
 (``configs/dunia_gedi_dense.yaml``: the paper's densely annotated 64 x 64 images for W_rh) instead of the
-training footprints; validation and test stay on the GEDI footprints in both cases, so the rows compare. It
-also scores the fine-tuned model and the pretrained zero-shot KNN (database: train footprints, as above) on
-the dense map of every val/test chip (all non-water pixels: ~100 times more test pixels than footprints).
+training footprints; validation and test stay on the GEDI footprints in both cases, so the rows compare. When
+the world has that map (``GEDI/canopy_height_rh98_10m.tif``), the fine-tuned model and the pretrained zero-shot
+KNN (database: train footprints, as above) are also scored on the dense map of every val/test chip (all non-water
+pixels: ~100 times more test pixels than footprints), whichever labels the fine-tuning used.
 
 ``--ckpt`` skips pretraining and evaluates an existing pretraining checkpoint (``--ckpt-out`` of an earlier run).
 ``--seed`` also seeds the fine-tuning run (head initialisation, batch order); ``--finetune-embedding`` overrides the
@@ -85,12 +86,17 @@ def _test_metrics(cli) -> dict[str, float]:  # noqa: ANN001
     return {k: float(v) for k, v in out[0].items()}
 
 
-def _finetuned_predictions(cli, split: str = "test", dense: bool = False) -> tuple[float, float, int]:  # noqa: ANN001
+def _finetuned_predictions(cli, split: str = "test", dense_map: Path | None = None) -> tuple[float, float, int]:  # noqa: ANN001
     """RMSE and Pearson r of the fine-tuned model on the labelled pixels (target != ignore_index) of a split:
-    its footprints, or with ``dense`` every valid pixel of the datamodule's dense map."""
+    its footprints, or with ``dense_map`` every valid pixel of that dense RH98 map over the split's chips."""
     model, dm = cli.model, cli.datamodule
-    dm.dense_splits = ("train", "val", "test") if dense else ("train",)
+    saved = dm.dense_target, dm.dense_splits
+    if dense_map is not None:
+        dm.dense_target, dm.dense_splits = str(dense_map), (split,)
+    else:
+        dm.dense_splits = tuple(s for s in dm.dense_splits if s != split)
     dm.setup("test" if split == "test" else "fit")
+    dm.dense_target, dm.dense_splits = saved
     ignore = float(model.hparams.get("ignore_index", -1))
     preds, targets = [], []
     model.eval()
@@ -131,7 +137,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
     from terratorch_eoplugins.datasets.gedi import CANOPY_HEIGHT_NAME
 
     dense_map = world / "GEDI" / CANOPY_HEIGHT_NAME
-    if labels == "dense" and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
+    if dense_map.is_file() and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
         cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
                     "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",
                     "--model.init_args.dunia_ckpt_path", str(ckpt), "--trainer.default_root_dir", str(runs),
@@ -159,9 +165,9 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         m = _test_metrics(cli)
         m["rmse"], m["r"], m["n"] = _finetuned_predictions(cli, "test")
         m["val_rmse"], m["val_r"], _ = _finetuned_predictions(cli, "val")
-        if labels == "dense":
-            m["dense_rmse"], m["dense_r"], m["dense_n"] = _finetuned_predictions(cli, "test", dense=True)
-            m["dense_val_rmse"], m["dense_val_r"], _ = _finetuned_predictions(cli, "val", dense=True)
+        if dense_map.is_file():
+            m["dense_rmse"], m["dense_r"], m["dense_n"] = _finetuned_predictions(cli, "test", dense_map)
+            m["dense_val_rmse"], m["dense_val_r"], _ = _finetuned_predictions(cli, "val", dense_map)
         print(f"  [low-shot fine-tuning: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((f"low-shot fine-tuning ({labels}), {finetune_epochs} ep, lr {finetune_lr:g}, seed {seed}", m))
     print("\nGEDI RH98 on the test split (m)                  RMSE      r")
@@ -200,7 +206,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         for k in (1, 5, 50):
             print(f"  {f'zero-shot KNN K={k}':<44s} {zd[f'test/rh98_rmse_k{k}']:9.3f} {zd[f'test/rh98_r_k{k}']:6.3f}"
                   f" {zd.get(f'val/rh98_rmse_k{k}', nan):11.3f} {zd.get(f'val/rh98_r_k{k}', nan):6.3f}")
-        print(f"  {'low-shot fine-tuned (dense labels)':<44s} {ft['dense_rmse']:9.3f} {ft['dense_r']:6.3f}"
+        print(f"  {f'low-shot fine-tuned ({labels} labels)':<44s} {ft['dense_rmse']:9.3f} {ft['dense_r']:6.3f}"
               f" {ft['dense_val_rmse']:11.3f} {ft['dense_val_r']:6.3f}")
 
 
