@@ -548,7 +548,7 @@ class GEDIChips(NonGeoDataset):
 
     Sample: ``image`` float32 ``14 x H x W``; ``mask`` float32 ``H x W`` (one target) or
     ``n_targets x H x W`` with each footprint's value at its pixel (mean when several share a
-    pixel) and ``ignore_value`` elsewhere; ``footprints`` long ``K x 2`` (row, col in the chip),
+    pixel) and ``ignore_value`` elsewhere (with ``dense_target``: the product's values); ``footprints`` long ``K x 2`` (row, col in the chip),
     ``footprint_mask`` bool ``K``, ``waveform`` float32 ``K x L``, ``rh98``/``cover``/``pai``
     float32 ``K`` and ``shot_number`` long ``K``, padded to ``K = max_footprints`` (default: the
     most footprints of any chip of the composite) with -1 / 0 / ``ignore_value``; ``crs`` (str),

@@ -56,11 +56,11 @@ from terratorch_eoplugins.synthetic.world import (
     CROPLAND,
     S1_BANDS,
     S2_BANDS,
+    WATER,
     World,
     _rng,
     make_world,
     smooth_noise,
-    WATER,
     to_datetime,
 )
 
@@ -223,10 +223,7 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
     cols = np.clip(np.floor((xy[:, 0] - left) / res).astype(int), 0, w - 1)
     height = world.canopy_height[rows, cols].astype(np.float64)
     cover = world.canopy_cover[rows, cols].astype(np.float64)
-    lc = world.landcover[rows, cols]
     ground = dem[rows, cols].astype(np.float64)
-    gy, gx = np.gradient(dem, res)
-    slope = np.hypot(gy, gx)[rows, cols]
     sigma_g = _ground_sigma(world, dem, green, rows, cols)
 
     energy = (6000.0 if power else 3000.0) * np.exp(rng.normal(0, 0.2, n))
