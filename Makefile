@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 # torch is left unpinned on purpose: PyPI's build (CUDA-enabled, runs on CPU) matches PyPI's torchvision.
-# --no-cache-dir: the CUDA wheels are several GB; caching them as well doubles the disk the install needs.
+# --no-cache-dir: the CUDA wheels are several GB; a copy in the wheel cache would add to the disk the install needs.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -q --no-cache-dir -e ".[test]"
 	# natten (neighborhood attention, DUNIA) compiles against the installed torch: no build isolation
