@@ -34,6 +34,7 @@ import logging
 import tempfile
 import time
 import warnings
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -188,37 +189,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: pretrain {t_pre:.0f}s  test loss {res['test/loss']:.3f}  generated-weather R2 "
               f"{res.get('test/gen_r2', float('nan')):.3f} (tavg {res.get('test/gen_r2_tavg', float('nan')):.3f}, "
               f"precip {res.get('test/gen_r2_precip', float('nan')):.3f})", flush=True)
-        for pooling, arm, lr in [] if args.pretrain_only else [
-                (pooling, arm, lr) for pooling in args.pooling for arm in ("scratch", "pretrained")
-                for lr in args.finetune_lr]:
-                pl.seed_everything(seed, verbose=False)
-                t1 = time.time()
-                task = TSFusionCropNetTask(pooling=pooling, lr=lr,
-                                           pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
-                                           tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
-                                           warmup_epochs=args.warmup_epochs, encoder_lr_scale=args.encoder_lr_scale,
-                                           **shared)
-                best = BestValR2()
-                tr = _trainer(args.finetune_epochs, callbacks=[best])
-                tr.fit(task, ft_dm)
-                if args.select == "best" and best.state is not None:
-                    task.load_state_dict(best.state)
-                    val = best.metrics
-                else:
-                    val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
-                test = tr.test(task, ft_dm, verbose=False)[0]
-                row = {"seed": seed, "pooling": pooling, "arm": arm, "lr": lr,
-                       "gen_r2": res.get("test/gen_r2", float("nan")),
-                       "gen_r2_tavg": res.get("test/gen_r2_tavg", float("nan")), "best_epoch": best.epoch,
-                       "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
-                       "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
-                       "test_r": test.get("test/r", float("nan")), "test_R2_cod": test.get("test/R2_cod", float("nan")),
-                       "test_bias": float((task.last_yields["pred"] - task.last_yields["true"]).mean()),
-                       "test_std_ratio": float(task.last_yields["pred"].std() / task.last_yields["true"].std()),
-                       "seconds": time.time() - t1}
-                cands.append(row)
-                print(f"  {pooling:3s} {arm:10s} lr {lr:g} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
-                      f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
+        runs = [] if args.pretrain_only else product(args.pooling, ("scratch", "pretrained"), args.finetune_lr)
+        for pooling, arm, lr in runs:
+            pl.seed_everything(seed, verbose=False)
+            t1 = time.time()
+            task = TSFusionCropNetTask(pooling=pooling, lr=lr,
+                                       pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
+                                       tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
+                                       warmup_epochs=args.warmup_epochs, encoder_lr_scale=args.encoder_lr_scale,
+                                       **shared)
+            best = BestValR2()
+            tr = _trainer(args.finetune_epochs, callbacks=[best])
+            tr.fit(task, ft_dm)
+            if args.select == "best" and best.state is not None:
+                task.load_state_dict(best.state)
+                val = best.metrics
+            else:
+                val = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val/")}
+            test = tr.test(task, ft_dm, verbose=False)[0]
+            row = {"seed": seed, "pooling": pooling, "arm": arm, "lr": lr,
+                   "gen_r2": res.get("test/gen_r2", float("nan")),
+                   "gen_r2_tavg": res.get("test/gen_r2_tavg", float("nan")), "best_epoch": best.epoch,
+                   "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
+                   "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
+                   "test_r": test.get("test/r", float("nan")), "test_R2_cod": test.get("test/R2_cod", float("nan")),
+                   "test_bias": float((task.last_yields["pred"] - task.last_yields["true"]).mean()),
+                   "test_std_ratio": float(task.last_yields["pred"].std() / task.last_yields["true"].std()),
+                   "seconds": time.time() - t1}
+            cands.append(row)
+            print(f"  {pooling:3s} {arm:10s} lr {lr:g} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
+                  f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
         for pooling in [] if args.pretrain_only else args.pooling:  # per arm: the rate with the best val R2
             for arm in ("scratch", "pretrained"):
                 mine = [r for r in cands if r["seed"] == seed and r["pooling"] == pooling and r["arm"] == arm]
