@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 
 def evaluate(task, batches) -> dict[str, float]:  # noqa: ANN001
@@ -90,18 +91,12 @@ def _finetuned_predictions(cli, split: str = "test", dense_map: Path | None = No
     """RMSE and Pearson r of the fine-tuned model on the labelled pixels (target != ignore_index) of a split:
     its footprints, or with ``dense_map`` every valid pixel of that dense RH98 map over the split's chips."""
     model, dm = cli.model, cli.datamodule
-    saved = dm.dense_target, dm.dense_splits
-    if dense_map is not None:
-        dm.dense_target, dm.dense_splits = str(dense_map), (split,)
-    else:
-        dm.dense_splits = tuple(s for s in dm.dense_splits if s != split)
-    dm.setup("test" if split == "test" else "fit")
-    dm.dense_target, dm.dense_splits = saved
+    loader = DataLoader(dm.split_dataset(split, dense_map), batch_size=dm.batch_size, collate_fn=dm.collate_fn)
     ignore = float(model.hparams.get("ignore_index", -1))
     preds, targets = [], []
     model.eval()
     with torch.no_grad():
-        for batch in (dm.test_dataloader() if split == "test" else dm.val_dataloader()):
+        for batch in loader:
             y = batch["mask"].float()
             rest = {k: v for k, v in batch.items() if k not in ("image", "mask", "filename")}
             out = model(batch["image"], **rest).output.reshape(y.shape)
@@ -120,11 +115,11 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     root = str(world / "GEDI")
+    quiet = ["--trainer.default_root_dir", str(runs), "--trainer.logger", "false", "--trainer.enable_checkpointing",
+             "false", "--trainer.enable_progress_bar", "false"]
     rows: list[tuple[str, dict[str, float]]] = []
     for name, path in (("zero-shot KNN, random-init DUNIA-tiny", None), ("zero-shot KNN, pretrained", ckpt)):
-        args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
-                "--trainer.default_root_dir", str(runs), "--trainer.logger", "false",
-                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root, *quiet,
                 "--trainer.callbacks", "[]"]
         if path is not None:
             args += ["--model.init_args.dunia_ckpt_path", str(path)]
@@ -140,9 +135,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
     if dense_map.is_file() and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
         cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
                     "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",
-                    "--model.init_args.dunia_ckpt_path", str(ckpt), "--trainer.default_root_dir", str(runs),
-                    "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                    "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"])
+                    "--model.init_args.dunia_ckpt_path", str(ckpt), *quiet, "--trainer.callbacks", "[]"])
         val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         rows.append(("zero-shot KNN, pretrained, dense maps", {**_test_metrics(cli), **val}))
     if finetune_epochs > 0 and ckpt is not None:
@@ -150,10 +143,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         args = ["fit", "-c", config, "--data.init_args.root", root,
                 "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
                 "--trainer.max_epochs", str(finetune_epochs), "--model.init_args.lr", str(finetune_lr),
-                "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}",
-                "--trainer.default_root_dir", str(runs),
-                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
+                "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}", *quiet, "--trainer.callbacks",
                 '[{"class_path": "terratorch_eoplugins.models.dunia.TargetMeanBiasInit"}]',
                 "--seed_everything", str(seed)]
         if embedding is not None:

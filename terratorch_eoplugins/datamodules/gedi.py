@@ -60,11 +60,16 @@ class GEDIDataModule(EODataModule):
         self.dense_target = None if dense_target is None else str(Path(dense_target))
         self.dense_splits = tuple(dense_splits)
 
-    def _split_dataset(self, split: str) -> GEDIChips:
+    def split_dataset(self, split: str, dense_target: str | Path | None = None) -> GEDIChips:
+        """The :class:`GEDIChips` of ``split`` with this module's arguments: footprint targets, or with
+        ``dense_target`` that product's dense map (chips without footprints kept)."""
         kwargs = dict(self.kwargs)
-        if self.dense_target is not None and split in self.dense_splits:
-            kwargs.update(dense_target=self.dense_target, require_footprints=False)
+        if dense_target is not None:
+            kwargs.update(dense_target=str(dense_target), require_footprints=False)
         return self.dataset_class(split=split, **kwargs)
+
+    def _split_dataset(self, split: str) -> GEDIChips:
+        return self.split_dataset(split, self.dense_target if split in self.dense_splits else None)
 
     def setup(self, stage: str) -> None:
         """Build the split datasets (fit: train + val, validate: val, test/predict: test)."""

@@ -883,14 +883,15 @@ class GEDIChips(NonGeoDataset):
         if self._dense is not None:
             dense = self._read_dense(row, col, cs, cs)
             mask[0] = np.where(np.isfinite(dense), dense, self.ignore_value)
-        for ti, t in enumerate(self.targets if self._dense is None else ()):
-            vals = s[t][sid].astype(np.float64)
-            ok = np.isfinite(vals)
-            tot = np.zeros((cs, cs))
-            num = np.zeros((cs, cs))
-            np.add.at(tot, (fr[ok], fc[ok]), vals[ok])
-            np.add.at(num, (fr[ok], fc[ok]), 1)
-            mask[ti][num > 0] = (tot[num > 0] / num[num > 0]).astype(np.float32)
+        else:  # each footprint's value at its pixel, the mean where several share one
+            for ti, t in enumerate(self.targets):
+                vals = s[t][sid].astype(np.float64)
+                ok = np.isfinite(vals)
+                tot = np.zeros((cs, cs))
+                num = np.zeros((cs, cs))
+                np.add.at(tot, (fr[ok], fc[ok]), vals[ok])
+                np.add.at(num, (fr[ok], fc[ok]), 1)
+                mask[ti][num > 0] = (tot[num > 0] / num[num > 0]).astype(np.float32)
         sn = np.full(k_max, -1, np.int64)
         sn[:k] = s["shot_number"][sid]
         t = self.transform

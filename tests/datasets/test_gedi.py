@@ -580,8 +580,11 @@ def test_datamodule_dense_train_sparse_eval(synth: Path) -> None:
                         dense_target=str(synth / CANOPY_HEIGHT_NAME))
     dm.setup("fit")
     dm.setup("test")
-    train = next(iter(dm.train_dataloader()))["mask"]
-    assert (train != -1).float().mean() > 0.9  # every non-water pixel is labelled
+    assert next(iter(dm.train_dataloader()))["mask"].shape == (4, 64, 64)
+    with rasterio.open(synth / CANOPY_HEIGHT_NAME) as src:
+        dense, nodata = src.read(1), src.nodata
+    for i, (r, c) in enumerate(dm.train_dataset.chips):  # every non-water pixel of every training chip is labelled
+        np.testing.assert_array_equal(dm.train_dataset[i]["mask"].numpy() != -1, dense[r : r + 64, c : c + 64] != nodata)
     sparse = GEDIChips(synth, split="train", chip_size=64, waveform_length=8)
     assert len(dm.train_dataset) >= len(sparse)  # chips without footprints are kept for dense training
     fig = dm.train_dataset.plot({"image": dm.train_dataset[0]["image"], "mask": dm.train_dataset[0]["mask"]})
@@ -590,5 +593,10 @@ def test_datamodule_dense_train_sparse_eval(synth: Path) -> None:
     for ds in (dm.val_dataset, dm.test_dataset):  # evaluation stays on the footprints
         m = ds[0]["mask"]
         assert ds.dense_target is None and 0 < int((m != -1).sum()) < 200
+    # split_dataset: any split with footprint targets, or with a given dense map
+    assert dm.split_dataset("train").dense_target is None and len(dm.split_dataset("train")) == len(sparse)
+    dense_test = dm.split_dataset("test", synth / CANOPY_HEIGHT_NAME)
+    (r, c) = dense_test.chips[0]
+    np.testing.assert_array_equal(dense_test[0]["mask"].numpy() != -1, dense[r : r + 64, c : c + 64] != nodata)
     with pytest.raises(ValueError, match="dense_splits"):
         GEDIDataModule(root=str(synth), dense_target="x.tif", dense_splits=("training",))
