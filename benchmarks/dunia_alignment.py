@@ -22,7 +22,7 @@ in-process), side by side:
 * low-shot fine-tuning (``configs/dunia_gedi.yaml``, frozen but the last NA layers + 1x1 heads) from the
   pretrained checkpoint, ``--finetune-epochs`` epochs (0 skips it; the cosine schedule's ``T_max`` is set to the
   same number of epochs) at ``--finetune-lr``, with the head's output bias initialised to the training target mean
-  (:class:`~terratorch_eoplugins.models.dunia.TargetMeanBiasInit`); its RMSE and Pearson r are computed here from the predictions on
+  (:class:`~terratorch_eoplugins.tasks.preparation.TargetMeanBiasInit`); its RMSE and Pearson r are computed here from the predictions on
   the test footprint pixels, printed next to the zero-shot rows.
 
 ``--finetune-labels dense`` fine-tunes on the world's dense 10 m RH98 map over the training chips
@@ -144,7 +144,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
                 "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
                 "--trainer.max_epochs", str(finetune_epochs), "--model.init_args.lr", str(finetune_lr),
                 "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}", *quiet, "--trainer.callbacks",
-                '[{"class_path": "terratorch_eoplugins.models.dunia.TargetMeanBiasInit"}]',
+                '[{"class_path": "terratorch_eoplugins.tasks.preparation.TargetMeanBiasInit"}]',
                 "--seed_everything", str(seed)]
         if embedding is not None:
             args += ["--model.init_args.model_args.decoder_embedding", embedding]

@@ -86,7 +86,8 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
 
     from terratorch_eoplugins.datamodules.gedi import GEDIDataModule
-    from terratorch_eoplugins.tasks.dunia_diffusion import DUNIAWaveformDiffusionTask, pearson_r
+    from terratorch_eoplugins.metrics import pearson_r
+    from terratorch_eoplugins.tasks.dunia_diffusion import DUNIAWaveformDiffusionTask
 
     world = args.world
     if world is None:

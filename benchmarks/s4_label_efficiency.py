@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 import terratorch_eoplugins  # noqa: F401  (registers s4_unet3d)
 from terratorch_eoplugins.analysis.s4_clouds import cloud_robustness
 from terratorch_eoplugins.datamodules.s4 import S4PASTIS
-from terratorch_eoplugins.datasets._common import collate_samples, filter_batch_keys
+from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys
 from terratorch_eoplugins.datasets.pastis import PASTIS
 from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask
 

@@ -26,7 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from terratorch_eoplugins.datasets._common import EODataError, collate_samples
+from terratorch_eoplugins.errors import EODataError
+
+from terratorch_eoplugins.datasets.common import collate_samples
 from terratorch_eoplugins.datasets.pastis import PASTIS
 from terratorch_eoplugins.models._checkpoint import read_checkpoint
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from terratorch_eoplugins.metrics import pearson_from_sums
 
 #: environment variable naming the JSON file the callback writes
 STATS_ENV = "EOPLUGINS_BENCH_STATS"
@@ -40,18 +41,6 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             tunable += p.numel()
     return total, tunable
-
-
-def pearson_from_sums(n: float, sp: float, st: float, spp: float, stt: float, spt: float) -> float:
-    """Pearson r from running sums; NaN when fewer than two values or a constant series."""
-    if n < 2:
-        return float("nan")
-    cov = spt - sp * st / n
-    vp = spp - sp * sp / n
-    vt = stt - st * st / n
-    if vp <= 0 or vt <= 0:
-        return float("nan")
-    return cov / math.sqrt(vp * vt)
 
 
 class BenchmarkStats(Callback):

@@ -8,7 +8,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
-from terratorch_eoplugins.datasets._common import collate_samples, filter_batch_keys, split_modalities
+from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys, split_modalities
 
 
 class EODataModule(NonGeoDataModule):

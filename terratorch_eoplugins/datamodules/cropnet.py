@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets._common import filter_batch_keys
+from terratorch_eoplugins.datasets.common import filter_batch_keys
 from terratorch_eoplugins.datasets.cropnet import CROPNET_SPLIT_YEARS, WEATHER_VARIABLES, CropNet, cropnet_collate
 
 __all__ = ["CropNetDataModule"]
@@ -85,7 +85,7 @@ class CropNetDataModule(EODataModule):
             standardize_label: feed ``(label - label_mean) / label_std`` to the task (terratorch's scalar
                 regression has no target scaling, and log yields sit far from a fresh head's zero output);
                 predictions map back with :meth:`destandardize`. Metrics logged by the task are then in
-                standardised units; :func:`~terratorch_eoplugins.datasets.cropnet.cropnet_metrics` on
+                standardised units; :func:`~terratorch_eoplugins.metrics.cropnet_metrics` on
                 destandardised predictions gives the protocol's yield metrics.
             label_mean, label_std: explicit label statistics (default: mean/std of the train split's labels).
         """

@@ -12,7 +12,7 @@ the multi-temporal input ``M`` of DUNIA's temporal autoencoder (section 4.1.1: "
   median of the S1 observations of both orbits (no S1 in the period: median of all S1 dates);
 * the chip window is located in the tiles from the chip's **georeferencing** (CRS and affine transform of
   the composite, ``bounds`` of the chip): the tiles must share the composite's CRS and pixel size and be
-  aligned with its grid, otherwise an :class:`~terratorch_eoplugins.datasets._common.EODataError` is raised;
+  aligned with its grid, otherwise an :class:`~terratorch_eoplugins.datasets.common.EODataError` is raised;
 * S2 DN become reflectance (``(DN - 1000) / 10000``, L2A baseline >= 04.00) and the 14 bands are
   standardised with the composite's statistics (the same scaling as ``I``).
 
@@ -35,7 +35,7 @@ import torch
 from rasterio.windows import Window
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError, require_dir
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
 from terratorch_eoplugins.datasets.gedi import GEDIChips
 from terratorch_eoplugins.datasets.s2_tiles import FILE_PATTERN, TIMESTAMP_FORMAT, scan_region
 

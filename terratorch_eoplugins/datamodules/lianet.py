@@ -42,7 +42,8 @@ from rasterio.windows import Window
 from torchgeo.datasets import NonGeoDataset
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets._common import EODataError, logger, plot_panels
+from terratorch_eoplugins.errors import EODataError
+from terratorch_eoplugins.datasets.common import logger, plot_panels
 from terratorch_eoplugins.datasets.burnscars import HLSBurnScars
 from terratorch_eoplugins.datasets.pastis import (
     PASTIS, PASTIS_CLASSES, PASTIS_PALETTE, VOID_CLASS, pastis_num_classes, protocol_folds,

@@ -24,7 +24,8 @@ import torch
 from matplotlib.figure import Figure
 
 from terratorch_eoplugins.datamodules.pastis import PASTISDataModule
-from terratorch_eoplugins.datasets._common import EODataError, logger, plot_panels
+from terratorch_eoplugins.errors import EODataError
+from terratorch_eoplugins.datasets.common import logger, plot_panels
 from terratorch_eoplugins.datasets.pastis import PASTIS
 
 __all__ = ["align_nearest_timestamps", "S4PASTIS", "S4PASTISDataModule"]

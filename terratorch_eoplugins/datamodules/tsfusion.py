@@ -34,7 +34,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from terratorch_eoplugins.datasets._common import EODataError, logger
+from terratorch_eoplugins.errors import EODataError
+
+from terratorch_eoplugins.datasets.common import logger
 from terratorch_eoplugins.datasets.cropnet import CROPS, CropNet
 
 __all__ = ["TSFUSION_WEATHER", "TSFusionPretrainDataModule", "PairDataset", "extract_pairs", "weather_windows"]

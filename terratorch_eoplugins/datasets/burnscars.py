@@ -33,13 +33,9 @@ from rasterio.windows import Window
 from sklearn.model_selection import train_test_split
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets._common import (
-    EODataError,
-    EODatasetNotFoundError,
-    logger,
-    require_dir,
-    subsample_fraction,
-)
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
+
+from terratorch_eoplugins.datasets.common import logger, subsample_fraction
 
 _NAME = r"subsetted_512x512_HLS\.(?P<sensor>[SL]30)\.(?P<tile>T[0-9A-Z]{5})\.(?P<date>\d{7})\.v1\.4"
 IMAGE_PATTERN = re.compile(rf"^{_NAME}_merged\.tif$")

@@ -46,7 +46,7 @@ USDA row has no county code, no (or a withheld) yield or production, when no ima
 county exists for the sample year (no grids), or when the daily weather of a short-term month or
 of a whole variable is missing. A split that ends empty raises :class:`EODataError`.
 
-Evaluation (:func:`cropnet_metrics`): RMSE, ``R2`` = squared Pearson correlation (as MMST-ViT's
+Evaluation (:func:`terratorch_eoplugins.metrics.cropnet_metrics`): RMSE, ``R2`` = squared Pearson correlation (as MMST-ViT's
 ``util/metrics.py``), Pearson ``r``, and the coefficient of determination ``R2_cod``, all on
 ``exp`` of the predicted and true log yields, pooled over counties.
 """
@@ -73,14 +73,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets._common import (
-    EODataError,
-    EODatasetNotFoundError,
-    check_array,
-    collate_samples,
-    logger,
-    require_dir,
-)
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, check_array, require_dir
+
+from terratorch_eoplugins.datasets.common import collate_samples, logger
 
 __all__ = [
     "CROPS",
@@ -89,7 +84,6 @@ __all__ = [
     "WEATHER_VARIABLES",
     "CropNet",
     "cropnet_collate",
-    "cropnet_metrics",
 ]
 
 #: Crop names (the USDA folder names of the Hugging Face release).
@@ -901,24 +895,3 @@ def cropnet_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- metrics
-def cropnet_metrics(pred_log: Any, true_log: Any) -> dict[str, float]:
-    """RMSE, ``R2`` (= Pearson r², as MMST-ViT), Pearson ``r`` and ``R2_cod`` (1 - SS_res/SS_tot).
-
-    Computed on ``exp`` of the predicted and true log yields (or log productions), pooled over
-    all county-years given.
-    """
-    p = np.exp(np.asarray(_np(pred_log), np.float64).ravel())
-    t = np.exp(np.asarray(_np(true_log), np.float64).ravel())
-    if p.shape != t.shape:
-        raise ValueError(f"pred_log and true_log must have the same number of values, got {p.size} and {t.size}")
-    if p.size < 2:
-        raise ValueError(f"need at least 2 county-years to compute CropNet metrics, got {p.size}")
-    if not (np.isfinite(p).all() and np.isfinite(t).all()):
-        raise ValueError("pred_log and true_log must be finite")
-    rmse = float(np.sqrt(np.mean((p - t) ** 2)))
-    pc, tc = p - p.mean(), t - t.mean()
-    denom = float(np.sqrt((pc**2).sum() * (tc**2).sum()))
-    r = float((pc * tc).sum() / denom) if denom > 0 else float("nan")
-    ss_tot = float((tc**2).sum())
-    r2_cod = 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-    return {"RMSE": rmse, "R2": r * r, "r": r, "R2_cod": r2_cod}

@@ -45,15 +45,9 @@ from rasterio.windows import Window
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets._common import (
-    EODataError,
-    EODatasetNotFoundError,
-    logger,
-    require_dir,
-    require_file,
-    split_indices,
-    subsample_fraction,
-)
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir, require_file
+
+from terratorch_eoplugins.datasets.common import logger, split_indices, subsample_fraction
 
 __all__ = [
     "ALL_BEAMS", "COMPOSITE_BANDS", "COMPOSITE_NAME", "COVERAGE_BEAMS", "GEDIChips", "GEDIGranule", "GEDIShots",

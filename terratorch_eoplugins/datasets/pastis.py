@@ -32,15 +32,9 @@ from pyproj import Transformer
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets._common import (
-    EODataError,
-    check_array,
-    logger,
-    plot_panels,
-    require_dir,
-    require_file,
-    subsample_fraction,
-)
+from terratorch_eoplugins.errors import EODataError, check_array, require_dir, require_file
+
+from terratorch_eoplugins.datasets.common import logger, plot_panels, subsample_fraction
 
 __all__ = ["PASTIS", "PASTIS_CLASSES", "PASTIS_PALETTE", "OFFICIAL_FOLD_ROTATIONS", "PANGAEA_FOLDS"]
 

@@ -35,7 +35,9 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError, logger, require_dir
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
+
+from terratorch_eoplugins.datasets.common import logger
 from terratorch_eoplugins.nn.time_encoding import days_since_epoch
 
 __all__ = ["S2_L2A_BANDS", "S2Region", "S2TileSampler", "TileInfo", "scan_region"]

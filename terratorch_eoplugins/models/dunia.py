@@ -49,7 +49,7 @@ from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention
 __all__ = [
     "DUNIA", "DUNIABackbone", "DUNIALowShotHead", "DUNIAPretrainModel", "DUNIA_VARIANTS", "GeGLUFeedForward",
     "ProjectionHead", "TransformerLayer", "dunia_base", "dunia_lowshot_head", "dunia_tiny", "load_dunia_checkpoint",
-    "load_dunia_pretrain_model", "sincos_2d", "TargetMeanBiasInit",
+    "load_dunia_pretrain_model", "sincos_2d",
 ]
 
 logger = logging.getLogger("terratorch_eoplugins.models.dunia")
@@ -520,41 +520,6 @@ class DUNIALowShotHead(nn.Module):
         if x is None:
             x = torch.cat(list(features[:2]), 1)
         return self.conv(x)
-
-
-class TargetMeanBiasInit(Callback):
-    """Lightning callback: at the start of ``fit``, set the bias of the task head's final 1x1 convolution to the
-    mean target of the training split (labelled pixels only, ``!= ignore_index``).
-
-    For low-shot regression heads (section 4.1.2) on targets far from zero (RH98 in metres): a zero-centred output
-    must otherwise first climb to the target scale, and in the meantime the large gradients of that offset flow
-    into the trainable NA layer and disturb the pretrained embeddings. Add it with
-    ``--trainer.callbacks+=terratorch_eoplugins.models.dunia.TargetMeanBiasInit``.
-    """
-
-    def __init__(self, max_batches: int | None = None) -> None:
-        super().__init__()
-        self.max_batches = max_batches
-
-    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        head = getattr(getattr(pl_module, "model", None), "head", None)
-        convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
-        if not convs or convs[-1].bias is None:
-            raise ValueError("TargetMeanBiasInit: the task's model has no head ending in a Conv2d with a bias "
-                             "(expected terratorch's regression head, model.head)")
-        ignore = getattr(pl_module, "hparams", {}).get("ignore_index", None)
-        total, count = 0.0, 0
-        for i, batch in enumerate(trainer.datamodule.train_dataloader()):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
-            y = batch["mask"].double()
-            keep = torch.isfinite(y) if ignore is None else torch.isfinite(y) & (y != ignore)
-            total, count = total + float(y[keep].sum()), count + int(keep.sum())
-        if count == 0:
-            raise ValueError("TargetMeanBiasInit: the training split has no labelled pixel")
-        with torch.no_grad():
-            convs[-1].bias.fill_(total / count)
-        logger.info("TargetMeanBiasInit: head bias set to the training target mean %.4f (%d pixels)", total / count, count)
 
 
 @TERRATORCH_DECODER_REGISTRY.register

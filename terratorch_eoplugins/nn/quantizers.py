@@ -54,7 +54,6 @@ __all__ = [
     "fsq_index_to_levels",
     "fsq_levels_to_index",
     "load_ts_tokenizer",
-    "reconstruction_metrics",
     "save_ts_tokenizer",
     "train_fsq_tokenizer",
 ]
@@ -590,21 +589,6 @@ class FSQTokenizer(TimeSeriesTokenizer):
 # --------------------------------------------------------------------------------------------------
 # Metrics, training, factory and (de)serialisation
 # --------------------------------------------------------------------------------------------------
-def reconstruction_metrics(tokenizer: TimeSeriesTokenizer, x: Tensor | np.ndarray) -> dict[str, float]:
-    """Round-trip ``decode(encode(x))`` errors in the units of ``x`` (as table 1/4): MSE, MAE, R^2, and the
-    number of distinct data tokens used ("token utilization"). Special-token positions are excluded."""
-    x = _as_tensor(x, "x").float()
-    tokens = tokenizer.encode(x)
-    x_hat = tokenizer.decode(tokens)
-    ok = ~(torch.isnan(x) | torch.isnan(x_hat))
-    a, b = x[ok].double(), x_hat[ok].double()
-    mse = float(((a - b) ** 2).mean())
-    var = float(a.var(unbiased=False))
-    data = tokens[tokens < tokenizer.codebook_size]
-    return {"mse": mse, "mae": float((a - b).abs().mean()), "r2": 1.0 - mse / var if var > 0 else float("nan"),
-            "tokens_used": int(torch.unique(data).numel())}
-
-
 def train_fsq_tokenizer(tokenizer: FSQTokenizer, series: Tensor | np.ndarray, steps: int = 500,
                         batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.01, grad_clip: float = 1.0,
                         warmup_steps: int = 0, seed: int = 0, log_every: int = 0) -> list[float]:

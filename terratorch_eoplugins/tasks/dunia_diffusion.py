@@ -46,21 +46,13 @@ from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
 from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
+from terratorch_eoplugins.metrics import pearson_r
 
-__all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder", "pearson_r"]
+__all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder"]
 
 logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_diffusion")
 
 REQUIRED_KEYS = ("image", "footprints", "footprint_mask", "waveform")
-
-
-def pearson_r(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise Pearson correlation of ``[N, L]`` tensors (NaN where a row is constant)."""
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    den = a.norm(dim=1) * b.norm(dim=1)
-    r = (a * b).sum(1) / den
-    return torch.where(den > 0, r, torch.full_like(r, float("nan")))
 
 
 def build_conditioning_encoder(variant: str = "tiny", ckpt_path: str | None = None,

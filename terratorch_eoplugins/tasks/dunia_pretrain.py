@@ -44,8 +44,9 @@ from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.losses import dunia_reconstruction_losses, hierarchical_vicreg, zero_cl_loss
 from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, DUNIAPretrainModel
+from terratorch_eoplugins.metrics import alignment_similarities
 
-__all__ = ["DUNIAPretrainTask", "alignment_similarities", "gather_footprints", "warmup_cosine"]
+__all__ = ["DUNIAPretrainTask", "gather_footprints", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -72,23 +73,6 @@ def gather_footprints(embedding: Tensor, footprints: Tensor, footprint_mask: Ten
     if rc.numel() and (rc.min() < 0 or (rc[:, 0] >= h).any() or (rc[:, 1] >= w).any()):
         raise ValueError(f"footprint pixel positions fall outside the {h} x {w} chip")
     return embedding[b_idx, :, rc[:, 0], rc[:, 1]], b_idx, k_idx
-
-
-@torch.no_grad()
-def alignment_similarities(z_a: Tensor, z_b: Tensor, max_samples: int = 4096) -> dict[str, float]:
-    """Mean cosine similarity of positive pairs (same row) and negative pairs (other rows) (paper table H1)."""
-    if z_a.shape != z_b.shape or z_a.ndim != 2 or z_a.shape[0] < 2:
-        raise ValueError(f"alignment_similarities expects two [N >= 2, D] matrices, got {tuple(z_a.shape)} and "
-                         f"{tuple(z_b.shape)}")
-    if z_a.shape[0] > max_samples:
-        idx = torch.randperm(z_a.shape[0], generator=torch.Generator().manual_seed(0))[:max_samples].to(z_a.device)
-        z_a, z_b = z_a[idx], z_b[idx]
-    a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
-    sim = a @ b.T
-    n = sim.shape[0]
-    pos = sim.diagonal().mean()
-    neg = (sim.sum() - sim.diagonal().sum()) / (n * n - n)
-    return {"positive": float(pos), "negative": float(neg)}
 
 
 class DUNIAPretrainTask(BaseTask):

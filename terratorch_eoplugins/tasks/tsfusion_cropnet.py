@@ -16,7 +16,7 @@ the paper, which shares TerraMind's tokenizers).
 
 Metrics (validation and test epochs): ``RMSE``, ``R2`` (squared Pearson r, MMST-ViT protocol),
 ``r`` and ``R2_cod`` (coefficient of determination) on yields, i.e. ``exp`` of the destandardised
-log-yield predictions (:func:`~terratorch_eoplugins.datasets.cropnet.cropnet_metrics`).
+log-yield predictions (:func:`~terratorch_eoplugins.metrics.cropnet_metrics`).
 
 Batches come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataModule` with
 ``grid_aggregation: none``, ``normalize: false`` (the tokenizers see raw values) and
@@ -36,8 +36,8 @@ from torch import Tensor
 from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.datamodules.tsfusion import TSFUSION_WEATHER, weather_windows
-from terratorch_eoplugins.datasets._common import EODataError
-from terratorch_eoplugins.datasets.cropnet import cropnet_metrics
+from terratorch_eoplugins.errors import EODataError
+from terratorch_eoplugins.metrics import cropnet_metrics
 from terratorch_eoplugins.models.tsfusion import TSFusionModel, TSFusionRegressor, load_tsfusion_weights
 from terratorch_eoplugins.tasks.tsfusion_pretrain import MODEL_SIZES, TSFusionTokenizers
 

@@ -34,8 +34,9 @@ from terratorch_eoplugins.models.tsfusion import (
     sample_token_budgets,
     sample_token_masks,
 )
+from terratorch_eoplugins.metrics import generation_scores, r2_score
 
-__all__ = ["TSFusionTokenizers", "TSFusionPretrainTask", "coordinate_tokens", "r2_score", "MODEL_SIZES"]
+__all__ = ["TSFusionTokenizers", "TSFusionPretrainTask", "coordinate_tokens", "MODEL_SIZES"]
 
 #: encoder/decoder sizes of the registered variants (dim, encoder depth, decoder depth, heads)
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {"tsfusion_base": (768, 12, 12, 12),
@@ -51,14 +52,6 @@ def coordinate_tokens(coords: Tensor, resolution: float = 0.25) -> Tensor:
     lat = torch.floor((coords[:, 0].double() + 90) / resolution).long().clamp(0, n_lat - 1)
     lon = torch.floor((coords[:, 1].double() + 180) / resolution).long().clamp(0, n_lon - 1)
     return torch.stack([lat, n_lat + lon], 1)
-
-
-def r2_score(pred: Tensor, true: Tensor) -> float:
-    """Coefficient of determination ``1 - SS_res / SS_tot`` over all finite entries."""
-    ok = torch.isfinite(pred) & torch.isfinite(true)
-    p, t = pred[ok].double(), true[ok].double()
-    ss_tot = float(((t - t.mean()) ** 2).sum())
-    return 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
 
 class TSFusionTokenizers(nn.Module):
@@ -436,15 +429,3 @@ class TSFusionPretrainTask(BaseTask):
         return full[:, [names.index(v) for v in variables]]
 
 
-def generation_scores(pred: Tensor, true: Tensor, names: Sequence[str]) -> dict[str, float]:
-    """``gen_r2`` (mean over variables), ``gen_r2_<v>`` and ``gen_mse_<v>`` of generated vs true series ``[N, V, L]``."""
-    out = {}
-    r2s = []
-    for i, v in enumerate(names):
-        r2 = r2_score(pred[:, i], true[:, i])
-        out[f"gen_r2_{v}"] = r2
-        ok = torch.isfinite(pred[:, i])
-        out[f"gen_mse_{v}"] = float(((pred[:, i][ok] - true[:, i][ok]) ** 2).mean()) if bool(ok.any()) else float("nan")
-        r2s.append(r2)
-    out["gen_r2"] = float(np.nanmean(r2s)) if np.isfinite(r2s).any() else float("nan")
-    return out

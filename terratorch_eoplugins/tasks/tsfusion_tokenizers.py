@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.metrics import reconstruction_metrics
+from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.datasets.cropnet import CROPNET_SPLIT_YEARS, CROPS, WEATHER_VARIABLES, CropNet
 from terratorch_eoplugins.nn.image_tokenizer import FSQImageTokenizer, save_image_tokenizer, train_image_tokenizer
 from terratorch_eoplugins.nn.quantizers import (
     FSQTokenizer,
     QuantileTokenizer,
     UniformTokenizer,
-    reconstruction_metrics,
     save_ts_tokenizer,
     train_fsq_tokenizer,
 )

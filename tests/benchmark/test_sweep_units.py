@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from terratorch_eoplugins.benchmark.callbacks import count_parameters, pearson_from_sums
+from terratorch_eoplugins.benchmark.callbacks import count_parameters
+from terratorch_eoplugins.metrics import pearson_from_sums
 from terratorch_eoplugins.benchmark.leaderboard import render_markdown, top3
 from terratorch_eoplugins.benchmark.runner import COLUMNS, append_row, error_tail, latest_rows, read_rows, select_metrics
 from terratorch_eoplugins.benchmark.spec import SweepSpecError, deep_merge, load_sweep, model_overrides

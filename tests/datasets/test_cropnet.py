@@ -16,14 +16,14 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from terratorch_eoplugins.metrics import cropnet_metrics
 from terratorch_eoplugins.datamodules.cropnet import CropNetDataModule  # noqa: E402
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError  # noqa: E402
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.cropnet import (  # noqa: E402
     CROPS,
     WEATHER_VARIABLES,
     CropNet,
     cropnet_collate,
-    cropnet_metrics,
 )
 from terratorch_eoplugins.synthetic.cropnet import write_cropnet  # noqa: E402
 

@@ -16,7 +16,7 @@ from affine import Affine
 from pyproj import Transformer
 
 from terratorch_eoplugins.datamodules.gedi import GEDIDataModule
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.gedi import (
     CANOPY_HEIGHT_NAME,
     COMPOSITE_BANDS,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pastis_fixtures import PatchSpec, default_patches, small_tree, write_pastis_tree  # noqa: E402
 
 from terratorch_eoplugins.datamodules.pastis import PASTISDataModule  # noqa: E402
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError  # noqa: E402
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.pastis import OFFICIAL_FOLD_ROTATIONS, PASTIS, PASTIS_CLASSES  # noqa: E402
 
 REF = dt.date(2018, 9, 1)

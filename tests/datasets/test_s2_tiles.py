@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from terratorch_eoplugins.datasets._common import EODataError, EODatasetNotFoundError
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.s2_tiles import S2TileSampler, scan_region
 from terratorch_eoplugins.nn.time_encoding import days_since_epoch
 

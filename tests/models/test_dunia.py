@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from terratorch_eoplugins.metrics import alignment_similarities
 from terratorch_eoplugins.models.dunia import (
     DUNIA,
     DUNIA_VARIANTS,
@@ -19,7 +20,6 @@ from terratorch_eoplugins.models.dunia import (
 )
 from terratorch_eoplugins.tasks.dunia_pretrain import (
     DUNIAPretrainTask,
-    alignment_similarities,
     gather_footprints,
     warmup_cosine,
 )
@@ -307,7 +307,7 @@ def test_target_mean_bias_init_sets_head_bias_to_labelled_mean() -> None:
 
     from terratorch.models.heads.regression_head import RegressionHead
 
-    from terratorch_eoplugins.models.dunia import TargetMeanBiasInit
+    from terratorch_eoplugins.tasks.preparation import TargetMeanBiasInit
 
     g = torch.Generator().manual_seed(0)
     masks = [torch.full((2, 8, 8), -1.0) for _ in range(3)]

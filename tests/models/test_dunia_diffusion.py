@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from terratorch_eoplugins.tasks.dunia_diffusion import DUNIAWaveformDiffusionTask, pearson_r
+from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.tasks.dunia_diffusion import DUNIAWaveformDiffusionTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

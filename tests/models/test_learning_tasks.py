@@ -84,7 +84,7 @@ def test_cropnet_yield_regression_correlates_with_truth(tiny_world_dir: Path, tm
     from terratorch.tasks import ScalarRegressionTask
 
     from terratorch_eoplugins.datamodules.cropnet import CropNetDataModule
-    from terratorch_eoplugins.datasets.cropnet import cropnet_metrics
+    from terratorch_eoplugins.metrics import cropnet_metrics
 
     pl.seed_everything(0)
     dm = CropNetDataModule(root=str(tiny_world_dir / "CropNet"), crop="Corn", grid_aggregation="mean",

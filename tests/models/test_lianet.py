@@ -18,7 +18,7 @@ from terratorch_eoplugins.datamodules.lianet import (
     LIANetPretrainDataModule,
     polygon_origin,
 )
-from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.datasets.s2_tiles import scan_region
 from terratorch_eoplugins.models.lianet import LIANetGenerator, load_generator, parameter_counts, save_generator
 from terratorch_eoplugins.synthetic.lianet_burn_tiles import write_lianet_burn_tiles

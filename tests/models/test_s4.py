@@ -21,7 +21,7 @@ from terratorch_eoplugins.analysis.s4_clouds import (
     series_cloud_ratio,
 )
 from terratorch_eoplugins.datamodules.s4 import S4PASTIS, S4PASTISDataModule, align_nearest_timestamps
-from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.datasets.pastis import PASTIS
 from terratorch_eoplugins.models.s4 import S4UNet3DBackbone
 from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask, augment_series

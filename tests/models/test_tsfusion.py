@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from terratorch_eoplugins.datamodules.tsfusion import TSFusionPretrainDataModule, extract_pairs, weather_windows
-from terratorch_eoplugins.datasets._common import EODataError
+from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.models.tsfusion import (
     ModalitySpec,
     TSFusionHead,
@@ -334,7 +334,7 @@ def pretrained(tiny_world_dir: Path, tmp_path_factory: pytest.TempPathFactory): 
 
 
 def test_pretraining_generates_weather_that_correlates_with_the_truth(pretrained) -> None:  # noqa: ANN001
-    from terratorch_eoplugins.tasks.tsfusion_pretrain import generation_scores, r2_score
+    from terratorch_eoplugins.metrics import generation_scores, r2_score
 
     task, dm, _ = pretrained
     val = dm.pairs("val").tensors

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from terratorch_eoplugins.metrics import reconstruction_metrics
 from terratorch_eoplugins.nn.quantizers import (
     SPECIAL_TOKENS,
     FSQTokenizer,
@@ -18,7 +19,6 @@ from terratorch_eoplugins.nn.quantizers import (
     fsq_index_to_levels,
     fsq_levels_to_index,
     load_ts_tokenizer,
-    reconstruction_metrics,
     save_ts_tokenizer,
     train_fsq_tokenizer,
 )

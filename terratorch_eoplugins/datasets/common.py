@@ -1,75 +1,22 @@
-"""Shared helpers for the package's torchgeo datasets: clear errors, file checks, splits, collation.
+"""Helpers shared by the datasets and datamodules: splits, label fractions, collation, batch filtering, plots.
 
-Every loader in :mod:`terratorch_eoplugins.datasets` reports bad input through these helpers so
-that messages always name the offending file or argument and say what was expected.
+Errors and file checks live in :mod:`terratorch_eoplugins.errors`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
-from torchgeo.datasets import DatasetNotFoundError
+
+from terratorch_eoplugins.errors import EODataError
 
 logger = logging.getLogger("terratorch_eoplugins.datasets")
-
-
-class EODataError(ValueError):
-    """A data file exists but does not match the expected format (shape, dtype, field, CRS...)."""
-
-
-class EODatasetNotFoundError(DatasetNotFoundError):
-    """torchgeo's :class:`DatasetNotFoundError` with a message naming the missing path.
-
-    Data cannot be downloaded by this package (no network at run time), so the message points
-    at the synthetic-world generator as the offline alternative.
-    """
-
-    def __init__(self, path: str | Path, what: str, hint: str | None = None) -> None:
-        msg = f"{what} not found: {str(path)!r}."
-        msg += " " + (hint or "Download the dataset manually, or write the synthetic world with `eoplugins synth --out DIR`.")
-        FileNotFoundError.__init__(self, msg)
-
-
-def require_dir(path: str | Path, what: str, hint: str | None = None) -> Path:
-    """Return ``path`` as a :class:`Path`, raising :class:`EODatasetNotFoundError` if it is not a directory."""
-    p = Path(path)
-    if not p.is_dir():
-        raise EODatasetNotFoundError(p, what, hint)
-    return p
-
-
-def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
-    """Return ``path`` as a :class:`Path`, raising :class:`EODatasetNotFoundError` if it is not a file."""
-    p = Path(path)
-    if not p.is_file():
-        raise EODatasetNotFoundError(p, what, hint)
-    return p
-
-
-def check_array(arr: np.ndarray, path: str | Path, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
-                dtypes: Iterable[Any] | None = None) -> np.ndarray:
-    """Validate an array read from ``path``: number of dimensions, shape (``None`` = any) and dtype.
-
-    Raises :class:`EODataError` naming the file, what was found and what was expected.
-    """
-    if ndim is not None and arr.ndim != ndim:
-        raise EODataError(f"{path}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
-    if shape is not None:
-        if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
-            exp = "x".join("*" if s is None else str(s) for s in shape)
-            raise EODataError(f"{path}: expected shape {exp}, got {'x'.join(map(str, arr.shape))}")
-    if dtypes is not None:
-        allowed = [np.dtype(d) for d in dtypes]
-        if arr.dtype not in allowed:
-            raise EODataError(f"{path}: expected dtype {' or '.join(str(d) for d in allowed)}, got {arr.dtype}")
-    return arr
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

@@ -1,0 +1,147 @@
+"""Every evaluation metric of the package in one place.
+
+- Regression: :func:`pearson_r` (row-wise), :func:`pearson_from_sums` (from running sums), :func:`r2_score`
+  (coefficient of determination), :func:`cropnet_metrics` (CropNet yields, table 2 of the TS-fusion paper).
+- Classification: :func:`weighted_f1` (DUNIA's classification metric, support-weighted F1).
+- Generation and representation: :func:`generation_scores` (TS fusion weather from images),
+  :func:`alignment_similarities` (DUNIA table H1), :func:`reconstruction_metrics` (time-series tokenizers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from terratorch_eoplugins.nn.quantizers import TimeSeriesTokenizer
+
+__all__ = [
+    "alignment_similarities",
+    "cropnet_metrics",
+    "generation_scores",
+    "pearson_from_sums",
+    "pearson_r",
+    "r2_score",
+    "reconstruction_metrics",
+    "weighted_f1",
+]
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def pearson_r(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Pearson correlation of ``[N, L]`` tensors (NaN where a row is constant)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    r = (a * b).sum(1) / den
+    return torch.where(den > 0, r, torch.full_like(r, float("nan")))
+
+
+def pearson_from_sums(n: float, sp: float, st: float, spp: float, stt: float, spt: float) -> float:
+    """Pearson r from running sums; NaN when fewer than two values or a constant series."""
+    if n < 2:
+        return float("nan")
+    cov = spt - sp * st / n
+    vp = spp - sp * sp / n
+    vt = stt - st * st / n
+    if vp <= 0 or vt <= 0:
+        return float("nan")
+    return cov / math.sqrt(vp * vt)
+
+
+def r2_score(pred: Tensor, true: Tensor) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` over all finite entries."""
+    ok = torch.isfinite(pred) & torch.isfinite(true)
+    p, t = pred[ok].double(), true[ok].double()
+    ss_tot = float(((t - t.mean()) ** 2).sum())
+    return 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def cropnet_metrics(pred_log: Any, true_log: Any) -> dict[str, float]:
+    """RMSE, ``R2`` (= Pearson r², as MMST-ViT), Pearson ``r`` and ``R2_cod`` (1 - SS_res/SS_tot).
+
+    Computed on ``exp`` of the predicted and true log yields (or log productions), pooled over
+    all county-years given.
+    """
+    p = np.exp(np.asarray(_np(pred_log), np.float64).ravel())
+    t = np.exp(np.asarray(_np(true_log), np.float64).ravel())
+    if p.shape != t.shape:
+        raise ValueError(f"pred_log and true_log must have the same number of values, got {p.size} and {t.size}")
+    if p.size < 2:
+        raise ValueError(f"need at least 2 county-years to compute CropNet metrics, got {p.size}")
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        raise ValueError("pred_log and true_log must be finite")
+    rmse = float(np.sqrt(np.mean((p - t) ** 2)))
+    pc, tc = p - p.mean(), t - t.mean()
+    denom = float(np.sqrt((pc**2).sum() * (tc**2).sum()))
+    r = float((pc * tc).sum() / denom) if denom > 0 else float("nan")
+    ss_tot = float((tc**2).sum())
+    r2_cod = 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    return {"RMSE": rmse, "R2": r * r, "r": r, "R2_cod": r2_cod}
+
+
+def generation_scores(pred: Tensor, true: Tensor, names: Sequence[str]) -> dict[str, float]:
+    """``gen_r2`` (mean over variables), ``gen_r2_<v>`` and ``gen_mse_<v>`` of generated vs true series ``[N, V, L]``."""
+    out = {}
+    r2s = []
+    for i, v in enumerate(names):
+        r2 = r2_score(pred[:, i], true[:, i])
+        out[f"gen_r2_{v}"] = r2
+        ok = torch.isfinite(pred[:, i])
+        out[f"gen_mse_{v}"] = float(((pred[:, i][ok] - true[:, i][ok]) ** 2).mean()) if bool(ok.any()) else float("nan")
+        r2s.append(r2)
+    out["gen_r2"] = float(np.nanmean(r2s)) if np.isfinite(r2s).any() else float("nan")
+    return out
+
+
+@torch.no_grad()
+def alignment_similarities(z_a: Tensor, z_b: Tensor, max_samples: int = 4096) -> dict[str, float]:
+    """Mean cosine similarity of positive pairs (same row) and negative pairs (other rows) (paper table H1)."""
+    if z_a.shape != z_b.shape or z_a.ndim != 2 or z_a.shape[0] < 2:
+        raise ValueError(f"alignment_similarities expects two [N >= 2, D] matrices, got {tuple(z_a.shape)} and "
+                         f"{tuple(z_b.shape)}")
+    if z_a.shape[0] > max_samples:
+        idx = torch.randperm(z_a.shape[0], generator=torch.Generator().manual_seed(0))[:max_samples].to(z_a.device)
+        z_a, z_b = z_a[idx], z_b[idx]
+    a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
+    sim = a @ b.T
+    n = sim.shape[0]
+    pos = sim.diagonal().mean()
+    neg = (sim.sum() - sim.diagonal().sum()) / (n * n - n)
+    return {"positive": float(pos), "negative": float(neg)}
+
+
+def reconstruction_metrics(tokenizer: TimeSeriesTokenizer, x: Tensor | np.ndarray) -> dict[str, float]:
+    """Round-trip ``decode(encode(x))`` errors in the units of ``x`` (as table 1/4): MSE, MAE, R^2, and the
+    number of distinct data tokens used ("token utilization"). Special-token positions are excluded."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).float()
+    tokens = tokenizer.encode(x)
+    x_hat = tokenizer.decode(tokens)
+    ok = ~(torch.isnan(x) | torch.isnan(x_hat))
+    a, b = x[ok].double(), x_hat[ok].double()
+    mse = float(((a - b) ** 2).mean())
+    var = float(a.var(unbiased=False))
+    data = tokens[tokens < tokenizer.codebook_size]
+    return {"mse": mse, "mae": float((a - b).abs().mean()), "r2": 1.0 - mse / var if var > 0 else float("nan"),
+            "tokens_used": int(torch.unique(data).numel())}
+
+
+def weighted_f1(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None) -> float:
+    """Support-weighted F1 over classes (DUNIA's classification metric): per-class F1 weighted by each class's
+    number of true pixels. ``pred`` holds class indices or ``[N, C, ...]`` scores; pixels equal to
+    ``ignore_index`` in ``target`` are left out. Computed with torchmetrics."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    if pred.ndim == target.ndim + 1:
+        pred = pred.argmax(1)
+    return float(multiclass_f1_score(pred, target, num_classes=num_classes, average="weighted",
+                                     ignore_index=ignore_index))

@@ -1,0 +1,155 @@
+"""One mechanism for "fit something on the training split before training".
+
+Some models need statistics of the training split before their first step: TS fusion's tokenizers (bin edges
+and FSQ codebooks), DUNIA's zero-shot retrieval database, DUNIA diffusion's latent statistics and retrieval
+database, a regression head's bias (:class:`TargetMeanBiasInit`). All of them go through this module:
+
+- :func:`train_split_batches` is the only place in ``tasks/`` that touches ``trainer.datamodule``. It yields the
+  training split's batches in a fixed order (no shuffling, so it draws nothing from the global RNG and a resumed
+  run sees the same sequence), each passed through the datamodule's batch hooks and moved to the module's
+  device exactly as a training batch would be. Tasks therefore still read only batches.
+- :class:`TrainSplitPreparation` is a LightningModule mixin: a task implements :meth:`needs_preparation` and
+  :meth:`prepare_from_train_split`; the mixin calls them at the start of ``fit``, ``validate``, ``test`` and
+  ``predict``. Statistics that are part of the task's state (buffers) are saved in its checkpoints, so a
+  restored task does not prepare again.
+- :class:`PrepareFromTrainSplit` is the same contract as a Lightning callback, for modules that are not ours
+  (terratorch's tasks), e.g. :class:`TargetMeanBiasInit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger("terratorch_eoplugins.tasks")
+
+__all__ = ["PrepareFromTrainSplit", "TargetMeanBiasInit", "TrainSplitPreparation", "train_split_batches"]
+
+
+def _ordered(loader: DataLoader) -> DataLoader:
+    """``loader`` over the same dataset, batch size, collation and workers, in dataset order."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, drop_last=False, pin_memory=loader.pin_memory)
+
+
+def train_split_batches(trainer: Trainer | None, module: LightningModule | None = None,
+                        max_batches: int | None = None, what: str = "this task") -> Iterator[dict[str, Any]]:
+    """The training split's batches, in order, as the model's training steps would receive them.
+
+    Args:
+        trainer: the running trainer; its datamodule must provide ``train_dataloader()``.
+        module: moves each batch to ``module.device`` through its ``transfer_batch_to_device`` (default: the
+            trainer's LightningModule).
+        max_batches: stop after this many batches (``None``: the whole split).
+        what: named in the error when there is no datamodule.
+    """
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if dm is None or not hasattr(dm, "train_dataloader"):
+        raise RuntimeError(f"{what} fits statistics on the training split before it runs, but the trainer has no "
+                           "datamodule with a train_dataloader(); pass `--data` (a datamodule) or a checkpoint that "
+                           "already holds them")
+    if getattr(dm, "train_dataset", None) is None and hasattr(dm, "setup"):
+        dm.setup("fit")
+    module = module if module is not None else getattr(trainer, "lightning_module", None)
+    for i, batch in enumerate(_ordered(dm.train_dataloader())):
+        if max_batches is not None and i >= max_batches:
+            break
+        if hasattr(dm, "on_before_batch_transfer"):
+            batch = dm.on_before_batch_transfer(batch, 0)
+        if hasattr(module, "transfer_batch_to_device"):
+            batch = module.transfer_batch_to_device(batch, module.device, 0)
+        if hasattr(dm, "on_after_batch_transfer"):
+            batch = dm.on_after_batch_transfer(batch, 0)
+        yield batch
+
+
+class TrainSplitPreparation:
+    """LightningModule mixin: prepare from the training split once, before the first step of any stage.
+
+    Subclasses implement :meth:`needs_preparation` and :meth:`prepare_from_train_split`, and may set
+    :attr:`preparation_max_batches`. A subclass that overrides a stage-start hook calls ``super()``.
+    """
+
+    #: how many training batches :meth:`prepare_from_train_split` receives (``None``: all)
+    preparation_max_batches: int | None = None
+
+    def needs_preparation(self) -> bool:
+        """Whether the statistics are still missing (e.g. not restored from a checkpoint)."""
+        raise NotImplementedError
+
+    def prepare_from_train_split(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Fit the statistics on ``batches`` (the training split, in order, on the module's device)."""
+        raise NotImplementedError
+
+    def _prepare_if_needed(self) -> None:
+        if not self.needs_preparation():
+            return
+        trainer = getattr(self, "_trainer", None)
+        name = type(self).__name__
+        logger.info("%s: preparing from the training split", name)
+        self.prepare_from_train_split(train_split_batches(trainer, self, self.preparation_max_batches, name))
+
+    def on_fit_start(self) -> None:
+        self._prepare_if_needed()
+
+    def on_validation_start(self) -> None:
+        self._prepare_if_needed()
+
+    def on_test_start(self) -> None:
+        self._prepare_if_needed()
+
+    def on_predict_start(self) -> None:
+        self._prepare_if_needed()
+
+
+class PrepareFromTrainSplit(Callback):
+    """The same contract as :class:`TrainSplitPreparation` for a LightningModule that is not ours: a callback
+    whose :meth:`prepare` receives the training split's batches at the start of ``fit``."""
+
+    def __init__(self, max_batches: int | None = None) -> None:
+        super().__init__()
+        self.max_batches = max_batches
+
+    def prepare(self, pl_module: LightningModule, batches: Iterable[Mapping[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.prepare(pl_module, train_split_batches(trainer, pl_module, self.max_batches, type(self).__name__))
+
+
+class TargetMeanBiasInit(PrepareFromTrainSplit):
+    """At the start of ``fit``, set the bias of the task head's final convolution to the mean target of the
+    training split (labelled pixels only, ``!= ignore_index``).
+
+    For low-shot regression heads (DUNIA section 4.1.2) on targets far from zero (RH98 in metres): a zero-centred
+    output must otherwise first climb to the target scale, and in the meantime the large gradients of that offset
+    flow into the trainable layers and disturb the pretrained embeddings. Add it with
+    ``--trainer.callbacks+=terratorch_eoplugins.tasks.preparation.TargetMeanBiasInit``.
+    """
+
+    def prepare(self, pl_module: LightningModule, batches: Iterable[Mapping[str, Any]]) -> None:
+        head = getattr(getattr(pl_module, "model", None), "head", None)
+        convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
+        if not convs or convs[-1].bias is None:
+            raise ValueError("TargetMeanBiasInit: the task's model has no head ending in a Conv2d with a bias "
+                             "(expected terratorch's regression head, model.head)")
+        ignore = getattr(pl_module, "hparams", {}).get("ignore_index", None)
+        total, count = 0.0, 0
+        for batch in batches:
+            y = batch["mask"].double()
+            keep = torch.isfinite(y) if ignore is None else torch.isfinite(y) & (y != ignore)
+            total, count = total + float(y[keep].sum()), count + int(keep.sum())
+        if count == 0:
+            raise ValueError("TargetMeanBiasInit: the training split has no labelled pixel")
+        with torch.no_grad():
+            convs[-1].bias.fill_(total / count)
+        logger.info("TargetMeanBiasInit: head bias set to the training target mean %.4f (%d pixels)",
+                    total / count, count)
