@@ -27,7 +27,9 @@ class EODatasetNotFoundError(DatasetNotFoundError):
 
     def __init__(self, path: str | Path, what: str, hint: str | None = None) -> None:
         msg = f"{what} not found: {str(path)!r}."
-        msg += " " + (hint or "Download the dataset manually, or write the synthetic world with `eoplugins synth --out DIR`.")
+        msg += " " + (
+            hint or "Download the dataset manually, or write the synthetic world with `eoplugins synth --out DIR`."
+        )
         FileNotFoundError.__init__(self, msg)
 
 
@@ -47,8 +49,14 @@ def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
     return p
 
 
-def check_array(arr: np.ndarray, path: str | Path, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
-                dtypes: Iterable[Any] | None = None) -> np.ndarray:
+def check_array(
+    arr: np.ndarray,
+    path: str | Path,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Iterable[Any] | None = None,
+) -> np.ndarray:
     """Validate an array read from ``path``: number of dimensions, shape (``None`` = any) and dtype.
 
     Raises :class:`EODataError` naming the file, what was found and what was expected.
@@ -64,3 +72,31 @@ def check_array(arr: np.ndarray, path: str | Path, *, ndim: int | None = None, s
         if arr.dtype not in allowed:
             raise EODataError(f"{path}: expected dtype {' or '.join(str(d) for d in allowed)}, got {arr.dtype}")
     return arr
+
+
+class EOInputError(ValueError):
+    """A model input the model cannot process: wrong shape, smaller than the model's minimum, non-finite values."""
+
+
+def check_model_input(x: Any, who: str, *, min_size: int | None = None, finite: bool = True) -> None:
+    """Validate the image tensor ``x`` given to the model ``who`` before it reaches a library deep inside.
+
+    Raises :class:`EOInputError` when the spatial size (the last two dimensions) is below ``min_size`` (e.g. a
+    U-Net's ``2**depth``: each pooling halves it, and a zero-sized map fails in torch with "output size is too
+    small") or when ``finite`` and ``x`` holds NaN or infinite values (which would flow on silently into NaN
+    outputs and losses). The message names the model, the input's shape and what was expected.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if min_size is not None and len(shape) >= 2 and min(shape[-2:]) < min_size:
+        raise EOInputError(f"{who}: input height and width must be at least {min_size} pixels, got "
+                           f"{shape[-2]} x {shape[-1]} (input shape {shape})")
+    if finite:
+        import torch
+
+        finite_mask = torch.isfinite(x)
+        if not bool(finite_mask.all()):
+            bad = int((~finite_mask).sum())
+            raise EOInputError(f"{who}: the input holds {bad} NaN or infinite value(s) (input shape {shape}); "
+                               "expected finite values: fill no-data before the model (e.g. the dataset's "
+                               "normalisation or a nodata mask)")
+

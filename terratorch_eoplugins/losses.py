@@ -6,6 +6,14 @@ Sections:
   :func:`s4_pixel_infonce` (multi-modal space-time InfoNCE, Eq. 2, symmetric over the anchor modality),
   :func:`s4_reconstruction_l1` (cross-modal mean L1, Eq. 3) and their module wrappers
   :class:`S4InfoNCELoss`, :class:`S4ReconstructionLoss`.
+* **DUNIA** (Fayad et al., ICML 2025): :func:`zero_cl_loss` (Zero-CL with ZCA whitening), :func:`vicreg_loss`,
+  :func:`hierarchical_vicreg`, :func:`dunia_reconstruction_losses`.
+
+Whitening and covariance matrices are computed with full float32 products whatever
+``torch.get_float32_matmul_precision()`` says (``import terratorch`` sets ``"medium"``: bfloat16 / TF32 products
+would perturb a whitened ``G x G`` or ``D x D`` system by far more than its smallest eigenvalues): those blocks run
+under :func:`~terratorch_eoplugins.runtime.exact_matmul`, which restores the caller's setting afterwards. Their
+backward pass runs at the precision in force when ``backward()`` is called.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from terratorch_eoplugins.runtime import exact_matmul
 
 __all__ = [
     "S4InfoNCELoss",
@@ -217,21 +227,23 @@ def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bo
     _check_pair(z_a, z_b, "zero_cl_loss")
     g, d = z_a.shape
     if g < 2:
-        raise ValueError(f"zero_cl_loss needs at least 2 paired samples (G = {g}); skip batches with fewer GEDI footprints")
+        raise ValueError(f"zero_cl_loss needs at least 2 paired samples (G = {g}); "
+                         "skip batches with fewer GEDI footprints")
     if d < 2:
         raise ValueError(f"zero_cl_loss needs at least 2 features (D_p = {d})")
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
-    # instance-wise: whiten the G x G affinity Z Z^T / D (= second moment of Z^T, [D, G])
-    ia, ib = (_standardize(z_a, 1), _standardize(z_b, 1)) if standardize else (z_a, z_b)
-    ha = zca_whitening_matrix(ia.T, shrinkage) @ ia  # G x D
-    hb = zca_whitening_matrix(ib.T, shrinkage) @ ib
-    ins = ((1.0 - (ha * hb).sum(1) / d) ** 2).sum()
-    # feature-wise: whiten the D x D covariance Z^T Z / G
-    ca, cb = (_standardize(z_a, 0), _standardize(z_b, 0)) if standardize else (z_a, z_b)
-    fa = zca_whitening_matrix(ca, shrinkage) @ ca.T  # D x G
-    fb = zca_whitening_matrix(cb, shrinkage) @ cb.T
-    fea = ((1.0 - (fa * fb).sum(1) / g) ** 2).sum()
+    with exact_matmul():  # whitened products in full float32 (see the module docstring)
+        # instance-wise: whiten the G x G affinity Z Z^T / D (= second moment of Z^T, [D, G])
+        ia, ib = (_standardize(z_a, 1), _standardize(z_b, 1)) if standardize else (z_a, z_b)
+        ha = zca_whitening_matrix(ia.T, shrinkage) @ ia  # G x D
+        hb = zca_whitening_matrix(ib.T, shrinkage) @ ib
+        ins = ((1.0 - (ha * hb).sum(1) / d) ** 2).sum()
+        # feature-wise: whiten the D x D covariance Z^T Z / G
+        ca, cb = (_standardize(z_a, 0), _standardize(z_b, 0)) if standardize else (z_a, z_b)
+        fa = zca_whitening_matrix(ca, shrinkage) @ ca.T  # D x G
+        fb = zca_whitening_matrix(cb, shrinkage) @ cb.T
+        fea = ((1.0 - (fa * fb).sum(1) / g) ** 2).sum()
     if return_parts:
         return {"loss": fea + ins, "ins": ins, "fea": fea}
     return fea + ins
@@ -266,8 +278,9 @@ def vicreg_loss(z_a: Tensor, z_b: Tensor, var_weight: float = 25.0, inv_weight: 
         off = cov - torch.diag(torch.diagonal(cov))
         return v, (off ** 2).sum() / d
 
-    va, ca = var_cov(z_a)
-    vb, cb = var_cov(z_b)
+    with exact_matmul():  # covariance products in full float32 (see the module docstring)
+        va, ca = var_cov(z_a)
+        vb, cb = var_cov(z_b)
     var = 0.5 * (va + vb)
     cov = ca + cb
     loss = var_weight * var + inv_weight * inv + cov_weight * cov
@@ -317,7 +330,8 @@ def dunia_reconstruction_losses(waveform: Tensor | None = None, waveform_hat: Te
     ``total``, e.g. a batch without GEDI footprints has no waveform term).
     """
     out: dict[str, Tensor] = {}
-    for name, x, y in (("waveform", waveform, waveform_hat), ("series", series, series_hat), ("image", image, image_hat)):
+    pairs = (("waveform", waveform, waveform_hat), ("series", series, series_hat), ("image", image, image_hat))
+    for name, x, y in pairs:
         if x is None and y is None:
             continue
         if x is None or y is None or x.shape != y.shape:

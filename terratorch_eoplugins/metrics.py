@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from terratorch_eoplugins.nn.quantizers import TimeSeriesTokenizer
+
+class TokenizerLike(Protocol):
+    """What :func:`reconstruction_metrics` needs of a time-series tokenizer (metrics import nothing of the package)."""
+
+    codebook_size: int
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, tokens: Tensor) -> Tensor: ...
 
 __all__ = [
     "alignment_similarities",
@@ -90,7 +97,8 @@ def cropnet_metrics(pred_log: Any, true_log: Any) -> dict[str, float]:
 
 
 def generation_scores(pred: Tensor, true: Tensor, names: Sequence[str]) -> dict[str, float]:
-    """``gen_r2`` (mean over variables), ``gen_r2_<v>`` and ``gen_mse_<v>`` of generated vs true series ``[N, V, L]``."""
+    """``gen_r2`` (mean over variables), ``gen_r2_<v>`` and ``gen_mse_<v>`` of generated vs true series
+    ``[N, V, L]``."""
     out = {}
     r2s = []
     for i, v in enumerate(names):
@@ -120,7 +128,7 @@ def alignment_similarities(z_a: Tensor, z_b: Tensor, max_samples: int = 4096) ->
     return {"positive": float(pos), "negative": float(neg)}
 
 
-def reconstruction_metrics(tokenizer: TimeSeriesTokenizer, x: Tensor | np.ndarray) -> dict[str, float]:
+def reconstruction_metrics(tokenizer: TokenizerLike, x: Tensor | np.ndarray) -> dict[str, float]:
     """Round-trip ``decode(encode(x))`` errors in the units of ``x`` (as table 1/4): MSE, MAE, R^2, and the
     number of distinct data tokens used ("token utilization"). Special-token positions are excluded."""
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).float()

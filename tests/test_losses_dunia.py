@@ -109,11 +109,11 @@ def test_zero_cl_standardised_invariances() -> None:
     rng = np.random.default_rng(2)
     za, zb = torch.tensor(rng.normal(size=(20, 12))), torch.tensor(rng.normal(size=(20, 12)))
     base = zero_cl_loss(za, zb, normalize=False, return_parts=True)
-    shifted = zero_cl_loss(za * torch.tensor(rng.uniform(0.5, 2.0, size=(1, 12))) + torch.tensor(rng.normal(size=(1, 12))),
-                           zb, normalize=False, return_parts=True)
+    scale, offset = torch.tensor(rng.uniform(0.5, 2.0, size=(1, 12))), torch.tensor(rng.normal(size=(1, 12)))
+    shifted = zero_cl_loss(za * scale + offset, zb, normalize=False, return_parts=True)
     assert float(shifted["fea"]) == pytest.approx(float(base["fea"]), rel=1e-4)
-    shifted = zero_cl_loss(za * torch.tensor(rng.uniform(0.5, 2.0, size=(20, 1))) + torch.tensor(rng.normal(size=(20, 1))),
-                           zb, normalize=False, return_parts=True)
+    scale, offset = torch.tensor(rng.uniform(0.5, 2.0, size=(20, 1))), torch.tensor(rng.normal(size=(20, 1)))
+    shifted = zero_cl_loss(za * scale + offset, zb, normalize=False, return_parts=True)
     assert float(shifted["ins"]) == pytest.approx(float(base["ins"]), rel=1e-4)
 
 
@@ -224,3 +224,33 @@ def test_reconstruction_losses() -> None:
         dunia_reconstruction_losses(image=i, image_hat=ih[:, :2])
     with pytest.raises(ValueError, match="no \\(input"):
         dunia_reconstruction_losses()
+
+
+# ----------------------------------------------------------------------------- precision guard
+@pytest.mark.parametrize("loss", ["zero_cl", "vicreg"])
+def test_whitening_and_covariance_run_in_full_float32_under_medium_precision(loss: str, matmul_spy) -> None:
+    """``import terratorch`` sets "medium": the losses' matrix products must still run at "highest", and the
+    caller's setting must be left as it was (also after a call that raises)."""
+    rng = np.random.default_rng(3)
+    za = torch.tensor(rng.normal(size=(24, 16)), dtype=torch.float32)
+    zb = torch.tensor(rng.normal(size=(24, 16)), dtype=torch.float32)
+    fn = zero_cl_loss if loss == "zero_cl" else vicreg_loss
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with matmul_spy:
+            got = fn(za, zb, return_parts=True)
+        assert matmul_spy.calls and matmul_spy.precisions() == {"highest"}, matmul_spy.calls
+        assert torch.get_float32_matmul_precision() == "medium"
+        if loss == "zero_cl":
+            ins, fea = np_zero_cl(za.numpy(), zb.numpy(), 0.1)
+            assert float(got["ins"]) == pytest.approx(ins, rel=1e-4, abs=1e-4)
+            assert float(got["fea"]) == pytest.approx(fea, rel=1e-4, abs=1e-4)
+        else:
+            var, inv, cov = np_vicreg(za.numpy(), zb.numpy())
+            assert float(got["cov"]) == pytest.approx(cov, rel=1e-5)
+        with pytest.raises(ValueError, match="NaN"):
+            fn(za, torch.full_like(zb, float("nan")))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)

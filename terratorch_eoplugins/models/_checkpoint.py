@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,14 @@ def read_checkpoint(path: str | Path, what: str) -> Mapping[str, Any]:
         raise FileNotFoundError(f"{what} checkpoint not found: {str(p)!r}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({err})") from None
+    except pickle.UnpicklingError as err:
+        # torch's message goes on to advise weights_only=False; loading arbitrary pickled objects is what we refuse
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{p}: holds objects other than tensors and plain containers, which are not loaded "
+                         f"(only weights-only checkpoints are read): {first}") from None
+    except Exception as err:  # truncated or non-PyTorch files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({first})") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
     return obj

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from terratorch_eoplugins.runtime import exact_matmul
+
 __all__ = ["CrossAttentionUNet1D", "KarrasLatentDiffusion", "cfg_combine", "karras_sigmas"]
 
 
@@ -163,13 +165,19 @@ class CrossAttentionUNet1D(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor) -> Tensor:
         n, c, length = x.shape
         if c != self.in_channels:
-            raise ValueError(f"CrossAttentionUNet1D: expected {self.in_channels} latent channels, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"CrossAttentionUNet1D: expected {self.in_channels} latent channels, got shape {tuple(x.shape)}"
+            )
         if length % 2 ** (self.levels - 1):
             raise ValueError(f"CrossAttentionUNet1D: latent length {length} must be divisible by "
                              f"{2 ** (self.levels - 1)} ({self.levels} levels)")
         if cond.shape != (n, self.cond_dim):
-            raise ValueError(f"CrossAttentionUNet1D: condition must be [N={n}, {self.cond_dim}], got {tuple(cond.shape)}")
-        temb = self.time_mlp(timestep_embedding(c_noise.expand(n) if c_noise.ndim == 0 else c_noise, self.model_channels))
+            raise ValueError(
+                f"CrossAttentionUNet1D: condition must be [N={n}, {self.cond_dim}], got {tuple(cond.shape)}"
+            )
+        temb = self.time_mlp(
+            timestep_embedding(c_noise.expand(n) if c_noise.ndim == 0 else c_noise, self.model_channels)
+        )
         ctx = self.context(cond).view(n, self.context_tokens, self.ctx_dim) + self.ctx_pos
         h = self.in_proj(x)
         skips = []
@@ -255,7 +263,10 @@ class KarrasLatentDiffusion(nn.Module):
             return self.denoise(x, sigma, cond)
         null = self.null_condition(x.shape[0], x.device) if null is None else null
         sig = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        both = self.denoise(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([cond, null]))
+        # the batched call must equal two separate calls (eq. 14 is a difference of the two branches); reduced
+        # precision matmuls (TF32/bf16 under "medium") would make the result depend on the batch composition
+        with exact_matmul():
+            both = self.denoise(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([cond, null]))
         d_cond, d_uncond = both.chunk(2)
         return cfg_combine(d_uncond, d_cond, guidance_scale)
 

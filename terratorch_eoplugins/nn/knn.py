@@ -22,6 +22,11 @@ an element outside the top-k groups is dominated by the ``k`` distinct group max
 reach the top-k through a tie. It replaces a top-k over ``N`` columns (slow on CPU) by one over ``N / g``
 group maxima plus one over ``k g`` candidates (``g ~ sqrt(N / k)``).
 
+Similarities are full float32 products whatever ``torch.get_float32_matmul_precision()`` says (``import terratorch``
+sets ``"medium"``, under which CPUs with AMX-BF16 and CUDA GPUs would compute them in bfloat16 / TF32, about 3 and 4
+significant digits, and neighbours with close similarities would swap): the search runs under
+:func:`~terratorch_eoplugins.runtime.exact_matmul`, which restores the caller's setting afterwards.
+
 :class:`KNNDatabase` holds keys, labels and the *fingerprint* of the model that produced the keys
 (:func:`model_fingerprint`); queries from a model with another fingerprint, NaN/Inf embeddings and empty
 databases raise ``ValueError``. Databases are saved as NPZ (no pickle).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +45,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from terratorch_eoplugins.runtime import exact_matmul
 
 __all__ = [
     "KNNDatabase", "cosine_topk", "distance_weights", "knn_predict", "l2_normalize", "model_fingerprint",
@@ -132,6 +140,15 @@ def cosine_topk(queries: Tensor, keys: Tensor, k: int, max_chunk_bytes: int = DE
     padded = math.ceil(db_block / g) * g
     rows = max(1, min(q_total, max_chunk_bytes // (4 * padded)))
     buf = queries.new_empty(rows, padded)
+    with exact_matmul():  # full float32 similarities: reduced-precision products would reorder close neighbours
+        _search_blocks(queries, keys, k, rows, db_block, g, buf, out_v, out_i)
+    return out_v, out_i
+
+
+def _search_blocks(queries: Tensor, keys: Tensor, k: int, rows: int, db_block: int, g: int, buf: Tensor,
+                   out_v: Tensor, out_i: Tensor) -> None:
+    """Fill ``out_v``/``out_i`` with the exact top-k of every query (query chunks x database blocks)."""
+    n, q_total = keys.shape[0], queries.shape[0]
     for s in range(0, q_total, rows):
         qq = queries[s:s + rows]
         best_v = best_i = None
@@ -153,7 +170,6 @@ def cosine_topk(queries: Tensor, keys: Tensor, k: int, max_chunk_bytes: int = DE
                 best_i = i.gather(1, pos)
         out_v[s:s + qq.shape[0]] = best_v
         out_i[s:s + qq.shape[0]] = best_i
-    return out_v, out_i
 
 
 def distance_weights(similarities: Tensor, eps: float = 1e-6, power: float = 1.0) -> Tensor:
@@ -452,7 +468,7 @@ class KNNDatabase:
                     raise ValueError(f"{p}: not a KNN database (missing arrays {missing})")
                 meta = json.loads(str(z["metadata"]))
                 keys, labels = torch.from_numpy(z["keys"].copy()), torch.from_numpy(z["labels"].copy())
-        except (OSError, ValueError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
             raise ValueError(f"{p}: cannot be read as a KNN database NPZ ({err})") from None
         if meta.get("format") != "terratorch_eoplugins.KNNDatabase":
             raise ValueError(f"{p}: metadata does not describe a terratorch_eoplugins KNN database")

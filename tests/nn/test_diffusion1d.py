@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion, cfg_combine, karras_sigmas
+from terratorch_eoplugins.runtime import exact_matmul
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,7 +39,7 @@ def test_cfg_combination_is_eq14() -> None:
     x, c = torch.randn(4, 16, 8), F.normalize(torch.randn(4, 8), dim=1)
     null = dm.null_condition(4, x.device)
     sigma = torch.tensor([0.7])
-    with torch.no_grad():
+    with torch.no_grad(), exact_matmul():
         d_c = dm.denoise(x, sigma, c)
         d_u = dm.denoise(x, sigma, null)
         assert not torch.allclose(d_c, d_u)

@@ -209,3 +209,45 @@ def test_model_fingerprint_tracks_weights_and_branch() -> None:
     with torch.no_grad():
         b[0].weight[0, 0, 0, 0] += 1e-6
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+@pytest.fixture
+def medium_precision():
+    """What ``import terratorch`` sets: float32 products may run in bfloat16 (AMX CPUs) or TF32 (CUDA)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_search_runs_in_full_float32_under_medium_precision_and_restores_it(medium_precision, matmul_spy) -> None:
+    """Every similarity product runs at "highest" although the caller set "medium", which is left as it was."""
+    keys, queries = _data(3000, 200, 16)
+    with matmul_spy:
+        v, i = cosine_topk(queries, keys, 50, max_chunk_bytes=1 << 16)  # several query chunks and key blocks
+    assert matmul_spy.calls and matmul_spy.precisions() == {"highest"}, matmul_spy.calls
+    assert torch.get_float32_matmul_precision() == "medium"
+    rv, ri = _brute_force(keys.double().numpy(), queries.double().numpy(), 50)
+    np.testing.assert_array_equal(i.numpy(), ri)
+    np.testing.assert_allclose(v.numpy(), rv, atol=1e-6)
+
+
+def test_near_ties_keep_their_float64_order_under_medium_precision(medium_precision, matmul_spy) -> None:
+    """Neighbours whose similarities differ by ~1e-5 (far below bfloat16's 4e-3 resolution) are ranked exactly."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 64, generator=g)
+    other = torch.randn(64, 64, generator=g)
+    other -= (other @ q.T) * q / q.square().sum()  # orthogonal to q
+    other = l2_normalize(other)
+    qn = l2_normalize(q)
+    steps = torch.arange(64, dtype=torch.float64) * 1e-5
+    cos = (0.9 - steps).float()  # 0.9, 0.89999, 0.89998, ...: one strict order
+    keys = cos[:, None] * qn + torch.sqrt(1 - cos[:, None] ** 2) * other
+    perm = torch.randperm(64, generator=g)
+    db = KNNDatabase(64, "classification", num_classes=64)
+    db.add(keys[perm], torch.arange(64)[perm])
+    with matmul_spy:
+        sims, idx = db.search(q, 10)
+    assert matmul_spy.precisions() == {"highest"}
+    assert db.labels[idx[0]].tolist() == list(range(10))  # label = rank by construction
+    assert torch.get_float32_matmul_precision() == "medium"

@@ -12,6 +12,7 @@ from terratorch_eoplugins.nn.neighborhood_attention import (
     neighborhood_attention_2d,
     window_starts,
 )
+from terratorch_eoplugins.runtime import exact_matmul
 
 
 def brute_force_na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -65,7 +66,7 @@ def test_reference_gradients_match_brute_force() -> None:
 def test_natten_and_pytorch_agree(h: int, w: int, kernel: int) -> None:
     torch.manual_seed(kernel)
     q, k, v = (torch.randn(2, h, w, 2, 8) for _ in range(3))  # natten's CPU backend: power-of-two head dim >= 8
-    with torch.no_grad():
+    with torch.no_grad(), exact_matmul():  # the reference must not run in bf16/TF32 under "medium" precision
         ours = neighborhood_attention_2d(q, k, v, kernel, backend="torch")
         theirs = neighborhood_attention_2d(q, k, v, kernel, backend="natten")
     assert torch.allclose(ours, theirs, atol=1e-5)
