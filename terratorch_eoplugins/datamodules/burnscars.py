@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets.common import logger
 from terratorch_eoplugins.datasets.burnscars import HLSBurnScars
+from terratorch_eoplugins.datasets.common import logger
 
 
 class HLSBurnScarsDataModule(EODataModule):

@@ -28,7 +28,9 @@ class CropNetDataModule(EODataModule):
     The regression target reaches the model as ``label`` (what terratorch's ``ScalarRegressionTask``
     reads); the sample's two-value ``target`` and every other extra key are dropped unless listed in
     ``batch_keys`` (``None`` keeps everything), since terratorch forwards extra keys to the backbone.
-    ``predict`` uses the test split.
+    Batches also offer ``label_mean`` and ``label_std`` (``B x num_outputs``: the statistics that
+    standardised ``label``; 0 and 1 without ``standardize_label``), so that a model maps its predictions back to
+    log units from the batch alone. ``predict`` uses the test split.
     """
 
     def __init__(
@@ -64,6 +66,9 @@ class CropNetDataModule(EODataModule):
         standardize_label: bool = False,
         label_mean: Sequence[float] | None = None,
         label_std: Sequence[float] | None = None,
+        window_weather: Sequence[str] | None = None,
+        window_before: int = 29,
+        window_after: int = 10,
     ) -> None:
         """Configure the datamodule.
 
@@ -72,12 +77,13 @@ class CropNetDataModule(EODataModule):
             crop: ``Corn``, ``Cotton``, ``Soybeans`` or ``WinterWheat``.
             split_years: years of ``train``/``val``/``test`` (default 2021 / 2022 / 2020).
             months, image_months, long_term_years, days_per_month, image_size, max_dates, weather_variables,
-                target, grid_aggregation, s2_root, s2_product, hrrr_root, usda_root, crop_dirs: see
-                :class:`~terratorch_eoplugins.datasets.cropnet.CropNet`.
+                target, grid_aggregation, s2_root, s2_product, hrrr_root, usda_root, crop_dirs, window_weather,
+                window_before, window_after: see :class:`~terratorch_eoplugins.datasets.cropnet.CropNet`
+                (``window_weather`` adds TS fusion's ``weather_windows`` key).
             batch_size: county-years per batch (grids and dates are padded within a batch).
             num_workers: data loader workers.
             batch_keys: extra sample keys passed to the model (e.g. ``grid_mask``, ``weather_short``,
-                ``temporal_coords``); ``None`` keeps all.
+                ``temporal_coords``, ``weather_windows``, ``label_mean``, ``label_std``); ``None`` keeps all.
             normalize: standardise images and weather (statistics given below or estimated on train).
             stats_samples: county-years of the train split used to estimate image statistics.
             image_mean, image_std, weather_mean, weather_std, weather_long_mean, weather_long_std:
@@ -103,6 +109,8 @@ class CropNetDataModule(EODataModule):
             weather_variables=tuple(weather_variables), target=target, grid_aggregation=grid_aggregation,
             s2_root=s2_root, s2_product=s2_product, hrrr_root=hrrr_root, usda_root=usda_root,
             crop_dirs=dict(crop_dirs) if crop_dirs else None,
+            window_weather=None if window_weather is None else tuple(window_weather), window_before=window_before,
+            window_after=window_after,
         )
         self.normalize = normalize
         self.stats_samples = stats_samples
@@ -184,6 +192,10 @@ class CropNetDataModule(EODataModule):
         if self.standardize_label:
             mean, std = self.label_statistics()
             batch["label"] = (batch["label"] - mean) / std
+        else:
+            mean, std = torch.zeros(self.num_outputs), torch.ones(self.num_outputs)
+        n = len(batch["label"])
+        batch["label_mean"], batch["label_std"] = mean.expand(n, -1).clone(), std.expand(n, -1).clone()
         if self.batch_keys is None:
             return batch
         batch = filter_batch_keys(batch, ["label", *self.batch_keys])

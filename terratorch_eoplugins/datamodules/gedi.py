@@ -1,4 +1,7 @@
-"""Lightning datamodule for GEDI-collocated Sentinel-1/2 chips (:class:`GEDIChips`)."""
+"""Lightning datamodule for GEDI-collocated Sentinel-1/2 chips.
+
+Splits and loaders of :class:`~terratorch_eoplugins.datasets.gedi_chips.GEDIChips`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from terratorch_eoplugins.datamodules._base import EODataModule
-from terratorch_eoplugins.datasets.gedi import GEDIChips
+from terratorch_eoplugins.datasets.gedi_chips import GEDIChips
 
 
 class GEDIDataModule(EODataModule):

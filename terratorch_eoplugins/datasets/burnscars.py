@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyproj
 import rasterio
+import rasterio.errors
 import torch
 from affine import Affine
 from matplotlib.colors import ListedColormap
@@ -33,9 +34,8 @@ from rasterio.windows import Window
 from sklearn.model_selection import train_test_split
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
-
 from terratorch_eoplugins.datasets.common import logger, subsample_fraction
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
 
 _NAME = r"subsetted_512x512_HLS\.(?P<sensor>[SL]30)\.(?P<tile>T[0-9A-Z]{5})\.(?P<date>\d{7})\.v1\.4"
 IMAGE_PATTERN = re.compile(rf"^{_NAME}_merged\.tif$")
@@ -60,6 +60,23 @@ def _to_latlon(wkt: str) -> pyproj.Transformer:
 def _xy(t: Affine, col: float, row: float) -> tuple[float, float]:
     """Map pixel coordinates (col, row) through ``t`` (x = a*col + b*row + c, y = d*col + e*row + f)."""
     return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+
+
+def _open_tif(path: Path, what: str) -> rasterio.DatasetReader:
+    """``rasterio.open`` with an :class:`EODataError` naming the file when it is not a readable GeoTIFF."""
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as err:
+        raise EODataError(f"{path}: cannot be read as a GeoTIFF ({err}); expected {what}") from None
+
+
+def _read_tif(src: rasterio.DatasetReader, path: Path, what: str, *args: Any, **kwargs: Any) -> np.ndarray:
+    """``src.read(...)`` with an :class:`EODataError` naming the file when its pixel data is unreadable."""
+    try:
+        return src.read(*args, **kwargs)
+    except rasterio.errors.RasterioIOError as err:
+        raise EODataError(f"{path}: pixel data cannot be read ({err}); the file is truncated or corrupt: "
+                          f"expected {what}") from None
 
 
 def epsg_of(wkt: str) -> int | None:
@@ -254,9 +271,14 @@ class HLSBurnScars(NonGeoDataset):
 
     # ---------------------------------------------------------------------------------- reading
     def _read(self, scene: dict[str, Any]) -> dict[str, Any]:
-        """Read and validate one pair, random-cropped to ``crop_size`` when set."""
+        """Read and validate one pair, random-cropped to ``crop_size`` when set.
+
+        Raises :class:`EODataError` for a scene without a single labelled pixel (the loss over it would be NaN) and
+        for reflectance at another scale (digital numbers where reflectance in [0, 1] is expected); a random crop
+        that holds no labelled pixel is drawn again (up to :attr:`crop_tries` times).
+        """
         ipath, mpath = scene["image"], scene["mask"]
-        with rasterio.open(ipath) as src:
+        with _open_tif(ipath, "a 6-band HLS reflectance GeoTIFF") as src:
             if src.count != len(self.all_bands):
                 raise EODataError(f"{ipath}: expected {len(self.all_bands)} bands {list(self.all_bands)}, "
                                   f"got {src.count}")
@@ -268,13 +290,64 @@ class HLSBurnScars(NonGeoDataset):
             if self.crop_size is not None and (self.crop_size > shape[0] or self.crop_size > shape[1]):
                 raise ValueError(f"crop_size={self.crop_size} is larger than the scene "
                                  f"{shape[0]}x{shape[1]} of {ipath}")
-            win = window = None
-            if self.crop_size is not None:
-                window = (int(torch.randint(0, shape[0] - self.crop_size + 1, ()).item()),
-                          int(torch.randint(0, shape[1] - self.crop_size + 1, ()).item()))
-                win = Window(window[1], window[0], self.crop_size, self.crop_size)
-            image = src.read(window=win).astype(np.float32)
-        with rasterio.open(mpath) as src:
+            full_mask = self._read_mask(mpath, ipath, crs, transform, shape)
+            if (full_mask == -1).all():
+                raise EODataError(f"{mpath}: every pixel is -1 (no data), so the scene has no labelled pixel (its "
+                                  "loss would be NaN); expected 0 (not burned) or 1 (burn scar) somewhere: remove "
+                                  "the scene pair from the split folder")
+            for _ in range(self.crop_tries if self.crop_size is not None else 1):
+                win = window = None
+                mask = full_mask
+                if self.crop_size is not None:
+                    window = (int(torch.randint(0, shape[0] - self.crop_size + 1, ()).item()),
+                              int(torch.randint(0, shape[1] - self.crop_size + 1, ()).item()))
+                    win = Window(window[1], window[0], self.crop_size, self.crop_size)
+                    r, c = window
+                    mask = full_mask[r : r + self.crop_size, c : c + self.crop_size].copy()
+                image = _read_tif(src, ipath, "6 float reflectance bands", window=win).astype(np.float32)
+                invalid = ~np.isfinite(image) | (image == self.no_data_value)
+                if file_nodata is not None and not np.isnan(file_nodata):
+                    invalid |= image == file_nodata
+                mask[invalid.any(axis=0)] = -1
+                if window is None or (mask != -1).any():
+                    break
+            else:
+                raise EODataError(f"{ipath}: no {self.crop_size}x{self.crop_size} crop with a labelled pixel in "
+                                  f"{self.crop_tries} random draws (the mask is -1 or the image holds no data "
+                                  f"({self.no_data_value:g}, NaN) almost everywhere)")
+            if window is None and (mask == -1).all():
+                raise EODataError(f"{ipath}: every pixel is no data (image value {self.no_data_value:g}, NaN or the "
+                                  "file's nodata in some band), so the scene has no labelled pixel (its loss would be "
+                                  "NaN); expected reflectance data: remove the scene pair from the split folder")
+        self._check_scale(image[:, ~invalid.any(axis=0)], ipath)
+        image[invalid] = self.no_data_replace
+        image = image[self.band_indices]
+        if self.normalize:
+            image = (image - self.means[:, None, None]) / self.stds[:, None, None]
+        if window is not None:  # the crop's top-left corner becomes the origin
+            x0, y0 = _xy(transform, window[1], window[0])
+            transform = Affine(transform.a, transform.b, x0, transform.d, transform.e, y0)
+        return {"image": image.astype(np.float32), "mask": mask, "crs": crs, "transform": transform}
+
+    #: random crops drawn before giving up on finding one with a labelled pixel
+    crop_tries: int = 10
+    #: plausible surface reflectance of valid pixels (HLS: -0.01 to 1.6 after the 0.0001 scale factor)
+    reflectance_range: tuple[float, float] = (-0.5, 2.0)
+
+    def _check_scale(self, values: np.ndarray, ipath: Path) -> None:
+        """Raise when more than 1 % of the valid reflectance values lie outside :attr:`reflectance_range`."""
+        if values.size == 0:
+            return
+        lo, hi = self.reflectance_range
+        share = float(np.mean((values < lo) | (values > hi)))
+        if share > 0.01:
+            raise EODataError(f"{ipath}: {share:.0%} of the valid pixel values lie outside [{lo:g}, {hi:g}] (median "
+                              f"{float(np.median(values)):.4g}, max {float(values.max()):.4g}); expected surface "
+                              "reflectance in [0, 1] (HLS digital numbers x 0.0001), not digital numbers 0-10000")
+
+    def _read_mask(self, mpath: Path, ipath: Path, crs: Any, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+        """The full ``int64`` mask of a scene, checked against its image's grid and the value set {-1, 0, 1}."""
+        with _open_tif(mpath, "a 1-band burn-scar mask GeoTIFF") as src:
             if src.count != 1:
                 raise EODataError(f"{mpath}: expected 1 mask band, got {src.count}")
             if src.crs is None:
@@ -287,7 +360,7 @@ class HLSBurnScars(NonGeoDataset):
             if not src.transform.almost_equals(transform, precision=1e-6):
                 raise EODataError(f"{mpath}: mask transform {tuple(src.transform)[:6]} differs from image "
                                   f"transform {tuple(transform)[:6]} of {ipath.name}")
-            mask = src.read(1)
+            mask = _read_tif(src, mpath, "a mask band of -1/0/1", 1)
         if mask.dtype.kind == "f":
             mask = np.where(np.isnan(mask), -1, mask)
         values = np.unique(mask)
@@ -295,23 +368,7 @@ class HLSBurnScars(NonGeoDataset):
         if bad.size:
             raise EODataError(f"{mpath}: mask values must be -1 (no data), 0 (not burned) or 1 (burn scar), "
                               f"found {bad[:10].tolist()}")
-        mask = mask.astype(np.int64)
-        if window is not None:
-            r, c = window
-            mask = mask[r : r + self.crop_size, c : c + self.crop_size]
-
-        invalid = ~np.isfinite(image) | (image == self.no_data_value)
-        if file_nodata is not None and not np.isnan(file_nodata):
-            invalid |= image == file_nodata
-        mask[invalid.any(axis=0)] = -1
-        image[invalid] = self.no_data_replace
-        image = image[self.band_indices]
-        if self.normalize:
-            image = (image - self.means[:, None, None]) / self.stds[:, None, None]
-        if window is not None:  # the crop's top-left corner becomes the origin
-            x0, y0 = _xy(transform, window[1], window[0])
-            transform = Affine(transform.a, transform.b, x0, transform.d, transform.e, y0)
-        return {"image": image.astype(np.float32), "mask": mask, "crs": crs, "transform": transform}
+        return mask.astype(np.int64)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Sample ``index``: image, mask and georeferencing/date metadata (see class docstring)."""

@@ -10,7 +10,7 @@ Reads the real CropNet release (``CropNet/CropNet`` on Hugging Face) unchanged. 
     {root}/WRF-HRRR Computed Dataset/data/{YYYY}/{ST}/HRRR_{stateFIPS}_{ST}_{YYYY}-{MM}.csv   (23 columns)
     {root}/USDA Crop Dataset/{Corn|Cotton|Soybeans|WinterWheat}/{YYYY}/USDA_{Crop}_County_{YYYY}.csv
 
-One sample per county-year of a crop (MMST-ViT protocol, see ``datasets.md`` section 3):
+One sample per county-year of a crop (MMST-ViT protocol, see ``../shared/reference/datasets.md`` section 3):
 
 * ``image``: ``T x G x C x H x W`` float32, the county's ``G`` grid images (~9 x 9 km each) on the
   ``T`` dates of ``image_months`` (``/255``, then ``(x - image_mean) / image_std`` if given);
@@ -26,6 +26,9 @@ One sample per county-year of a crop (MMST-ViT protocol, see ``datasets.md`` sec
   (``target="yield"``: ``[log yield]``, ``"production"``: ``[log production]``, ``"both"``: both), the
   key terratorch's ``ScalarRegressionTask`` reads.
 * ``fips`` (5-digit str), ``year`` (int), ``state``, ``county`` (str), ``n_grids`` (int).
+* with ``window_weather`` (TS fusion): ``weather_windows``, ``T x G x V' x L`` daily weather of those variables
+  in the window of ``L = window_before + 1 + window_after`` days around every image date
+  (:func:`~terratorch_eoplugins.datasets.weather_windows.weather_windows`).
 
 Weather grids are matched to image grids by nearest grid centre (the two come from the same
 county partition in the release, so this is the identity up to order).
@@ -46,8 +49,8 @@ USDA row has no county code, no (or a withheld) yield or production, when no ima
 county exists for the sample year (no grids), or when the daily weather of a short-term month or
 of a whole variable is missing. A split that ends empty raises :class:`EODataError`.
 
-Evaluation (:func:`terratorch_eoplugins.metrics.cropnet_metrics`): RMSE, ``R2`` = squared Pearson correlation (as MMST-ViT's
-``util/metrics.py``), Pearson ``r``, and the coefficient of determination ``R2_cod``, all on
+Evaluation (:func:`terratorch_eoplugins.metrics.cropnet_metrics`): RMSE, ``R2`` = squared Pearson correlation
+(as MMST-ViT's ``util/metrics.py``), Pearson ``r``, and the coefficient of determination ``R2_cod``, all on
 ``exp`` of the predicted and true log yields, pooled over counties.
 """
 
@@ -73,9 +76,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, check_array, require_dir
-
 from terratorch_eoplugins.datasets.common import collate_samples, logger
+from terratorch_eoplugins.datasets.weather_windows import hrrr_columns, weather_windows
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, check_array, require_dir
 
 __all__ = [
     "CROPS",
@@ -257,6 +260,9 @@ class CropNet(NonGeoDataset):
         hrrr_root: str = "WRF-HRRR Computed Dataset/data",
         usda_root: str = "USDA Crop Dataset",
         crop_dirs: Mapping[str, str] | None = None,
+        window_weather: Sequence[str] | None = None,
+        window_before: int = 29,
+        window_after: int = 10,
     ) -> None:
         """Index the county-years of ``crop`` in the years of ``split`` (or ``years``).
 
@@ -280,6 +286,12 @@ class CropNet(NonGeoDataset):
             weather_long_mean, weather_long_std: Per-variable statistics of the monthly weather.
             s2_root, s2_product, hrrr_root, usda_root: Sub-roots of the three modalities.
             crop_dirs: Folder name of each crop under ``usda_root`` (e.g. ``{"Soybeans": "Soybean"}``).
+            window_weather: Short names (``tavg``, ``precip``..., see
+                :data:`~terratorch_eoplugins.datasets.weather_windows.TSFUSION_WEATHER`) of the variables of
+                ``weather_windows``, TS fusion's daily weather around every image date (they must be among
+                ``weather_variables``; needs ``grid_aggregation="none"`` and ``days_per_month=31``); ``None``: no
+                windows.
+            window_before, window_after: Days before / after the acquisition day in ``weather_windows``.
         """
         self.root = Path(root)
         self.crop = self._canonical_crop(crop)
@@ -317,6 +329,7 @@ class CropNet(NonGeoDataset):
         if grid_aggregation not in ("none", "mean"):
             raise ValueError(f"grid_aggregation must be 'none' or 'mean', got {grid_aggregation!r}")
         self.grid_aggregation = grid_aggregation
+        self._set_windows(window_weather, window_before, window_after)
         self.set_statistics(image_mean, image_std, weather_mean, weather_std, weather_long_mean, weather_long_std)
         if s2_product not in _S2_PREFIX:
             raise ValueError(f"s2_product must be 'AG' or 'NDVI', got {s2_product!r}")
@@ -348,6 +361,24 @@ class CropNet(NonGeoDataset):
         self.weather_mean, self.weather_std = self._stats(weather_mean, weather_std, nv, "weather_mean/weather_std")
         self.weather_long_mean, self.weather_long_std = self._stats(weather_long_mean, weather_long_std, nv,
                                                                     "weather_long_mean/weather_long_std")
+
+    def _set_windows(self, weather: Sequence[str] | None, before: int, after: int) -> None:
+        """Check and keep the settings of the ``weather_windows`` key."""
+        self.window_weather = None if weather is None else tuple(weather)
+        self.window_before, self.window_after = int(before), int(after)
+        self._window_idx: list[int] = []
+        if self.window_weather is None:
+            return
+        columns = hrrr_columns(self.window_weather)
+        missing = [f"{v} ({c})" for v, c in zip(self.window_weather, columns) if c not in self.weather_variables]
+        if missing:
+            raise ValueError(f"window_weather {missing} are not among weather_variables {list(self.weather_variables)}")
+        if self.grid_aggregation != "none" or self.days_per_month != 31:
+            raise ValueError("window_weather needs the grids and every calendar day: grid_aggregation='none' and "
+                             f"days_per_month=31, got {self.grid_aggregation!r} and {self.days_per_month}")
+        if before < 0 or after < 0:
+            raise ValueError(f"window_before and window_after must be >= 0, got {before}, {after}")
+        self._window_idx = [self.weather_variables.index(c) for c in columns]
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -454,7 +485,7 @@ class CropNet(NonGeoDataset):
 
         s2 = self._s2_files(year)
         county_dates: dict[str, list[tuple[Path, list[str]]]] = {}
-        for sf, files in s2.items():
+        for _sf, files in s2.items():
             for f, _ in files:
                 try:
                     with h5py.File(f, "r") as h5:
@@ -569,13 +600,24 @@ class CropNet(NonGeoDataset):
                         county = _decode(g["county"][()])
                     frames[key] = (data, coords)
         keys = sorted(frames)
-        ref_coords = frames[keys[0]][1]
-        ref_shape = frames[keys[0]][0].shape
-        kept = [k for k in keys if frames[k][0].shape == ref_shape
-                and np.allclose(frames[k][1], ref_coords, atol=1e-4)]
+        # reference: the grid set (and image shape) most dates share, the earliest on ties, not the first date's;
+        # dates of another grid set are skipped, logged and counted in ``dropped_dates`` (real CropNet has them)
+        groups: list[list[str]] = []
+        for k in keys:
+            same = next((g for g in groups if frames[k][0].shape == frames[g[0]][0].shape
+                         and np.allclose(frames[k][1], frames[g[0]][1], atol=1e-4)), None)
+            if same is None:
+                groups.append([k])
+            else:
+                same.append(k)
+        kept = max(groups, key=len)
+        ref_coords = frames[kept[0]][1]
         if len(kept) < len(keys):
-            logger.warning("CropNet %s/%d: dropped %d of %d dates whose grids or image shape differ from %s",
-                           e.fips, e.year, len(keys) - len(kept), len(keys), keys[0])
+            dropped = [k for k in keys if k not in kept]
+            self.dropped_dates = getattr(self, "dropped_dates", 0) + len(dropped)
+            logger.warning("CropNet %s/%d: dropped %d of %d dates whose grids or image shape differ from the %d "
+                           "dates sharing one grid set (from %s): %s", e.fips, e.year, len(dropped), len(keys),
+                           len(kept), kept[0], ", ".join(dropped))
         if self.max_dates is not None and len(kept) > self.max_dates:
             idx = np.unique(np.round(np.linspace(0, len(kept) - 1, self.max_dates)).astype(int))
             kept = [kept[i] for i in idx]
@@ -718,7 +760,7 @@ class CropNet(NonGeoDataset):
         target = torch.tensor([e.log_production, e.log_yield], dtype=torch.float32)
         label = {"yield": target[1:], "production": target[:1], "both": target}[self.target].clone()
         centre = coords.mean(axis=(0, 1))
-        return {
+        sample = {
             "image": img.float(),
             "grid_coords": torch.from_numpy(coords.astype(np.float32)),
             "weather_short": short_t,
@@ -736,6 +778,11 @@ class CropNet(NonGeoDataset):
             "county": raw["county"],
             "n_grids": int(coords.shape[0]),
         }
+        if self.window_weather is not None:
+            wins, _, _ = weather_windows(short_t, sample["weather_short_mask"], sample["dates"], self.months,
+                                         self.window_before, self.window_after)
+            sample["weather_windows"] = wins[:, :, self._window_idx]
+        return sample
 
     # ------------------------------------------------------------------------------ statistics
     def _subset(self, max_samples: int | None, seed: int) -> list[int]:
@@ -882,6 +929,8 @@ def cropnet_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         s["grid_coords"] = _pad_dim(s["grid_coords"], 0, g_max)
         if grid_mode:
             s["image"] = _pad_dim(_pad_dim(s["image"], 1, g_max), 0, t_max)
+            if "weather_windows" in s:
+                s["weather_windows"] = _pad_dim(_pad_dim(s["weather_windows"], 1, g_max), 0, t_max)
             s["weather_short"] = _pad_dim(s["weather_short"], 2, g_max)
             s["weather_long"] = _pad_dim(s["weather_long"], 2, g_max)
         else:

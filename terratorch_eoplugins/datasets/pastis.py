@@ -32,11 +32,10 @@ from pyproj import Transformer
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
+from terratorch_eoplugins.datasets.common import logger, plot_panels, subsample_fraction
 from terratorch_eoplugins.errors import EODataError, check_array, require_dir, require_file
 
-from terratorch_eoplugins.datasets.common import logger, plot_panels, subsample_fraction
-
-__all__ = ["PASTIS", "PASTIS_CLASSES", "PASTIS_PALETTE", "OFFICIAL_FOLD_ROTATIONS", "PANGAEA_FOLDS"]
+__all__ = ["PASTIS", "PASTIS_CLASSES", "PASTIS_PALETTE", "OFFICIAL_FOLD_ROTATIONS", "PANGAEA_FOLDS", "load_npy"]
 
 PASTIS_CLASSES: tuple[str, ...] = (
     "Background", "Meadow", "Soft winter wheat", "Corn", "Winter barley", "Winter rapeseed", "Spring barley",
@@ -77,7 +76,9 @@ def protocol_folds(protocol: str, fold_rotation: int = 0) -> tuple[tuple[int, ..
     """Return the (train, val, test) folds of a split protocol (``"pangaea"`` or ``"official"``)."""
     if protocol == "pangaea":
         if fold_rotation != 0:
-            raise ValueError(f"fold_rotation={fold_rotation} is invalid for protocol='pangaea' (only rotation 0 exists)")
+            raise ValueError(
+                f"fold_rotation={fold_rotation} is invalid for protocol='pangaea' (only rotation 0 exists)"
+            )
         return PANGAEA_FOLDS
     if protocol == "official":
         if not isinstance(fold_rotation, (int, np.integer)) or not 0 <= fold_rotation < len(OFFICIAL_FOLD_ROTATIONS):
@@ -112,18 +113,70 @@ def _parse_indexed(value: Any, where: str) -> list[Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise EODataError(f"{where}: expected a JSON object {{\"0\": ..., \"1\": ...}}, got {value[:60]!r} ({err})") from None
+            raise EODataError(
+                f'{where}: expected a JSON object {{"0": ..., "1": ...}}, got {value[:60]!r} ({err})'
+            ) from None
     if isinstance(value, Mapping):
         try:
             items = sorted(((int(k), v) for k, v in value.items()), key=lambda kv: kv[0])
         except (TypeError, ValueError):
-            raise EODataError(f"{where}: keys must be integer positions \"0\", \"1\", ..., got {list(value)[:5]}") from None
+            raise EODataError(f'{where}: keys must be integer positions "0", "1", ..., got {list(value)[:5]}') from None
         if [k for k, _ in items] != list(range(len(items))):
             raise EODataError(f"{where}: keys must be the consecutive positions 0..{len(items) - 1}")
         return [v for _, v in items]
     if isinstance(value, (list, tuple, np.ndarray)):
         return list(value)
     raise EODataError(f"{where}: expected an object {{\"0\": ..., \"1\": ...}}, got {type(value).__name__} {value!r}")
+
+
+def load_npy(path: str | Path, what: str) -> np.ndarray:
+    """Memory-map the array of a ``.npy`` file, never unpickling, with errors that name the file and the problem.
+
+    numpy's own errors for broken files are misleading (an empty file: ``EOFError``; a truncated one: "mmap length is
+    greater than file size"; pickled objects: a hint to pass ``allow_pickle=True``, which must never be done with
+    data files). The header is read first, so an empty, foreign, corrupt, truncated or object-dtype file raises
+    :class:`EODataError` naming it and what was expected (``what``: e.g. ``"PASTIS S2 patch"``).
+    """
+    path = Path(path)
+    expected = f"expected a numeric {what} array saved with numpy.save"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size == 0:
+                raise EODataError(f"{path}: empty file (0 bytes); {expected}")
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise EODataError(f"{path}: not a NumPy .npy file (it does not start with the \\x93NUMPY magic "
+                                  f"bytes); {expected}")
+            f.seek(0)
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            except (ValueError, EOFError, SyntaxError, TypeError) as err:
+                raise EODataError(f"{path}: corrupt .npy header ({err}); {expected}") from None
+            offset = f.tell()
+    except OSError as err:
+        raise EODataError(f"{path}: cannot be read ({err.strerror or err}); {expected}") from None
+    if dtype.hasobject:
+        raise EODataError(f"{path}: holds Python objects (dtype {dtype}), which only unpickling could load; pickled "
+                          f"data is never loaded: {expected}")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need:
+        raise EODataError(f"{path}: truncated: {size} bytes, but its header announces a {'x'.join(map(str, shape))} "
+                          f"{dtype} array ({need} bytes); the file was cut off (an interrupted copy or download?)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise EODataError(f"{path}: cannot be read as a .npy array ({type(err).__name__}: {err}); {expected}") from None
+
+
+#: normalised values beyond this many standard deviations mean data and statistics at different scales
+MAX_ABS_Z = 100.0
+#: share of values allowed beyond :data:`MAX_ABS_Z` (isolated outliers) or outside a product's raw range
+_OUTLIER_SHARE = 0.01
+#: plausible raw value ranges: Sentinel-1 backscatter in dB
+_S1_DB_RANGE = (-100.0, 60.0)
 
 
 def _is_missing(value: Any) -> bool:
@@ -197,7 +250,9 @@ class PASTIS(NonGeoDataset):
         mods = [str(m).upper() for m in modalities] if not isinstance(modalities, str) else [modalities.upper()]
         unknown = [m for m in mods if m not in _MODALITY_SPEC]
         if not mods or unknown or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities must be distinct values among {list(_MODALITY_SPEC)}, got {list(modalities)!r}")
+            raise ValueError(
+                f"modalities must be distinct values among {list(_MODALITY_SPEC)}, got {list(modalities)!r}"
+            )
         self.modalities: tuple[str, ...] = tuple(mods)
         if num_dates is not None and (not isinstance(num_dates, (int, np.integer)) or num_dates < 1):
             raise ValueError(f"num_dates must be a positive int or None, got {num_dates!r}")
@@ -239,7 +294,9 @@ class PASTIS(NonGeoDataset):
 
     # ------------------------------------------------------------------ metadata
     def _load_norm(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        path = require_file(self.root / self.norm_filename.format(modality=modality), f"PASTIS {modality} normalisation file")
+        path = require_file(
+            self.root / self.norm_filename.format(modality=modality), f"PASTIS {modality} normalisation file"
+        )
         try:
             stats = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -250,7 +307,9 @@ class PASTIS(NonGeoDataset):
             key = f"Fold_{f}"
             entry = stats.get(key) if isinstance(stats, Mapping) else None
             if not isinstance(entry, Mapping) or "mean" not in entry or "std" not in entry:
-                raise EODataError(f"{path}: missing {key!r} with 'mean' and 'std' (needed for norm folds {list(self.norm_folds)})")
+                raise EODataError(
+                    f"{path}: missing {key!r} with 'mean' and 'std' (needed for norm folds {list(self.norm_folds)})"
+                )
             mean, std = np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64)
             if mean.shape != (n_bands,) or std.shape != (n_bands,):
                 raise EODataError(f"{path}: {key} mean/std must have {n_bands} values ({modality} bands), "
@@ -259,7 +318,9 @@ class PASTIS(NonGeoDataset):
             stds.append(std)
         mean, std = np.mean(means, axis=0), np.mean(stds, axis=0)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-            raise EODataError(f"{path}: mean/std must be finite with std > 0, got mean={mean.tolist()} std={std.tolist()}")
+            raise EODataError(
+                f"{path}: mean/std must be finite with std > 0, got mean={mean.tolist()} std={std.tolist()}"
+            )
         return mean.astype(np.float32), std.astype(np.float32)
 
     def _index_patches(self) -> None:
@@ -299,7 +360,9 @@ class PASTIS(NonGeoDataset):
         geoms = selected.geometry
         bad = geoms.isna() | geoms.is_empty
         if bad.any():
-            raise EODataError(f"{meta_path}: missing/empty geometry for ID_PATCH {selected['ID_PATCH'][bad].tolist()[:10]}")
+            raise EODataError(
+                f"{meta_path}: missing/empty geometry for ID_PATCH {selected['ID_PATCH'][bad].tolist()[:10]}"
+            )
         bounds = geoms.bounds.to_numpy(np.float64)
         centroid = shapely.centroid(geoms.to_numpy())  # planar centroid in the file's CRS
         to_wgs84 = Transformer.from_crs(gdf.crs, "EPSG:4326", always_xy=True)
@@ -373,7 +436,7 @@ class PASTIS(NonGeoDataset):
 
     def _load_modality(self, patch: dict[str, Any], m: str) -> tuple[np.ndarray, np.ndarray]:
         path = require_file(patch["files"][m], f"PASTIS {m} patch file")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path, f"PASTIS {m} patch")
         n_bands = len(_MODALITY_SPEC[m]["bands"])
         check_array(arr, path, ndim=4, shape=(None, n_bands, self.patch_size, self.patch_size),
                     dtypes=_MODALITY_SPEC[m]["dtypes"])
@@ -386,19 +449,32 @@ class PASTIS(NonGeoDataset):
         if not np.all(np.isfinite(x)):
             raise EODataError(f"{path}: contains NaN/inf values; expected finite {m} data")
         x = x.transpose(1, 0, 2, 3)  # C x T x H x W
+        if m != "S2" and np.mean((x < _S1_DB_RANGE[0]) | (x > _S1_DB_RANGE[1])) > _OUTLIER_SHARE:
+            raise EODataError(f"{path}: values outside {list(_S1_DB_RANGE)} (range {float(x.min()):.4g} to "
+                              f"{float(x.max()):.4g}); expected {m} backscatter in dB (VV, VH, VV-VH)")
         if self.normalize:
             mean, std = self.norm_stats[m]
             x = (x - mean[:, None, None, None]) / std[:, None, None, None]
+            share = float(np.mean(np.abs(x) > MAX_ABS_Z))
+            if share > _OUTLIER_SHARE:
+                norm = self.root / self.norm_filename.format(modality=m)
+                raise EODataError(f"{path}: {share:.0%} of the values lie more than {MAX_ABS_Z:g} standard deviations "
+                                  f"from the means of {norm} (largest |z| {float(np.abs(x).max()):.3g}); the patch "
+                                  "and its statistics are at different scales (e.g. reflectance 0-1 vs digital "
+                                  "numbers 0-10000); expected both in the units of the PASTIS-R release")
         return np.ascontiguousarray(x), idx
 
     def _load_mask(self, patch: dict[str, Any]) -> np.ndarray:
         path = require_file(patch["files"]["TARGET"], "PASTIS annotation file")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path, "PASTIS annotation (TARGET)")
         check_array(arr, path, ndim=3, shape=(None, self.patch_size, self.patch_size), dtypes=(np.uint8,))
         sem = np.asarray(arr[0]).astype(np.int64)
         if sem.max() > VOID_CLASS:
             raise EODataError(f"{path}: semantic classes must be in 0..19, found {int(sem.max())}")
         if self.void_label is not None:
+            if (sem == VOID_CLASS).all():
+                raise EODataError(f"{path}: every pixel of channel 0 is the void class ({VOID_CLASS}), so no pixel has "
+                                  "a label (its loss would be NaN); expected crop classes 0..18 in the patch")
             sem[sem == VOID_CLASS] = self.void_label
         return sem
 

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import rasterio
 import rasterio.enums
+import rasterio.errors
 import torch
 from affine import Affine
 from matplotlib.figure import Figure
@@ -35,18 +36,20 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 from torchgeo.datasets import NonGeoDataset
 
+from terratorch_eoplugins.datasets.common import logger
+from terratorch_eoplugins.dates import (
+    days_since_epoch,
+    parse_timestamp,
+)
 from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
 
-from terratorch_eoplugins.datasets.common import logger
-from terratorch_eoplugins.nn.time_encoding import days_since_epoch
-
-__all__ = ["S2_L2A_BANDS", "S2Region", "S2TileSampler", "TileInfo", "scan_region"]
+__all__ = ["S2_L2A_BANDS", "S2Region", "S2TileSampler", "TileInfo", "acquisition_time", "scan_region"]
 
 S2_L2A_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 #: indices of red, green, blue in :data:`S2_L2A_BANDS`
 RGB = (3, 2, 1)
+#: tile file names: the acquisition's ``TIMESTAMP_FORMAT`` stamp (``YYYYMMDDTHHMMSS``) + ``.tif``
 FILE_PATTERN = re.compile(r"^(?P<stamp>\d{8}T\d{6})\.tif$")
-TIMESTAMP_FORMAT = "%Y%m%dT%H%M%S"
 
 
 @dataclasses.dataclass
@@ -102,12 +105,13 @@ class S2Region:
                 "tiles": [t.name for t in self.tiles], "acquisitions": self.acquisition_days}
 
 
-def _parse_stamp(name: str) -> dt.datetime | None:
+def acquisition_time(name: str) -> dt.datetime | None:
+    """Acquisition time of a tile file named ``YYYYMMDDTHHMMSS.tif`` (``None``: another name or an invalid stamp)."""
     m = FILE_PATTERN.match(name)
     if not m:
         return None
     try:
-        return dt.datetime.strptime(m.group("stamp"), TIMESTAMP_FORMAT)
+        return parse_timestamp(m.group("stamp"))
     except ValueError:
         return None
 
@@ -116,11 +120,16 @@ def _scan_tile(folder: Path) -> TileInfo:
     files, skipped = [], 0
     shape = transform = crs = None
     for path in sorted(folder.iterdir()):
-        when = _parse_stamp(path.name) if path.is_file() else None
+        when = acquisition_time(path.name) if path.is_file() else None
         if when is None or "bf" in path.name:
             skipped += path.is_file()
             continue
-        with rasterio.open(path) as src:
+        try:
+            src = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as err:
+            raise EODataError(f"{path}: cannot be read as a GeoTIFF ({err}); expected a {len(S2_L2A_BANDS)}-band "
+                              "Sentinel-2 L2A uint16 acquisition") from None
+        with src:
             if src.count != len(S2_L2A_BANDS):
                 raise EODataError(f"{path}: expected {len(S2_L2A_BANDS)} Sentinel-2 L2A bands {list(S2_L2A_BANDS)}, "
                                   f"got {src.count}")
@@ -172,7 +181,8 @@ def scan_region(root: str | Path, tiles: Sequence[str] | None = None) -> S2Regio
     for t in infos:
         col, row = (t.transform.c - left) / res, (top - t.transform.f) / res
         if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
-            raise EODataError(f"{t.folder}: grid is not aligned with {infos[0].folder} (offset {col:.3f}, {row:.3f} px)")
+            raise EODataError(f"{t.folder}: grid is not aligned with {infos[0].folder} "
+                              f"(offset {col:.3f}, {row:.3f} px)")
         t.offset = (int(round(col)), int(round(row)))
     shape = (int(round((top - bottom) / res)), int(round((right - left) / res)))
     return S2Region(Path(root), crs, Affine(res, 0.0, left, 0.0, -res, top), shape, infos)
@@ -190,7 +200,10 @@ def read_patch(path: Path, col: int, row: int, size: int | tuple[int, int]) -> n
         if col < 0 or row < 0 or col + w > src.width or row + h > src.height:
             raise ValueError(f"window at column {col}, row {row} of size {h}x{w} leaves {path} "
                              f"({src.height}x{src.width})")
-        return src.read(window=Window(col, row, w, h))
+        try:
+            return src.read(window=Window(col, row, w, h))
+        except rasterio.errors.RasterioIOError as err:
+            raise EODataError(f"{path}: pixel data cannot be read ({err}); the file is truncated or corrupt") from None
 
 
 class S2TileSampler(NonGeoDataset):
@@ -251,8 +264,11 @@ class S2TileSampler(NonGeoDataset):
         c, p = self.coarse_cell, self.patch_size
         h, w = tile.shape
         ch, cw = -(-h // c), -(-w // c)
-        with rasterio.open(path) as src:
-            band = src.read(1, out_shape=(ch, cw), resampling=rasterio.enums.Resampling.nearest)
+        try:
+            with rasterio.open(path) as src:
+                band = src.read(1, out_shape=(ch, cw), resampling=rasterio.enums.Resampling.nearest)
+        except rasterio.errors.RasterioIOError as err:
+            raise EODataError(f"{path}: pixel data cannot be read ({err}); the file is truncated or corrupt") from None
         valid = (band != 0).astype(np.int32)
         k = -(-p // c) + 1  # cells a patch may touch
         k = min(k, ch, cw)
@@ -299,9 +315,27 @@ class S2TileSampler(NonGeoDataset):
             dn = read_patch(path, col, row, self.patch_size)
             if (dn == 0).all(axis=0).any() or self._cloudy(path, col, row):
                 continue
+            self._check_scale(dn, path)
             return self._sample(tile, when, dn, col, row)
         raise EODataError(f"{self.region.root}: no valid {self.patch_size}x{self.patch_size} window found in "
                           f"{self.max_tries} draws (no-data everywhere or max_cloud={self.max_cloud} too strict)")
+
+    #: plausible reflectance ``(DN - boa_offset) / quantification`` of data pixels (clouds and snow reach ~1.2)
+    reflectance_range: tuple[float, float] = (-0.05, 1.6)
+
+    def _check_scale(self, dn: np.ndarray, path: Path) -> None:
+        """Raise when most of a window's values map outside :attr:`reflectance_range`: the file is at another scale
+        than ``boa_offset`` / ``quantification`` say (e.g. 8-bit values, or DN without the +1000 L2A offset), which
+        the clip to [0, 1] would otherwise silently turn into a black or white image."""
+        refl = (dn.astype(np.float32) - self.boa_offset) / self.quantification
+        lo, hi = self.reflectance_range
+        share = float(np.mean((refl < lo) | (refl > hi)))
+        if share > 0.5:
+            raise EODataError(f"{path}: {share:.0%} of a {self.patch_size}x{self.patch_size} window's values map to "
+                              f"reflectance outside [{lo:g}, {hi:g}] with boa_offset={self.boa_offset:g}, "
+                              f"quantification={self.quantification:g} (DN median {float(np.median(dn)):.0f}); "
+                              "expected Sentinel-2 L2A digital numbers (reflectance x 10000 + 1000 since processing "
+                              "baseline 04.00): pass the file's boa_offset / quantification")
 
     def _sample(self, tile: TileInfo, when: dt.datetime, dn: np.ndarray, col: int, row: int) -> dict[str, Any]:
         refl = dn_to_reflectance(dn, self.boa_offset, self.quantification)

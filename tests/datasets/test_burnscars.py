@@ -21,8 +21,8 @@ from rasterio.crs import CRS  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 from terratorch_eoplugins.datamodules.burnscars import HLSBurnScarsDataModule  # noqa: E402
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.burnscars import HLSBurnScars, epsg_of  # noqa: E402
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.synthetic.burnscars import (  # noqa: E402
     burn_map,
     burnscars_scenes,

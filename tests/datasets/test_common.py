@@ -7,9 +7,14 @@ import pytest
 import torch
 from torchgeo.datasets import DatasetNotFoundError
 
+from terratorch_eoplugins.datasets.common import (
+    collate_samples,
+    filter_batch_keys,
+    split_indices,
+    split_modalities,
+    subsample_fraction,
+)
 from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, check_array, require_dir
-
-from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys, split_indices, split_modalities, subsample_fraction
 
 
 def test_collate_stacks_equal_tensors_and_keeps_metadata_as_lists() -> None:

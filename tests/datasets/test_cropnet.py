@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from pathlib import Path
@@ -16,18 +17,18 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from terratorch_eoplugins.metrics import cropnet_metrics
 from terratorch_eoplugins.datamodules.cropnet import CropNetDataModule  # noqa: E402
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.cropnet import (  # noqa: E402
     CROPS,
     WEATHER_VARIABLES,
     CropNet,
     cropnet_collate,
 )
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
+from terratorch_eoplugins.metrics import cropnet_metrics
 from terratorch_eoplugins.synthetic.cropnet import write_cropnet  # noqa: E402
 
-# The real header (datasets.md section 3), written out independently of the package's constants.
+# The real header (../shared/reference/datasets.md section 3), written out independently of the package's constants.
 HRRR_HEADER = [
     "Year", "Month", "Day", "Daily/Monthly", "State", "County", "FIPS Code", "Grid Index",
     "Lat (llcrnr)", "Lon (llcrnr)", "Lat (urcrnr)", "Lon (urcrnr)",
@@ -299,6 +300,59 @@ def test_datamodule_normalises_and_filters(tiny: Path) -> None:
     assert {"target", "grid_mask", "time_mask", "fips", "temporal_coords"} <= set(batch)
     assert batch["image"].shape[:2] == (2, 3) and batch["image"].shape[-1] == 8
     assert dm_all.statistics()["image_mean"] == [0.5] * 3  # explicit statistics are kept
+
+
+def test_weather_windows_and_label_statistics_for_ts_fusion(tiny: Path) -> None:
+    """TS fusion's data view: daily weather windows around every image date, padded like the images, and the label
+    statistics with which a model maps standardised predictions back to log yields."""
+    from terratorch_eoplugins.datasets.weather_windows import hrrr_columns, weather_windows
+
+    keys = ["weather_windows", "grid_mask", "time_mask", "label_mean", "label_std"]
+    dm = CropNetDataModule(tiny, crop="Corn", grid_aggregation="none", normalize=False, standardize_label=True,
+                           long_term_years=0, image_size=8, max_dates=3, batch_size=4, batch_keys=keys,
+                           window_weather=("precip", "tavg"), window_before=5, window_after=2)
+    dm.setup("fit")
+    s = dm.train_dataset[0]
+    idx = [WEATHER_VARIABLES.index(c) for c in hrrr_columns(["precip", "tavg"])]
+    assert s["weather_windows"].shape == (len(s["dates"]), s["n_grids"], 2, 8)
+    wins, _, _ = weather_windows(s["weather_short"], s["weather_short_mask"], s["dates"], (4, 5, 6, 7, 8, 9), 5, 2)
+    assert torch.equal(s["weather_windows"], wins[:, :, idx])
+    # independent: a date with 5 days before and 2 after inside the season sits at position 5 of its window
+    season = (dt.date(s["year"], 4, 1), dt.date(s["year"], 9, 30))
+    checked = 0
+    for t, iso in enumerate(s["dates"]):
+        day = dt.date.fromisoformat(iso)
+        if (day - season[0]).days >= 5 and (season[1] - day).days >= 2:
+            for k, when in enumerate([day - dt.timedelta(days=5 - k) for k in range(8)]):
+                value = s["weather_short"][when.month - 4, when.day - 1, 0, idx[1]]
+                assert s["weather_windows"][t, 0, 1, k] == value
+            checked += 1
+    assert checked
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"image", "label", *keys}
+    samples = [dm.val_dataset[i] for i in range(len(batch["label"]))]
+    for b, smp in enumerate(samples):
+        t, g = smp["weather_windows"].shape[:2]
+        assert torch.equal(batch["weather_windows"][b, :t, :g], smp["weather_windows"])
+        assert (batch["weather_windows"][b, :, g:] == 0).all()
+    mean, std = dm.label_statistics()
+    assert torch.equal(batch["label_mean"], mean.expand(len(samples), -1))
+    assert torch.equal(batch["label_std"], std.expand(len(samples), -1))
+    torch.testing.assert_close(batch["label"] * batch["label_std"] + batch["label_mean"],
+                               torch.stack([smp["label"] for smp in samples]))
+    plain = CropNetDataModule(tiny, crop="Corn", grid_aggregation="mean", image_size=8, max_dates=3, batch_size=2,
+                              batch_keys=["label_mean", "label_std"], image_mean=[0.5] * 3, image_std=[0.25] * 3,
+                              weather_mean=[0.0] * 9, weather_std=[1.0] * 9, weather_long_mean=[0.0] * 9,
+                              weather_long_std=[1.0] * 9)
+    plain.setup("validate")
+    batch = next(iter(plain.val_dataloader()))
+    assert (batch["label_mean"] == 0).all() and (batch["label_std"] == 1).all() and "weather_windows" not in batch
+    with pytest.raises(ValueError, match="grid_aggregation"):
+        CropNet(tiny, crop="Corn", grid_aggregation="mean", window_weather=["tavg"])
+    with pytest.raises(ValueError, match="not among weather_variables"):
+        CropNet(tiny, crop="Corn", weather_variables=WEATHER_VARIABLES[:2], window_weather=["precip"])
+    with pytest.raises(ValueError, match="unknown"):
+        CropNet(tiny, crop="Corn", window_weather=["snow"])
 
 
 def test_signal_is_learnable(tiny: Path) -> None:

@@ -16,17 +16,19 @@ from affine import Affine
 from pyproj import Transformer
 
 from terratorch_eoplugins.datamodules.gedi import GEDIDataModule
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
-from terratorch_eoplugins.datasets.gedi import (
+from terratorch_eoplugins.datasets.gedi_chips import (
     CANOPY_HEIGHT_NAME,
     COMPOSITE_BANDS,
     COMPOSITE_NAME,
     GEDIChips,
+)
+from terratorch_eoplugins.datasets.gedi_shots import (
     GEDIShots,
     extract_waveform,
     find_granules,
     process_waveform,
 )
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.synthetic.gedi import write_gedi
 from terratorch_eoplugins.synthetic.world import FOREST, make_world
 
@@ -412,7 +414,9 @@ def test_synthetic_shots_follow_world(synth: Path) -> None:
     np.testing.assert_allclose(ds.shots["pai"], -np.log(1 - ds.shots["cover"]) / 0.5, rtol=1e-4, atol=1e-5)
     w = ds[int(np.argmax(ds.shots["rh98"]))]["waveform"]
     assert w.shape == (256,) and float(w.sum()) == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
-    assert len(GEDIShots(synth, split="train", waveform_length=8)) > len(GEDIShots(synth, split="val", waveform_length=8))
+    assert len(GEDIShots(synth, split="train", waveform_length=8)) > len(
+        GEDIShots(synth, split="val", waveform_length=8)
+    )
 
 
 def test_synthetic_chips_collocation_and_signal(synth: Path) -> None:
@@ -584,7 +588,9 @@ def test_datamodule_dense_train_sparse_eval(synth: Path) -> None:
     with rasterio.open(synth / CANOPY_HEIGHT_NAME) as src:
         dense, nodata = src.read(1), src.nodata
     for i, (r, c) in enumerate(dm.train_dataset.chips):  # every non-water pixel of every training chip is labelled
-        np.testing.assert_array_equal(dm.train_dataset[i]["mask"].numpy() != -1, dense[r : r + 64, c : c + 64] != nodata)
+        np.testing.assert_array_equal(
+            dm.train_dataset[i]["mask"].numpy() != -1, dense[r : r + 64, c : c + 64] != nodata
+        )
     sparse = GEDIChips(synth, split="train", chip_size=64, waveform_length=8)
     assert len(dm.train_dataset) >= len(sparse)  # chips without footprints are kept for dense training
     fig = dm.train_dataset.plot({"image": dm.train_dataset[0]["image"], "mask": dm.train_dataset[0]["mask"]})

@@ -18,11 +18,11 @@ import torch  # noqa: E402
 from pyproj import Transformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pastis_fixtures import PatchSpec, default_patches, small_tree, write_pastis_tree  # noqa: E402
+from pastis_fixtures import default_patches, small_tree, write_pastis_tree  # noqa: E402
 
 from terratorch_eoplugins.datamodules.pastis import PASTISDataModule  # noqa: E402
-from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 from terratorch_eoplugins.datasets.pastis import OFFICIAL_FOLD_ROTATIONS, PASTIS, PASTIS_CLASSES  # noqa: E402
+from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
 
 REF = dt.date(2018, 9, 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,9 +12,9 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from terratorch_eoplugins.datasets.s2_tiles import S2TileSampler, acquisition_time, scan_region
+from terratorch_eoplugins.dates import days_since_epoch
 from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError
-from terratorch_eoplugins.datasets.s2_tiles import S2TileSampler, scan_region
-from terratorch_eoplugins.nn.time_encoding import days_since_epoch
 
 
 def test_region_of_the_tiny_world(tiny_world_dir: Path, tiny_world) -> None:
@@ -73,7 +74,8 @@ def test_overlapping_tiles_form_a_mosaic(tiny_world_dir: Path, tmp_path: Path, t
         t = int(s["time_index"])
         with rasterio.open(files[t]) as src:
             ref = src.read(window=Window(x0, y0, 32, 32))
-        np.testing.assert_allclose(s["image"].numpy(), np.clip((ref.astype(np.float32) - 1000) / 10000, 0, 1), atol=1e-6)
+        expected = np.clip((ref.astype(np.float32) - 1000) / 10000, 0, 1)
+        np.testing.assert_allclose(s["image"].numpy(), expected, atol=1e-6)
     assert full.shape[1:] == region.shape
 
 
@@ -128,3 +130,10 @@ def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
         S2TileSampler(tmp_path / "c", tiles=["T1"], patch_size=64)
     with pytest.raises(ValueError, match="split"):
         S2TileSampler(tmp_path / "c", tiles=["T1"], split="test", patch_size=8)
+
+
+def test_acquisition_time_reads_the_file_name_stamp() -> None:
+    assert acquisition_time("20190707T103031.tif") == dt.datetime(2019, 7, 7, 10, 30, 31)
+    assert acquisition_time("20190707T103031.tif.aux.xml") is None  # not a tile file
+    assert acquisition_time("20191340T000000.tif") is None  # month 13: no valid time
+    assert acquisition_time("notes.txt") is None
