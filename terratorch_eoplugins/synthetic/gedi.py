@@ -3,7 +3,7 @@
 :func:`write_gedi` flies a few GEDI ground tracks (8 beams ~600 m apart across track, one shot
 every ~60 m along track) over the same region as the PASTIS world (:func:`make_world`), simulates
 each shot's received waveform from the world's forest structure, and writes the three products
-of every track in the real on-disk layout (see ``datasets.md`` section 4)::
+of every track in the real on-disk layout (see ``../shared/reference/datasets.md`` section 4)::
 
     out_dir/GEDI/GEDI01_B_<YYYYDDDHHMMSS>_O<orbit>_<sub>_T<track>_02_005_01_V002.h5
     out_dir/GEDI/GEDI02_A_<...>_003_01_V002.h5
@@ -52,8 +52,8 @@ from pyproj import Transformer
 from scipy.interpolate import RegularGridInterpolator
 
 from terratorch_eoplugins.synthetic.world import (
-    GRASSLAND,
     CROPLAND,
+    GRASSLAND,
     S1_BANDS,
     S2_BANDS,
     WATER,
@@ -254,7 +254,8 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
         rx_energy[i] = signal.sum()
 
     lon, lat = to_lonlat.transform(xy[:, 0], xy[:, 1])
-    sens = np.clip((rng.uniform(0.955, 0.985) if power else rng.uniform(0.90, 0.95)) + rng.normal(0, 0.015, n), 0, 0.999)
+    base = rng.uniform(0.955, 0.985) if power else rng.uniform(0.90, 0.95)
+    sens = np.clip(base + rng.normal(0, 0.015, n), 0, 0.999)
     sens[weak] = rng.uniform(0.5, 0.85, weak.sum())
     quality = (~weak & (rng.random(n) > 0.03)).astype(np.uint8)
     degrade = np.zeros(n, np.uint8)

@@ -26,8 +26,9 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 from scipy.ndimage import zoom
 
+from terratorch_eoplugins.dates import TIMESTAMP_FORMAT
 from terratorch_eoplugins.synthetic.burnscars import BurnScene, burn_severity, burnscars_scenes
-from terratorch_eoplugins.synthetic.tiles import TIMESTAMP_FORMAT, reflectance_to_dn
+from terratorch_eoplugins.synthetic.tiles import reflectance_to_dn
 from terratorch_eoplugins.synthetic.world import S2_BANDS, _rng
 
 __all__ = ["BURN_TILES_DIR", "burn_region_scenes", "write_lianet_burn_tiles"]
@@ -82,9 +83,9 @@ def write_lianet_burn_tiles(out_dir: str | Path, size: str = "tiny", seed: int =
         world.__dict__["cloudy_dates"] = np.zeros(len(times), bool)
         severity = burn_severity(s, world)
         r0, c0 = _burn_window(s, severity, window)
-        x0, y0 = s.transform * (c0, r0)
-        parts.append((s, world, severity[r0:r0 + window, c0:c0 + window], (slice(r0, r0 + window), slice(c0, c0 + window)),
-                      (x0, y0)))
+        x0, y0 = s.transform @ (c0, r0)
+        rows, cols = slice(r0, r0 + window), slice(c0, c0 + window)
+        parts.append((s, world, severity[rows, cols], (rows, cols), (x0, y0)))
     side = window * s.resolution
     left = min(p[4][0] for p in parts)
     top = max(p[4][1] for p in parts)
@@ -111,7 +112,8 @@ def write_lianet_burn_tiles(out_dir: str | Path, size: str = "tiny", seed: int =
                 fine = zoom(refl, (1, factor, factor), order=1, mode="nearest", grid_mode=True)
                 col = int(round((x0 - left) / RESOLUTION))
                 row = int(round((top - y0) / RESOLUTION))
-                dst.write(reflectance_to_dn(np.clip(fine, 0, 1.5)), window=Window(col, row, fine.shape[2], fine.shape[1]))
+                dst.write(reflectance_to_dn(np.clip(fine, 0, 1.5)),
+                          window=Window(col, row, fine.shape[2], fine.shape[1]))
             dst.descriptions = S2_BANDS
             dst.update_tags(ACQUISITION_TIME=when.isoformat(), PROCESSING_BASELINE="04.00", BOA_ADD_OFFSET="-1000",
                             BOA_QUANTIFICATION_VALUE="10000", TILE_ID=tile)

@@ -5,10 +5,12 @@ Writes exactly the layout of the public PASTIS-R archive (zenodo 5735646)::
     PASTIS-R/metadata.geojson                  EPSG:2154 patch polygons, ID_PATCH, Fold, TILE, N_Parcel, Parcel_Cover,
                                                dates-S2/S1A/S1D as {"0": YYYYMMDD, ...}
     PASTIS-R/NORM_{S2,S1A,S1D}_patch.json      {"Fold_k": {"mean": [C], "std": [C]}}
-    PASTIS-R/DATA_S2/S2_{ID}.npy               T x 10 x 128 x 128 int16 (reflectance * 1e4; the 2018-19 archive has no L2A offset)
+    PASTIS-R/DATA_S2/S2_{ID}.npy               T x 10 x 128 x 128 int16 (reflectance * 1e4; the 2018-19 archive
+                                               has no L2A offset)
     PASTIS-R/DATA_S1A/S1A_{ID}.npy             T' x 3 x 128 x 128 float32 (VV, VH, VV-VH in dB)
     PASTIS-R/DATA_S1D/S1D_{ID}.npy             T'' x 3 x 128 x 128 float32
-    PASTIS-R/ANNOTATIONS/TARGET_{ID}.npy       3 x 128 x 128 uint8 (0: semantic class, 1: parcel index in patch, 2: void flag)
+    PASTIS-R/ANNOTATIONS/TARGET_{ID}.npy       3 x 128 x 128 uint8 (0: semantic class, 1: parcel index in patch,
+                                               2: void flag)
 
 plus one synthetic-only property, ``cloudcover-S2`` (fraction of cloudy pixels per date, same keying as
 ``dates-S2``), which real loaders ignore and which cloud-robustness evaluations use. As in the real
@@ -138,7 +140,8 @@ class PastisWriter:
         for name, per_patch in series.items():
             stats = {}
             for fold in range(1, 6):
-                arrays = [np.stack(per_patch[k]).astype(np.float64) for k in range(len(self.windows)) if self.folds[k] == fold]
+                arrays = [np.stack(per_patch[k]).astype(np.float64) for k in range(len(self.windows))
+                          if self.folds[k] == fold]
                 if not arrays:
                     continue
                 # Pooled over dates and pixels of all patches of the fold, per channel.

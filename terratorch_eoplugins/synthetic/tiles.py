@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from terratorch_eoplugins.dates import TIMESTAMP_FORMAT
 from terratorch_eoplugins.synthetic.world import S1_BANDS, S2_BANDS, S2_L2A_OFFSET, World
-
-TIMESTAMP_FORMAT = "%Y%m%dT%H%M%S"
 
 
 def reflectance_to_dn(refl: np.ndarray) -> np.ndarray:

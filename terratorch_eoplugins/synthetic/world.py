@@ -22,6 +22,8 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
+from terratorch_eoplugins.dates import to_datetime
+
 #: Sentinel-2 L2A bands in file order (B10 cirrus is not part of L2A).
 S2_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 #: Central wavelengths (micrometres) of :data:`S2_BANDS`, e.g. for DOFA's wavelength-conditioned embedding.
@@ -147,14 +149,6 @@ def _double_logistic(doy: np.ndarray | float, sos: np.ndarray, eos: np.ndarray, 
     up = 1.0 / (1.0 + np.exp(-rate * (d - sos - 20)))
     down = 1.0 / (1.0 + np.exp(rate * (d - e + 20)))
     return (up * down).astype(np.float32)
-
-
-def to_datetime(d: str | dt.date) -> dt.datetime:
-    if isinstance(d, dt.datetime):
-        return d
-    if isinstance(d, dt.date):
-        return dt.datetime(d.year, d.month, d.day)
-    return dt.datetime.fromisoformat(d)
 
 
 class World:
@@ -290,7 +284,8 @@ class World:
     def _window(self, arr: np.ndarray, window: tuple[slice, slice] | None) -> np.ndarray:
         return arr if window is None else arr[..., window[0], window[1]]
 
-    def green_fraction(self, when: dt.datetime | dt.date | str, window: tuple[slice, slice] | None = None) -> np.ndarray:
+    def green_fraction(self, when: dt.datetime | dt.date | str,
+                       window: tuple[slice, slice] | None = None) -> np.ndarray:
         """Fraction of green vegetation per pixel on a date: the phenological signal of each class."""
         when = to_datetime(when)
         doy = float(when.timetuple().tm_yday)
@@ -341,7 +336,8 @@ class World:
         np.put_along_axis(veg, tweak_band[None], np.take_along_axis(veg, tweak_band[None], 0) + tweak[None], 0)
         refl = (1 - g)[None] * soil + g[None] * veg
         conifer = self._window(self._conifer, window)
-        refl = np.where((lc == FOREST)[None] & conifer[None], (1 - g)[None] * soil * 0.6 + g[None] * _CONIFER[:, None, None], refl)
+        needles = (1 - g)[None] * soil * 0.6 + g[None] * _CONIFER[:, None, None]
+        refl = np.where((lc == FOREST)[None] & conifer[None], needles, refl)
         refl = np.where((lc == WATER)[None], _WATER[:, None, None], refl)
         refl = np.where((lc == URBAN)[None], _URBAN[:, None, None], refl)
         refl = refl * self._window(self._brightness, window)[None]
@@ -373,7 +369,8 @@ class World:
         vh = np.where(lc == WATER, -30.0, vh)
         if orbit == "asc":  # slightly different incidence geometry
             vv, vh = vv - 0.7, vh - 0.5
-        rng = _rng(self.spec.seed, "speckle", orbit, index, None if window is None else (window[0].start, window[1].start))
+        corner = None if window is None else (window[0].start, window[1].start)
+        rng = _rng(self.spec.seed, "speckle", orbit, index, corner)
         enl = 4.4  # equivalent number of looks of multilooked GRD
         speckle = 10 * np.log10(rng.gamma(enl, 1 / enl, (2, *vv.shape)))
         return (np.stack([vv, vh]) + speckle).astype(np.float32)

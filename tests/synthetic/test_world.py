@@ -13,13 +13,19 @@ import pytest
 import rasterio
 from pyproj import Transformer
 
+from terratorch_eoplugins.datasets.pastis import VOID_CLASS
 from terratorch_eoplugins.synthetic import write_world
 from terratorch_eoplugins.synthetic.pastis import MAX_PATCH_CLOUD, PASTIS_S2_INDEX, PATCH
 from terratorch_eoplugins.synthetic.tiles import TIMESTAMP_FORMAT, reflectance_to_dn
 from terratorch_eoplugins.synthetic.world import (
-    FOREST, S2_BANDS, S2_L2A_OFFSET, WorldSpec, make_world, smooth_noise, _rng,
+    FOREST,
+    S2_BANDS,
+    S2_L2A_OFFSET,
+    WorldSpec,
+    _rng,
+    make_world,
+    smooth_noise,
 )
-from terratorch_eoplugins.datasets.pastis import VOID_CLASS
 
 
 def test_same_seed_same_world_other_seed_other_world() -> None:
@@ -78,7 +84,7 @@ def test_clouds_only_on_cloudy_dates_and_brighten_the_scene(tiny_world) -> None:
 def test_radar_backscatter_grows_with_vegetation_volume(tiny_world) -> None:
     """Summer VH over corn (tall, structure 1.0) exceeds meadow (0.35); forest VH grows with canopy height."""
     w = tiny_world
-    i = int(np.argmin([abs((d.month - 7.5)) for d in w.s1_dates("desc")]))
+    i = int(np.argmin([abs(d.month - 7.5) for d in w.s1_dates("desc")]))
     vh = w.s1_backscatter(i, "desc")[1]
     corn, meadow = w.crop_class == 3, w.crop_class == 1
     assert vh[corn].mean() > vh[meadow].mean() + 1.0
@@ -196,3 +202,104 @@ def test_console_command_writes_the_world(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "PASTIS-R" / "metadata.geojson").is_file()
     assert "pastis" in proc.stdout
+
+
+# ---------------------------------------------------------------- files are never lost
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "world.json").read_text())
+
+
+def test_refuses_a_folder_that_is_not_empty_and_has_no_manifest(tmp_path: Path) -> None:
+    from terratorch_eoplugins.synthetic import SynthOutputError
+
+    (tmp_path / "thesis.tex").write_text("years of work")
+    (tmp_path / "figures").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(SynthOutputError, match=r"not empty \(figures, thesis.tex\).*no world.json"):
+            write_world(tmp_path, size="tiny", products=["pastis"], overwrite=overwrite)
+    assert _files(tmp_path) == {"thesis.tex"} and (tmp_path / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "figures").rmdir()
+    (tmp_path / "thesis.tex").unlink()
+    (tmp_path / "world.json").write_text('{"title": "my notes"}')  # a world.json that is not a manifest
+    with pytest.raises(SynthOutputError, match="world.json: not a manifest of `eoplugins synth`"):
+        write_world(tmp_path, size="tiny", products=["pastis"], overwrite=True)
+    assert (tmp_path / "world.json").read_text() == '{"title": "my notes"}'
+
+
+def test_manifest_records_every_file_and_overwrite_replaces_only_those(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    write_world(out, size="tiny", products=["pastis"])
+    recorded = {f for fs in _manifest(out)["files"].values() for f in fs}
+    assert recorded == _files(out) - {"world.json"} and any(f.startswith("PASTIS-R/DATA_S2/") for f in recorded)
+    # user files beside and inside the world survive an overwrite; the world's files are rewritten
+    (out / "notes.txt").write_text("mine")
+    (out / "PASTIS-R" / "my_labels.csv").write_text("mine too")
+    target = out / "PASTIS-R" / "metadata.geojson"
+    target.write_text("corrupted by hand")
+    write_world(out, size="tiny", products=["pastis"])  # same world, no overwrite: nothing rewritten
+    assert target.read_text() == "corrupted by hand"
+    write_world(out, size="tiny", products=["pastis"], overwrite=True)
+    assert target.read_text() != "corrupted by hand"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "PASTIS-R" / "my_labels.csv").read_text() == "mine too"
+    assert {f for fs in _manifest(out)["files"].values() for f in fs} == recorded
+    assert not [p for p in out.iterdir() if p.name.startswith(".synth-staging")]
+
+
+def test_another_seed_refuses_unless_told_then_removes_the_old_world_first(tmp_path: Path) -> None:
+    from terratorch_eoplugins.synthetic import SynthOutputError
+
+    write_world(tmp_path, size="tiny", seed=0, products=["pastis", "burnscars"])
+    old = _files(tmp_path)
+    (tmp_path / "hls_burn_scars" / "README.txt").write_text("mine")
+    with pytest.raises(SynthOutputError, match=r"holds another synthetic world \(world.json: size='tiny', seed=0, "
+                                               r"\d+ files\); asked for size='tiny', seed=1.*overwrite"):
+        write_world(tmp_path, size="tiny", seed=1, products=["pastis"])
+    assert _files(tmp_path) == old | {"hls_burn_scars/README.txt"} and _manifest(tmp_path)["seed"] == 0
+    write_world(tmp_path, size="tiny", seed=1, products=["pastis"], overwrite=True)
+    m = _manifest(tmp_path)
+    assert m["seed"] == 1 and set(m["products"]) == {"pastis"} and set(m["files"]) == {"pastis"}
+    # seed 0's BurnScars scenes are gone (the folders they emptied too), the user's file in their folder is not
+    assert _files(tmp_path) == set(m["files"]["pastis"]) | {"world.json", "hls_burn_scars/README.txt"}
+    assert not (tmp_path / "hls_burn_scars" / "training").exists()
+
+
+def test_a_file_the_manifest_does_not_record_blocks_the_write_and_nothing_changes(tmp_path: Path) -> None:
+    from terratorch_eoplugins.synthetic import SynthOutputError
+
+    write_world(tmp_path, size="tiny", products=["pastis"])
+    m = _manifest(tmp_path)
+    foreign = "PASTIS-R/metadata.geojson"
+    m["files"]["pastis"].remove(foreign)  # as if the user had put their own file where the world writes one
+    (tmp_path / "world.json").write_text(json.dumps(m))
+    (tmp_path / foreign).write_text("a hand-made metadata file")
+    before = {f: (tmp_path / f).stat().st_mtime_ns for f in _files(tmp_path)}
+    with pytest.raises(SynthOutputError,
+                       match="1 file.*does not record.*PASTIS-R/metadata.geojson.*nothing was changed"):
+        write_world(tmp_path, size="tiny", products=["pastis"], overwrite=True)
+    assert {f: (tmp_path / f).stat().st_mtime_ns for f in _files(tmp_path)} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".synth-staging")]
+
+
+def test_missing_products_are_added_to_an_existing_world(tmp_path: Path) -> None:
+    write_world(tmp_path, size="tiny", products=["pastis"])
+    pastis_mtime = (tmp_path / "PASTIS-R" / "metadata.geojson").stat().st_mtime_ns
+    got = write_world(tmp_path, size="tiny", products=["pastis", "burnscars"])
+    assert set(got) == {"pastis", "burnscars"} and (got["burnscars"] / "training").is_dir()
+    assert (tmp_path / "PASTIS-R" / "metadata.geojson").stat().st_mtime_ns == pastis_mtime  # not rewritten
+    m = _manifest(tmp_path)
+    assert set(m["files"]) == {"pastis", "burnscars"}
+    assert {f for fs in m["files"].values() for f in fs} == _files(tmp_path) - {"world.json"}
+
+
+def test_console_command_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "terratorch_eoplugins.cli", "synth", "--out", str(tmp_path),
+                           "--size", "tiny", "--products", "pastis", "--overwrite"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "keep.txt" in proc.stderr and "no world.json" in proc.stderr
+    assert proc.stderr.startswith("eoplugins synth: ") and "Traceback" not in proc.stderr
+    assert _files(tmp_path) == {"keep.txt"}
