@@ -20,6 +20,8 @@ import torch
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.errors import check_model_input
+
 REGISTERED = {"backbone": ["unet_classic", "micro_unet"]}
 
 
@@ -72,6 +74,8 @@ class EOUNet(nn.Module):
             cout = widths[i - 1] // 2 if i > 1 else widths[0]
             self.ups.append(_Up(widths[i], cout))
         self.out_channels = [widths[0]]
+        #: the smallest height and width the network takes: each of the ``depth`` poolings halves the map
+        self.min_input_size = 2**depth
 
     def forward(self, x: Tensor, **kwargs: Any) -> list[Tensor]:
         if x.ndim == 5:
@@ -80,7 +84,10 @@ class EOUNet(nn.Module):
             b, c, t, h, w = x.shape
             x = x.reshape(b, c * t, h, w)
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"EOUNet expects {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"EOUNet expects {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        check_model_input(x, f"EOUNet (depth {len(self.downs)})", min_size=self.min_input_size)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))

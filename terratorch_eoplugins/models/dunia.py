@@ -22,10 +22,12 @@ Pretraining container :class:`DUNIAPretrainModel`: ``image`` (:class:`DUNIA`), `
 per ``O^T_d``, section 3.3) and ``waveform`` (:class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder`;
 its :meth:`embed` gives ``O^W``: channel mean of ``z_e`` + linear to ``D_p``).
 
-terratorch: backbones ``dunia_base`` / ``dunia_tiny`` (``out_channels = [D_p, D_p]``, ``forward`` returns
-``[O^V, O^H]``; ``pretrained=True`` needs a local ``ckpt_path``; ``lowshot=True`` freezes everything but the
-last NA layer of each decoder, section 4.1.2) and the decoder ``dunia_lowshot_head`` (first of the two 1x1
-convolutions of the low-shot head; terratorch's task head adds the second).
+terratorch: backbones ``dunia_base`` / ``dunia_tiny`` (registered factories returning :class:`DUNIABackbone`;
+``out_channels = [D_p, D_p]``, ``forward`` returns ``[O^V, O^H]``; ``pretrained=True`` needs a local
+``ckpt_path``; ``lowshot=True`` freezes everything but the last NA layer of each decoder, section 4.1.2) and the
+decoder ``dunia_lowshot_head`` (first of the two 1x1 convolutions of the low-shot head; terratorch's task head
+adds the second). The bare image model of a variant is :func:`build_dunia`; :func:`prepare_dunia_input` turns a
+batch ``image`` (series, modality dict, other band order) into DUNIA's ``[B, C, H, W]`` input.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models._checkpoint import read_state_dict
 from terratorch_eoplugins.nn.convlstm import MultiTemporalAE
 from terratorch_eoplugins.nn.dpt import DPTDecoder
@@ -48,8 +50,8 @@ from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention
 
 __all__ = [
     "DUNIA", "DUNIABackbone", "DUNIALowShotHead", "DUNIAPretrainModel", "DUNIA_VARIANTS", "GeGLUFeedForward",
-    "ProjectionHead", "TransformerLayer", "dunia_base", "dunia_lowshot_head", "dunia_tiny", "load_dunia_checkpoint",
-    "load_dunia_pretrain_model", "sincos_2d",
+    "ProjectionHead", "TEMPORAL_REDUCTIONS", "TransformerLayer", "build_dunia", "dunia_base", "dunia_lowshot_head",
+    "dunia_tiny", "load_dunia_checkpoint", "load_dunia_pretrain_model", "prepare_dunia_input", "sincos_2d",
 ]
 
 logger = logging.getLogger("terratorch_eoplugins.models.dunia")
@@ -188,6 +190,7 @@ class DUNIA(nn.Module):
         if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
             raise ValueError(f"DUNIA: input height and width must be positive multiples of the patch size "
                              f"{self.patch_size}, got {h} x {w}")
+        check_model_input(image, "DUNIA", min_size=self.patch_size)
 
     def encode(self, image: Tensor) -> list[Tensor]:
         """Token maps ``[B, D, H/P, W/P]`` after each transformer block (shallow to deep)."""
@@ -248,14 +251,78 @@ def _variant_kwargs(variant: str, **kw: Any) -> dict[str, Any]:
     return cfg
 
 
-def dunia_base(**kw: Any) -> DUNIA:
-    """The paper's DUNIA (appendix E.1); keyword arguments override :data:`DUNIA_VARIANTS` ``["base"]``."""
-    return DUNIA(**_variant_kwargs("base", **kw), variant="base")
+def build_dunia(variant: str = "base", pretraining_heads: bool = True, **overrides: Any) -> DUNIA:
+    """The bare :class:`DUNIA` image model of ``variant`` (:data:`DUNIA_VARIANTS`: ``"base"`` = the paper, appendix
+    E.1; ``"tiny"`` = CPU-sized, ``D = 64``, 4 layers, ``D_p = 16``, NA window 7), randomly initialised;
+    ``overrides`` change its architecture. The terratorch backbones are :func:`dunia_base` / :func:`dunia_tiny`."""
+    return DUNIA(**_variant_kwargs(variant, **overrides), pretraining_heads=pretraining_heads, variant=variant)
 
 
-def dunia_tiny(**kw: Any) -> DUNIA:
-    """CPU-sized DUNIA for tests and the synthetic world (``D = 64``, 4 layers, ``D_p = 16``, NA window 7)."""
-    return DUNIA(**_variant_kwargs("tiny", **kw), variant="tiny")
+# ======================================================================================== input preparation
+#: the temporal reductions :func:`prepare_dunia_input` offers for ``[B, C, T, H, W]`` series
+TEMPORAL_REDUCTIONS = ("median", "mean", "first", "last")
+
+
+def _reduce_time(x: Tensor, how: str | None, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.ndim == 4:
+        return x
+    if x.ndim != 5:
+        raise ValueError(f"{name}: expected [B, C, H, W] or [B, C, T, H, W], got {tuple(x.shape)}")
+    if how is None:
+        raise ValueError(f"DUNIA takes one composite image [B, C, H, W]; got a series {tuple(x.shape)} for {name}: "
+                         "set temporal_reduce: median (or mean)")
+    if x.shape[2] == 0:
+        raise ValueError(f"{name}: the series has T = 0 dates")
+    if how == "median":
+        return x.median(dim=2).values
+    if how == "mean":
+        return x.mean(dim=2)
+    if how == "first":
+        return x[:, :, 0]
+    if how == "last":
+        return x[:, :, -1]
+    raise ValueError(f"temporal_reduce must be one of {TEMPORAL_REDUCTIONS} (or None), got {how!r}")
+
+
+def prepare_dunia_input(image: Tensor | Mapping[str, Tensor], temporal_reduce: str | None = "median",
+                        input_modalities: Sequence[str] | None = None,
+                        input_channels: Sequence[int | None] | None = None) -> Tensor:
+    """One ``[B, C, H, W]`` DUNIA input from a batch ``image`` (DUNIA takes one composite image, section 3.1).
+
+    Args:
+        image: ``[B, C, H, W]``, a ``[B, C, T, H, W]`` series, or a dict of modalities of either shape.
+        temporal_reduce: reduction of a series over time (:data:`TEMPORAL_REDUCTIONS`; ``"median"`` = the paper's
+            per-pixel median composite); ``None`` rejects series.
+        input_modalities: order in which the modalities of a dict are concatenated along channels after their own
+            temporal reduction (their dates may differ); ``None``: the dict's order.
+        input_channels: the input channel giving each DUNIA band, in DUNIA's band order; ``-1`` or ``None``
+            inserts a zero channel (the band's mean after standardisation) for a band the dataset lacks.
+            ``None``: the channels as they are.
+    """
+    if isinstance(image, Mapping):
+        names = list(input_modalities) if input_modalities is not None else list(image)
+        missing = [m for m in names if m not in image]
+        if missing:
+            raise ValueError(f"batch['image'] lacks modalities {missing}; got {list(image)}")
+        parts = [_reduce_time(image[m], temporal_reduce, f"batch['image'][{m!r}]") for m in names]
+        if len({(p.shape[0], *p.shape[-2:]) for p in parts}) != 1:
+            shapes = {m: tuple(p.shape) for m, p in zip(names, parts)}
+            raise ValueError(f"modalities {names} must share B, H and W after the temporal reduction, got {shapes}")
+        x = torch.cat(parts, dim=1)
+    elif isinstance(image, Tensor):
+        x = _reduce_time(image, temporal_reduce, "batch['image']")
+    else:
+        raise ValueError(f"batch['image'] must be a tensor or a dict of tensors, got {type(image).__name__}")
+    if input_channels is not None:
+        idx = [-1 if i is None else int(i) for i in input_channels]
+        if any(i < -1 or i >= x.shape[1] for i in idx):
+            raise ValueError(f"input channels {list(input_channels)} out of range for an input with {x.shape[1]} "
+                             "channels (-1 or null inserts a zero channel)")
+        zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        x = torch.cat([x[:, i:i + 1] if i >= 0 else zero for i in idx], dim=1)
+    return x
 
 
 # ======================================================================================== pretraining container
@@ -277,8 +344,8 @@ class DUNIAPretrainModel(nn.Module):
         super().__init__()
         from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
 
-        cfg = _variant_kwargs(variant, **dict(image_kwargs or {}))
-        self.image = DUNIA(**cfg, variant=variant)
+        self.image = build_dunia(variant, **dict(image_kwargs or {}))
+        cfg = self.image.config
         dp, levels = self.image.out_dim, self.image.num_levels
         self.temporal = MultiTemporalAE(temporal_channels, dp, levels, lstm_layers)
         self.temporal_na = nn.Sequential(*[NeighborhoodAttention2D(dp, cfg["na_heads"], cfg["na_kernel"])
@@ -328,8 +395,7 @@ def load_dunia_checkpoint(path: str | Path, variant: str = "base", pretraining_h
     ck_variant, ck_overrides = _checkpoint_variant(state, hparams)
     if ck_variant is not None and ck_variant != variant:
         raise ValueError(f"{path}: checkpoint of DUNIA variant {ck_variant!r}, but variant={variant!r} was requested")
-    cfg = _variant_kwargs(variant, **{**ck_overrides, **overrides})
-    model = DUNIA(**cfg, pretraining_heads=True, variant=variant)
+    model = build_dunia(variant, pretraining_heads=True, **{**ck_overrides, **overrides})
     img = _image_state(state)
     if not any(k.startswith("patch_embed.") for k in img):
         raise ValueError(f"{path}: no DUNIA image-model weights (expected keys 'model.image.patch_embed.*', "
@@ -387,8 +453,8 @@ class DUNIABackbone(nn.Module):
         lowshot: freeze everything but the last NA layer of each decoder (section 4.1.2); frozen modules stay in
             eval mode (BatchNorm statistics and dropout frozen too).
         band_indices: DUNIA band ``j`` (of ``B01..B12, VV, VH``) is read from input channel ``band_indices[j]``;
-            ``None`` entries are filled with zeros (the standardised mean: a band the dataset lacks). ``None``
-            keeps the input as is.
+            ``None`` (or ``-1``) entries are filled with zeros (the standardised mean: a band the dataset lacks).
+            ``None`` keeps the input as is.
         temporal_reduce: ``"median"`` or ``"mean"`` over time of ``[B, C, T, H, W]`` inputs (DUNIA takes one
             composite image, section 3.1: a temporal median composite of a series); ``None`` rejects 5-D input.
         modalities: order in which a dict input ``{modality: [B, C_m, (T_m,) H, W]}`` is concatenated along
@@ -404,11 +470,11 @@ class DUNIABackbone(nn.Module):
         if ckpt_path is not None:
             self.model = load_dunia_checkpoint(ckpt_path, variant, **kwargs)
         else:
-            self.model = DUNIA(**_variant_kwargs(variant, **kwargs), pretraining_heads=False, variant=variant)
+            self.model = build_dunia(variant, pretraining_heads=False, **kwargs)
         self.band_indices = None if band_indices is None else [None if i is None else int(i) for i in band_indices]
         if self.band_indices is not None and len(self.band_indices) != self.model.in_channels:
-            raise ValueError(f"band_indices must name a source channel (or null) for each of the {self.model.in_channels} "
-                             f"DUNIA bands, got {len(self.band_indices)} entries")
+            raise ValueError(f"band_indices must name a source channel (or null) for each of the "
+                             f"{self.model.in_channels} DUNIA bands, got {len(self.band_indices)} entries")
         if temporal_reduce not in (None, "median", "mean"):
             raise ValueError(f"temporal_reduce must be None, 'median' or 'mean', got {temporal_reduce!r}")
         self.temporal_reduce = temporal_reduce
@@ -429,39 +495,17 @@ class DUNIABackbone(nn.Module):
             self.model.decoder_h.na[-1].train()
         return self
 
-    def _reduce(self, x: Tensor, name: str) -> Tensor:
-        if x.ndim == 5:
-            if self.temporal_reduce is None:
-                raise ValueError(f"DUNIA takes one composite image [B, C, H, W]; got a series {tuple(x.shape)} for "
-                                 f"{name}: set temporal_reduce: median (or mean)")
-            return x.median(2).values if self.temporal_reduce == "median" else x.mean(2)
-        if x.ndim != 4:
-            raise ValueError(f"DUNIA expects [B, C, H, W] (or [B, C, T, H, W] with temporal_reduce), got "
-                             f"{tuple(x.shape)} for {name}")
-        return x
-
     def prepare_input(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Temporal reduction, modality concatenation and band mapping of a batch's ``image``."""
-        if isinstance(x, Mapping):
-            if self.modalities is None:
-                raise ValueError(f"DUNIA got a dict of modalities {list(x)}: set modalities (their channel "
-                                 "concatenation order), e.g. [S2, S1A]")
-            missing = [m for m in self.modalities if m not in x]
-            if missing:
-                raise ValueError(f"DUNIA: input lacks modalities {missing}; got {list(x)}")
-            x = torch.cat([self._reduce(x[m], m) for m in self.modalities], 1)
-        else:
-            x = self._reduce(x, "image")
-        if self.band_indices is not None:
-            used = [i for i in self.band_indices if i is not None]
-            if used and max(used) >= x.shape[1]:
-                raise ValueError(f"band_indices {self.band_indices} out of range for {x.shape[1]} input channels")
-            zeros = x.new_zeros(x.shape[0], 1, *x.shape[2:])
-            x = torch.cat([zeros if i is None else x[:, i:i + 1] for i in self.band_indices], 1)
-        return x
+        """Temporal reduction, modality concatenation and band mapping of a batch's ``image``
+        (:func:`prepare_dunia_input` with this backbone's ``temporal_reduce``, ``modalities`` and ``band_indices``)."""
+        if isinstance(x, Mapping) and self.modalities is None:
+            raise ValueError(f"DUNIA got a dict of modalities {list(x)}: set modalities (their channel "
+                             "concatenation order), e.g. [S2, S1A]")
+        return prepare_dunia_input(x, self.temporal_reduce, self.modalities, self.band_indices)
 
     def forward(self, x: Tensor | Mapping[str, Tensor], **kwargs: Any) -> list[Tensor]:
-        """``[B, C, H, W]`` (see :meth:`prepare_input`) -> ``[O^V, O^H]``; extra batch keys in ``kwargs`` are ignored."""
+        """``[B, C, H, W]`` (see :meth:`prepare_input`) -> ``[O^V, O^H]``; extra batch keys in ``kwargs`` are
+        ignored."""
         x = self.prepare_input(x)
         out = self.model.forward_embeddings(x)
         return [out["vertical"], out["horizontal"]]
@@ -476,20 +520,20 @@ def _backbone(variant: str, pretrained: bool, ckpt_path: str | None, kwargs: dic
     return DUNIABackbone(variant, ckpt_path if pretrained or ckpt_path else None, **kwargs)
 
 
-def _register_backbone(variant: str) -> Any:
-    def build(pretrained: bool = False, ckpt_path: str | None = None, lowshot: bool = False,
-              **kwargs: Any) -> DUNIABackbone:
-        return _backbone(variant, pretrained, ckpt_path, {"lowshot": lowshot, **kwargs})
-
-    build.__name__ = build.__qualname__ = f"dunia_{variant}"
-    build.__doc__ = (f"terratorch backbone ``dunia_{variant}``: :class:`DUNIABackbone` returning ``[O^V, O^H]``; "
-                     "``ckpt_path`` = local DUNIA pretraining checkpoint, ``lowshot`` = low-shot freezing.")
-    return TERRATORCH_BACKBONE_REGISTRY.register(build)
+@TERRATORCH_BACKBONE_REGISTRY.register
+def dunia_base(pretrained: bool = False, ckpt_path: str | None = None, lowshot: bool = False,
+               **kwargs: Any) -> DUNIABackbone:
+    """terratorch backbone ``dunia_base`` (the paper's DUNIA, appendix E.1): :class:`DUNIABackbone` returning
+    ``[O^V, O^H]``; ``ckpt_path`` = local DUNIA pretraining checkpoint, ``lowshot`` = low-shot freezing."""
+    return _backbone("base", pretrained, ckpt_path, {"lowshot": lowshot, **kwargs})
 
 
-#: the registered terratorch backbone constructors (the module-level ``dunia_base``/``dunia_tiny`` build bare
-#: :class:`DUNIA` models; these build :class:`DUNIABackbone`)
-BACKBONES: dict[str, Any] = {f"dunia_{v}": _register_backbone(v) for v in ("base", "tiny")}
+@TERRATORCH_BACKBONE_REGISTRY.register
+def dunia_tiny(pretrained: bool = False, ckpt_path: str | None = None, lowshot: bool = False,
+               **kwargs: Any) -> DUNIABackbone:
+    """terratorch backbone ``dunia_tiny`` (CPU-sized DUNIA for tests and the synthetic world):
+    :class:`DUNIABackbone` returning ``[O^V, O^H]``; ``ckpt_path`` and ``lowshot`` as in :func:`dunia_base`."""
+    return _backbone("tiny", pretrained, ckpt_path, {"lowshot": lowshot, **kwargs})
 
 
 class DUNIALowShotHead(nn.Module):
@@ -501,7 +545,8 @@ class DUNIALowShotHead(nn.Module):
     (concatenated).
     """
 
-    def __init__(self, embed_dim: Sequence[int], embedding: Literal["vertical", "horizontal", "both"] = "horizontal") -> None:
+    def __init__(self, embed_dim: Sequence[int],
+                 embedding: Literal["vertical", "horizontal", "both"] = "horizontal") -> None:
         super().__init__()
         if len(embed_dim) < 2:
             raise ValueError(f"dunia_lowshot_head expects the DUNIA backbone's embeddings [O^V, O^H], got channels "

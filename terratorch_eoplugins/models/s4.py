@@ -4,7 +4,8 @@ Pieces (paper section 4):
 
 * **Encoders** ``f_r = y_c o y_r`` and ``f_o = y_c o y_o``: a 3-D U-Net encoder of four layers (each a
   double ``Conv3d + BatchNorm + LeakyReLU``, max-pooling between them) whose first two layers are
-  modality-specific (``y_r``, ``y_o``) and last two shared (``y_c``) (:class:`~terratorch_eoplugins.nn.unet3d.UNet3DEncoder`).
+  modality-specific (``y_r``, ``y_o``) and last two shared (``y_c``)
+  (:class:`~terratorch_eoplugins.nn.unet3d.UNet3DEncoder`).
 * **Projection head** ``g`` (:class:`S4ProjectionHead`): two 1x1x1 ``Conv3d`` with BatchNorm and LeakyReLU,
   applied to the bottleneck (compressed space-time) features, used only by the contrastive loss.
 * **Reconstruction decoder** ``h`` (one per input modality): the U-Net up path (transposed convolutions
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models._checkpoint import read_state_dict
 from terratorch_eoplugins.nn.unet3d import UNet3DDecoder, UNet3DEncoder, crop_to, pad_to_multiple
 
@@ -106,6 +108,7 @@ class S4Model(nn.Module):
             raise ValueError(f"S4 expects [B, C, T, H, W] series, got shape {tuple(x.shape)} for {modality}")
         if x.shape[2] < 1:
             raise ValueError(f"S4 got an empty {modality} time series (T = 0)")
+        check_model_input(x, f"S4 {modality} encoder")  # any size is padded to the pooling factors
         x, size = pad_to_multiple(x, self.encoder.spatial_factor, self.encoder.temporal_factor)
         return self.encoder(x, modality), size
 
@@ -139,12 +142,14 @@ class S4UNet3DBackbone(nn.Module):
             ``IdentityDecoder``) or ``"pyramid"`` (the encoder's levels, for ``UNetDecoder`` & co.).
         temporal_pooling: ``"mean"`` or ``"max"`` over time of the returned maps.
         band_indices: input channels to keep (e.g. ``[2, 1, 0]`` for PASTIS S2 RGB, the paper's setting).
-        ckpt_path: S4 pretraining checkpoint (Lightning ``.ckpt`` of :class:`~terratorch_eoplugins.tasks.s4_pretrain.S4PretrainTask`
-            or a state dict with the same keys); ``None`` trains from scratch.
+        ckpt_path: S4 pretraining checkpoint (Lightning ``.ckpt`` of
+            :class:`~terratorch_eoplugins.tasks.s4_pretrain.S4PretrainTask` or a state dict with the same keys);
+            ``None`` trains from scratch.
     """
 
-    def __init__(self, modality: str = "optical", in_channels: int | None = None, widths: Sequence[int] = DEFAULT_WIDTHS,
-                 n_specific: int = 2, pool_time: bool = False, output: Literal["decoder", "pyramid"] = "decoder",
+    def __init__(self, modality: str = "optical", in_channels: int | None = None,
+                 widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = False,
+                 output: Literal["decoder", "pyramid"] = "decoder",
                  temporal_pooling: Literal["mean", "max"] = "mean", band_indices: Sequence[int] | None = None,
                  ckpt_path: str | Path | None = None, negative_slope: float = 0.01) -> None:
         super().__init__()

@@ -63,9 +63,15 @@ __all__ = [
     "tsfusion_base",
     "tsfusion_tiny",
     "tsfusion_head",
+    "load_tsfusion_weights",
+    "MODEL_SIZES",
 ]
 
 REGISTERED = {"backbone": ["tsfusion_base", "tsfusion_tiny"], "decoder": ["tsfusion_head"]}
+
+#: encoder/decoder sizes of the registered variants (dim, encoder depth, decoder depth, heads)
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {"tsfusion_base": (768, 12, 12, 12),
+                                                     "tsfusion_tiny": (64, 2, 2, 4)}
 
 
 @dataclass(frozen=True)
@@ -639,14 +645,14 @@ def load_tsfusion_weights(model: TSFusionModel, path: str, strict_encoder: bool 
 def tsfusion_base(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
                   **kwargs: Any) -> TSFusionModel:
     """Paper size (appendix A.1): 12 encoder + 12 decoder layers, dim 768, 12 heads, SwiGLU."""
-    return _build(768, 12, 12, 12, modalities, pretrained, ckpt_path, **kwargs)
+    return _build(*MODEL_SIZES["tsfusion_base"], modalities, pretrained, ckpt_path, **kwargs)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def tsfusion_tiny(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
                   **kwargs: Any) -> TSFusionModel:
     """Tiny variant for tests and CPU runs: 2 + 2 layers, dim 64, 4 heads."""
-    return _build(64, 2, 2, 4, modalities, pretrained, ckpt_path, **kwargs)
+    return _build(*MODEL_SIZES["tsfusion_tiny"], modalities, pretrained, ckpt_path, **kwargs)
 
 
 @TERRATORCH_DECODER_REGISTRY.register

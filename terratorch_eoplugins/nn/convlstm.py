@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +32,9 @@ class ConvLSTMCell(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"ConvLSTMCell: kernel_size must be odd (same padding), got {kernel_size}")
         self.hidden_channels = hidden_channels
-        self.gates = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2)
+        self.gates = nn.Conv2d(
+            in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2
+        )
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, C, H, W]``, ``(h, c)`` -> new ``(h, c)``."""
@@ -54,8 +55,12 @@ class ConvLSTM(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"ConvLSTM: num_layers must be >= 1, got {num_layers}")
-        self.cells = nn.ModuleList([ConvLSTMCell(in_channels if i == 0 else hidden_channels, hidden_channels, kernel_size)
-                                    for i in range(num_layers)])
+        self.cells = nn.ModuleList(
+            [
+                ConvLSTMCell(in_channels if i == 0 else hidden_channels, hidden_channels, kernel_size)
+                for i in range(num_layers)
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 5:
@@ -108,7 +113,9 @@ class MultiTemporalAE(nn.Module):
         self.down = nn.ModuleList([nn.Conv3d(w[d], w[d + 1], (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
                                    for d in range(num_levels - 1)])
         # up[d]: level d+1 -> level d (trilinear x2 in space + Conv3d), then block on [up, skip]
-        self.up = nn.ModuleList([nn.Conv3d(w[d + 1], w[d], (1, 3, 3), padding=(0, 1, 1)) for d in range(num_levels - 1)])
+        self.up = nn.ModuleList(
+            [nn.Conv3d(w[d + 1], w[d], (1, 3, 3), padding=(0, 1, 1)) for d in range(num_levels - 1)]
+        )
         self.dec = nn.ModuleList([ConvLSTMBlock(2 * w[d], w[d], lstm_layers) for d in range(num_levels - 1)])
         self.out = nn.Conv3d(w[0], in_channels, (1, 3, 3), padding=(0, 1, 1))
 

@@ -83,7 +83,9 @@ class DPTDecoder(nn.Module):
         self.refine = nn.ModuleList([nn.Sequential(ConvBNReLU(self.channels[d + 1], self.channels[d]),
                                                    ConvBNReLU(self.channels[d], self.channels[d]))
                                      for d in range(num_levels - 1)])
-        self.merge = nn.ModuleList([nn.Conv2d(2 * self.channels[d], self.channels[d], 1) for d in range(num_levels - 1)])
+        self.merge = nn.ModuleList(
+            [nn.Conv2d(2 * self.channels[d], self.channels[d], 1) for d in range(num_levels - 1)]
+        )
         self.na = nn.ModuleList([NeighborhoodAttention2D(out_dim, na_heads, na_kernel, dropout=dropout)
                                  for _ in range(na_layers)])
 

@@ -38,8 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HashGridEncoding2D", "collision_statistics", "naive_hash_grid", "hash_2d", "level_resolutions", "level_seeds", "HASH_PRIMES", "SEED_BASE",
-           "SEED_STEP"]
+__all__ = [
+    "HashGridEncoding2D",
+    "collision_statistics",
+    "naive_hash_grid",
+    "hash_2d",
+    "level_resolutions",
+    "level_seeds",
+    "HASH_PRIMES",
+    "SEED_BASE",
+    "SEED_STEP",
+]
 
 _MASK64 = (1 << 64) - 1
 
@@ -247,10 +256,13 @@ class HashGridEncoding2D(nn.Module):
         self.backend = "tcnn"
 
     def extra_repr(self) -> str:
-        return (f"levels={self.levels}, features_per_level={self.features_per_level}, table_size=2**{self.log2_table_size}, "
-                f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, region_size={self.region_size:g}, "
-                f"shared_table={self.shared_table}, per_level_seeds={self.per_level_seeds}, bilinear={self.bilinear}"
-                + (", sparse_grad=True" if self.sparse_grad else ""))
+        return (
+            f"levels={self.levels}, features_per_level={self.features_per_level}, "
+            f"table_size=2**{self.log2_table_size}, "
+            f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, region_size={self.region_size:g}, "
+            f"shared_table={self.shared_table}, per_level_seeds={self.per_level_seeds}, bilinear={self.bilinear}"
+            + (", sparse_grad=True" if self.sparse_grad else "")
+        )
 
     def forward(self, coords: Tensor) -> Tensor:
         """Encode pixel coordinates ``[N, 2]`` (x = column, y = row) into ``[N, L * F]`` features."""

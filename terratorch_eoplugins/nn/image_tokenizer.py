@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from terratorch_eoplugins.nn.quantizers import fsq_index_to_levels, fsq_levels_to_index
+from terratorch_eoplugins.nn.fsq_index import fsq_index_to_levels, fsq_levels_to_index
+from terratorch_eoplugins.nn.training import train_on_random_batches
 
 __all__ = [
     "IMAGE_TOKENIZERS",
@@ -175,7 +176,7 @@ class FSQImageTokenizer(ImageTokenizer):
     def vocab_size(self) -> int:
         return int(math.prod(self.levels))
 
-    def fit(self, images: Tensor) -> "FSQImageTokenizer":
+    def fit(self, images: Tensor) -> FSQImageTokenizer:
         """Fit per-channel mean/std on ``[N, C, H, W]`` images (optional; identity otherwise)."""
         images = _check_image(images, self.in_channels, 1, "fit(images)")
         self.mean.copy_(images.mean((0, 2, 3)))
@@ -261,7 +262,7 @@ class TerraMindImageTokenizer(ImageTokenizer):
             self.model.requires_grad_(False)
             self.model.eval()
 
-    def train(self, mode: bool = True) -> "TerraMindImageTokenizer":
+    def train(self, mode: bool = True) -> TerraMindImageTokenizer:
         super().train(mode)
         if self.freeze:
             self.model.eval()
@@ -327,7 +328,7 @@ def load_image_tokenizer(path: str | Path, map_location: str | torch.device = "c
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer checkpoint not found: {str(path)!r}; train one with "
-                                "`python -m terratorch_eoplugins.tasks.tsfusion_tokenizers`")
+                                "`eoplugins tsfusion-tokenizers`")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)  # plain dict of tensors + config
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "fsq" or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r}: expected a dict with kind='fsq', config, state_dict (save_image_tokenizer)")
@@ -345,21 +346,7 @@ def train_image_tokenizer(tokenizer: ImageTokenizer, images: Tensor, steps: int 
     params = [p for p in tokenizer.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_image_tokenizer: the tokenizer has no trainable parameters (frozen?)")
-    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    tokenizer.train()
-    history = []
-    for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
-        out = tokenizer.loss(images[idx])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        history.append(float(out["loss"].detach()))
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {history[-1]:.5f}  recon {float(out['recon'].detach()):.5f}")
-    tokenizer.eval()
-    return history
+    return train_on_random_batches(tokenizer, images, steps, batch_size, opt, sched, grad_clip, seed, log_every,
+                                   ("recon",))

@@ -62,8 +62,10 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
             raise ValueError(f"neighborhood attention expects heads-last [B, H, W, heads, head_dim] tensors; "
                              f"{name} has shape {tuple(getattr(t, 'shape', ()))}")
     if query.shape[:4] != key.shape[:4] or key.shape[:4] != value.shape[:4] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must share "
-                         "[B, H, W, heads] (and query/key the head dim)")
+        raise ValueError(
+            f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must share "
+            "[B, H, W, heads] (and query/key the head dim)"
+        )
 
 
 def na2d_reference(query: Tensor, key: Tensor, value: Tensor, kernel_size: int | tuple[int, int],
@@ -131,9 +133,11 @@ def neighborhood_attention_2d(query: Tensor, key: Tensor, value: Tensor, kernel_
         if not NATTEN_AVAILABLE:
             raise RuntimeError("backend='natten' but natten is not importable; use backend='auto' or 'torch'")
         if not natten_ok:
-            raise RuntimeError("backend='natten': natten's CPU (flex) backend has no backward pass and needs a power-of-two "
-                               f"head_dim in [8, 512] (got {d}); use backend='auto' (falls back to the PyTorch "
-                               "implementation)")
+            raise RuntimeError(
+                "backend='natten': natten's CPU (flex) backend has no backward pass and needs a power-of-two "
+                f"head_dim in [8, 512] (got {d}); use backend='auto' (falls back to the PyTorch "
+                "implementation)"
+            )
     elif backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto', 'natten' or 'torch', got {backend!r}")
     if backend == "natten" or (backend == "auto" and NATTEN_AVAILABLE and query.is_cuda):
@@ -171,8 +175,18 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
         hidden = int(round(dim * mlp_ratio))
-        self.mlp = None if hidden == 0 else nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                                                          nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.mlp = (
+            None
+            if hidden == 0
+            else nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, dim),
+                nn.Dropout(dropout),
+            )
+        )
 
     def attention(self, x: Tensor) -> Tensor:
         """Neighborhood attention (no residual) of channels-last ``[B, H, W, C]``."""

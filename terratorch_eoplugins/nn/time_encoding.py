@@ -1,7 +1,8 @@
 """Time encodings of LIANet: a vector per acquisition time, added to the spatial hash features.
 
-Time values are days since :data:`TIME_EPOCH` (2015-01-01 00:00 UTC, the Sentinel-2 era), time of day
-included as a fraction, as in the reference implementation. Modes:
+Time values are days since :data:`~terratorch_eoplugins.dates.TIME_EPOCH` (2015-01-01 00:00 UTC, the
+Sentinel-2 era; :func:`~terratorch_eoplugins.dates.days_since_epoch`), time of day included as a fraction, as
+in the reference implementation. Modes:
 
 * ``index``: one learned vector per pretraining acquisition (``nn.Embedding(Q, D)``, N(0, 0.02));
   takes the acquisition index, so it cannot represent unseen dates.
@@ -16,30 +17,15 @@ included as a fraction, as in the reference implementation. Modes:
 
 from __future__ import annotations
 
-import datetime as dt
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TIME_EPOCH", "TIME_MODES", "TimeEncoding", "days_since_epoch"]
+__all__ = ["TIME_MODES", "TimeEncoding"]
 
-#: Origin of the continuous time value.
-TIME_EPOCH = dt.datetime(2015, 1, 1)
 TIME_MODES = ("index", "sinusoidal", "fourier_learned", "mlp")
 _YEAR = 365.2425
-
-
-def days_since_epoch(when: dt.datetime | dt.date | str) -> float:
-    """Days (with fraction of day) from 2015-01-01 00:00 to ``when``."""
-    if isinstance(when, str):
-        when = dt.datetime.fromisoformat(when)
-    if not isinstance(when, dt.datetime):
-        when = dt.datetime(when.year, when.month, when.day)
-    if when.tzinfo is not None:
-        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return (when - TIME_EPOCH).total_seconds() / 86400.0
 
 
 class TimeEncoding(nn.Module):
@@ -112,7 +98,3 @@ class TimeEncoding(nn.Module):
         angles = x[:, None] * self.frequencies[None, :]
         return self.proj(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1))
 
-
-def encode_times(times: Sequence[dt.datetime]) -> Tensor:
-    """Days since 2015-01-01 of ``times`` as a float64 tensor."""
-    return torch.tensor([days_since_epoch(t) for t in times], dtype=torch.float64)

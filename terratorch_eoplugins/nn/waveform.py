@@ -1,4 +1,4 @@
-"""DUNIA's GEDI waveform autoencoder: 1-D ResNet encoder, residual VQ, mirrored decoder (paper section 3.2, appendix A.2).
+"""DUNIA's GEDI waveform autoencoder: 1-D ResNet encoder, residual VQ, mirrored decoder (paper 3.2, appendix A.2).
 
 * Encoder :math:`\\mathcal{E}_w`: an input stem (``Conv1d`` 3x1, stride 2, 1 -> 2 channels, L -> L/2) and three
   stages of three ResNet blocks (two 3x1 convolutions + BatchNorm + ReLU with a skip connection); the first
@@ -119,7 +119,9 @@ class WaveformAutoencoder(nn.Module):
                              f"by 16), got {length!r}")
         channels = tuple(int(c) for c in channels)
         if len(channels) != 4 or min(channels) < 1:
-            raise ValueError(f"WaveformAutoencoder: channels must be 4 positive ints (stem, stage 1, 2, 3), got {channels}")
+            raise ValueError(
+                f"WaveformAutoencoder: channels must be 4 positive ints (stem, stage 1, 2, 3), got {channels}"
+            )
         if blocks_per_stage < 1:
             raise ValueError(f"WaveformAutoencoder: blocks_per_stage must be >= 1, got {blocks_per_stage}")
         if num_quantizers < 1 or codebook_size < 2:
@@ -141,18 +143,26 @@ class WaveformAutoencoder(nn.Module):
         enc: list[nn.Module] = []
         c_in = stem
         for c in stages:
-            enc.append(nn.Sequential(ResBlock1d(c_in, c, stride=2), *[ResBlock1d(c, c) for _ in range(blocks_per_stage - 1)]))
+            enc.append(
+                nn.Sequential(ResBlock1d(c_in, c, stride=2), *[ResBlock1d(c, c) for _ in range(blocks_per_stage - 1)])
+            )
             c_in = c
         self.encoder = nn.Sequential(*enc)
 
         kw: dict[str, Any] = dict(kmeans_init=True, threshold_ema_dead_code=2, decay=0.8, commitment_weight=1.0)
         kw.update(vq_kwargs or {})
-        self.rvq = ResidualVQ(dim=self.latent_channels, num_quantizers=num_quantizers, codebook_size=codebook_size, **kw)
+        self.rvq = ResidualVQ(
+            dim=self.latent_channels, num_quantizers=num_quantizers, codebook_size=codebook_size, **kw
+        )
 
         dec: list[nn.Module] = []
         rev = list(reversed(channels))  # 16, 8, 4, 2
         for c_in, c_out in zip(rev[:-1], rev[1:]):
-            dec.append(nn.Sequential(UpResBlock1d(c_in, c_out), *[ResBlock1d(c_out, c_out) for _ in range(blocks_per_stage - 1)]))
+            dec.append(
+                nn.Sequential(
+                    UpResBlock1d(c_in, c_out), *[ResBlock1d(c_out, c_out) for _ in range(blocks_per_stage - 1)]
+                )
+            )
         self.decoder = nn.Sequential(*dec)
         self.out_stem = nn.ConvTranspose1d(stem, 1, 4, stride=2, padding=1)
         # O^W: mean over the 16 latent channels -> [L/16] -> Linear -> [D_p] (section 3.2).
@@ -163,8 +173,10 @@ class WaveformAutoencoder(nn.Module):
         if not isinstance(w, Tensor):
             raise TypeError(f"WaveformAutoencoder.{what}: expected a Tensor [N, {self.length}], got {type(w).__name__}")
         if w.ndim != 2 or w.shape[1] != self.length:
-            raise ValueError(f"WaveformAutoencoder.{what}: expected waveforms of shape [N, {self.length}] (length="
-                             f"{self.length}; build GEDIChips with waveform_length={self.length}), got {tuple(w.shape)}")
+            raise ValueError(
+                f"WaveformAutoencoder.{what}: expected waveforms of shape [N, {self.length}] (length="
+                f"{self.length}; build GEDIChips with waveform_length={self.length}), got {tuple(w.shape)}"
+            )
         if w.shape[0] == 0:
             raise ValueError(f"WaveformAutoencoder.{what}: got an empty batch (N = 0 waveforms); select footprints "
                              "with footprint_mask first and skip batches without any")
@@ -176,7 +188,9 @@ class WaveformAutoencoder(nn.Module):
         want = (self.latent_channels, self.latent_length)
         if not isinstance(z, Tensor) or z.ndim != 3 or tuple(z.shape[1:]) != want:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"WaveformAutoencoder.{what}: expected latents of shape [N, {want[0]}, {want[1]}], got {shape}")
+            raise ValueError(
+                f"WaveformAutoencoder.{what}: expected latents of shape [N, {want[0]}, {want[1]}], got {shape}"
+            )
         if not torch.isfinite(z).all():
             raise ValueError(f"WaveformAutoencoder.{what}: latents contain NaN/Inf")
 

@@ -6,8 +6,9 @@ Pipeline per GEDI footprint of a :class:`~terratorch_eoplugins.datamodules.gedi.
 1. the frozen DUNIA image model gives ``O^V = forward_embeddings(image)["vertical"]`` ``[B, D_p, H, W]``; the
    condition is ``O^V`` at the footprint pixel, L2-normalised;
 2. the frozen :class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder` encodes and quantizes the footprint's
-   waveform: ``z = RVQ(E_w(W))`` ``[16, L/16]``, standardised per channel with statistics of the first diffusion
-   batch (stored in the checkpoint; LDM's "scale by std");
+   waveform: ``z = RVQ(E_w(W))`` ``[16, L/16]``, standardised per channel with statistics of the first
+   ``latent_stats_batches`` training batches, read when the diffusion phase starts (stored in the checkpoint;
+   LDM's "scale by std");
 3. :class:`~terratorch_eoplugins.nn.diffusion1d.KarrasLatentDiffusion` learns ``D(z_t; s, O^V) ~ z_0`` (eq. 13)
    with the condition replaced by a random vector for ``p_uncond = 50%`` of the examples; sampling is the
    Karras ODE sampler (Heun, 30 steps) with classifier-free guidance ``s = 3`` (eq. 14); ``D_w(z_0)`` is the
@@ -24,17 +25,22 @@ network extracts from the image.
 
 Evaluation (validation on the first ``val_generate_batches`` batches, test and predict on all): Pearson r between
 each reference waveform and (a) the generated waveform, (b) the **retrieval baseline**, the waveform of the
-nearest ``O^V`` (cosine) in a database built from the training split, (c) a random database waveform (chance),
+nearest ``O^V`` (cosine) in a database built from the training split when first needed, (c) a random database
+waveform (chance),
 (d) the autoencoder reconstruction (upper bound). ``predict`` writes HDF5 (``predict_output``, default
 ``<predict_output_dir>/dunia_waveforms.h5``): ``shot_number``,
 ``generated``, ``retrieved``, ``reference`` ``[G, L]``, the three r values, ``chip``/``row``/``col``.
+
+Both the latent statistics and the retrieval database read the training split through
+:func:`~terratorch_eoplugins.tasks.preparation.train_split_batches` (batches in dataset order, through the
+datamodule's batch hooks, on the task's device). Called without a trainer (e.g. ``training_step`` by hand), the
+first diffusion batch sets the latent statistics and the retrieval and random baselines are skipped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from itertools import islice
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +50,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
-from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
-from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
 from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, build_dunia, load_dunia_checkpoint
+from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
+from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
+from terratorch_eoplugins.tasks.preparation import train_split_batches
 
 __all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder"]
 
@@ -57,20 +66,16 @@ REQUIRED_KEYS = ("image", "footprints", "footprint_mask", "waveform")
 
 def build_conditioning_encoder(variant: str = "tiny", ckpt_path: str | None = None,
                                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """DUNIA image model giving ``O^V``: loaded from ``ckpt_path`` or randomly initialised (builder ``dunia_<variant>``)."""
-    from terratorch_eoplugins.models import dunia as dunia_models
-
+    """DUNIA image model giving ``O^V``: loaded from ``ckpt_path`` or randomly initialised (:func:`build_dunia`)."""
     if ckpt_path is not None:
-        return dunia_models.load_dunia_checkpoint(ckpt_path, variant=variant, **dict(kwargs or {}))
-    builder = getattr(dunia_models, f"dunia_{variant}", None)
-    if builder is None:
-        raise ValueError(f"dunia_variant={variant!r}: terratorch_eoplugins.models.dunia has no builder dunia_{variant}")
+        return load_dunia_checkpoint(ckpt_path, variant=variant, **dict(kwargs or {}))
+    if variant not in DUNIA_VARIANTS:
+        raise ValueError(f"dunia_variant={variant!r}: expected one of {list(DUNIA_VARIANTS)}")
     logger.warning("DUNIA waveform diffusion: no dunia_ckpt_path given; the conditioning DUNIA-%s is randomly "
                    "initialised (pass --model.init_args.dunia_ckpt_path=<pretraining checkpoint>)", variant)
-    model = builder(**dict(kwargs or {}))
-    if hasattr(model, "drop_pretraining_heads"):
-        model.drop_pretraining_heads()
-    return model
+    # built with its pretraining heads, then dropped: the seeded initialisation of the task's other modules (drawn
+    # after this one) depends on the heads' draws
+    return build_dunia(variant, **dict(kwargs or {})).drop_pretraining_heads()
 
 
 def _autoencoder_state(path: str | Path, ae: nn.Module) -> dict[str, Tensor] | None:
@@ -112,7 +117,7 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         val_generate_batches: validation batches on which waveforms are generated (sampling is costly).
         val_generate_max: at most this many footprints per such validation batch (test/predict: all).
         predict_output: HDF5 file written by ``predict``; ``None``: ``<predict_output_dir>/dunia_waveforms.h5`` with
-            terratorch's ``--predict_output_dir`` (set in ``configs/dunia_waveform_diffusion.yaml``), else nothing.
+            terratorch's ``--predict_output_dir`` (set in ``configs/dunia_gedi_waveform_diffusion.yaml``), else nothing.
         seed: seed of the evaluation noise, null conditions and random baseline.
         na_backend: neighborhood-attention backend of the frozen DUNIA (``"torch"``: the pure-PyTorch reference;
             natten's CPU flex backend materialises the full score matrix and is far slower without a GPU;
@@ -155,8 +160,6 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             p.requires_grad_(False)
         self.dunia.eval()
         if hp["na_backend"] is not None:
-            from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
-
             for mod in self.dunia.modules():
                 if isinstance(mod, NeighborhoodAttention2D):
                     mod.backend = hp["na_backend"]
@@ -201,7 +204,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         hp = self.hparams
         groups = [{"params": list(self.diffusion.parameters()), "lr": hp["lr"], "weight_decay": hp["weight_decay"]}]
         if not bool(self.ae_ready):
-            groups.append({"params": list(self.autoencoder.parameters()), "lr": hp["autoencoder_lr"], "weight_decay": 0.0})
+            groups.append({"params": list(self.autoencoder.parameters()), "lr": hp["autoencoder_lr"],
+                           "weight_decay": 0.0})
         return {"optimizer": torch.optim.AdamW(groups)}
 
     # ------------------------------------------------------------------------------------ batches
@@ -212,7 +216,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         if missing:
             raise KeyError(f"DUNIA waveform diffusion: batch lacks {missing}; set the datamodule's batch_keys to "
                            "[footprints, footprint_mask, waveform, shot_number]")
-        image, foot, fmask, wave = batch["image"], batch["footprints"], batch["footprint_mask"].bool(), batch["waveform"]
+        image, foot, wave = batch["image"], batch["footprints"], batch["waveform"]
+        fmask = batch["footprint_mask"].bool()
         if wave.shape[-1] != self.autoencoder.length:
             raise ValueError(f"DUNIA waveform diffusion: batch waveforms have {wave.shape[-1]} samples but the model "
                              f"was built with waveform_length={self.autoencoder.length}; set the datamodule's "
@@ -309,10 +314,9 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             for p in self.autoencoder.parameters():
                 p.requires_grad_(False)
             logger.info("DUNIA waveform diffusion: autoencoder frozen after %d steps", self.global_step)
-        trainer = getattr(self, "_trainer", None)
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if not bool(self.stats_ready) and self.hparams["latent_stats_batches"] > 0 and datamodule is not None:
-            batches = islice(datamodule.train_dataloader(), self.hparams["latent_stats_batches"])
+        if not bool(self.stats_ready) and self.hparams["latent_stats_batches"] > 0 and self._trainer is not None:
+            batches = train_split_batches(self._trainer, self, self.hparams["latent_stats_batches"],
+                                          "DUNIA waveform diffusion (latent statistics)")
             n = self.fit_latent_stats(b["waveform"][b["footprint_mask"].bool()] for b in batches)
             logger.info("DUNIA waveform diffusion: latent statistics from %d training footprints", n)
         z0 = self.latents(s["waveform"], update_stats=True)
@@ -326,18 +330,16 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         return torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + batch_idx)
 
     def build_database(self) -> dict[str, Tensor] | None:
-        """Training-split retrieval database: L2-normalised ``O^V`` keys with their waveforms and shot numbers."""
+        """Training-split retrieval database: L2-normalised ``O^V`` keys with their waveforms and shot numbers
+        (built on first use from the training split; ``None`` without a trainer)."""
         if self._database is not None:
             return self._database
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            logger.warning("DUNIA waveform diffusion: no datamodule; retrieval and random baselines skipped")
+        if self._trainer is None:
+            logger.warning("DUNIA waveform diffusion: no trainer, hence no training split; retrieval and random "
+                           "baselines skipped")
             return None
-        if getattr(dm, "train_dataset", None) is None:
-            dm.setup("fit")
         keys, waves, shots = [], [], []
-        for batch in dm.train_dataloader():
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
+        for batch in train_split_batches(self._trainer, self, what="DUNIA waveform diffusion (retrieval database)"):
             s = self.footprint_samples(batch)
             keys.append(F.normalize(s["cond"], dim=1))
             waves.append(s["waveform"])
@@ -357,7 +359,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         """Retrieval baseline: the database waveform of the nearest ``O^V`` (cosine)."""
         db = self.build_database()
         if db is None:
-            raise RuntimeError("DUNIA waveform diffusion: no retrieval database (needs a datamodule with a train split)")
+            raise RuntimeError("DUNIA waveform diffusion: no retrieval database (needs a trainer whose data has a "
+                               "training split)")
         sim = F.normalize(cond, dim=1) @ db["keys"].T
         return db["waveform"][sim.argmax(1)]
 

@@ -18,12 +18,14 @@ values at the primary ``k``.
 
 Database lifecycle: emptied at the start of every training epoch (so several epochs give the same database),
 saved in Lightning checkpoints (``terratorch test -c ... --ckpt_path last.ckpt`` restores it) and, when
-``database_path`` is set, written there as NPZ after ``fit``. ``test``/``validate`` with an empty database load
-``database_path`` if it exists, else build the database from the datamodule's training split first, so
+``database_path`` is set, written there as NPZ after ``fit``. ``test``/``validate``/``predict`` with an empty
+database load ``database_path`` if it exists, else build the database from the training split first (the
+train-split preparation of :mod:`terratorch_eoplugins.tasks.preparation`, batches in dataset order), so
 ``terratorch test -c <config>`` works on its own. The database records the fingerprint of the embedding model
 (weights, branch and input preparation); queries from another model raise ``ValueError``.
 
-Input preparation (DUNIA takes one ``[B, C, H, W]`` image, appendix F: a leaf-on median composite):
+Input preparation (:func:`~terratorch_eoplugins.models.dunia.prepare_dunia_input`; DUNIA takes one
+``[B, C, H, W]`` image, appendix F: a leaf-on median composite):
 
 * ``[B, C, T, H, W]`` series are reduced over time by ``temporal_reduce`` (default: the per-pixel median, the
   paper's compositing); a dict of modalities (e.g. PASTIS-R ``{"S2": ..., "S1A": ...}``) is reduced per modality
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,61 +48,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
+from terratorch_eoplugins.models.dunia import (
+    DUNIA_VARIANTS,
+    TEMPORAL_REDUCTIONS,
+    build_dunia,
+    load_dunia_checkpoint,
+    prepare_dunia_input,
+)
 from terratorch_eoplugins.nn.knn import DEFAULT_CHUNK_BYTES, KNNDatabase, model_fingerprint
+from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
-__all__ = ["DUNIAZeroShotKNNTask", "prepare_dunia_input"]
+__all__ = ["DUNIAZeroShotKNNTask"]
 
 logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_knn")
 
 
-def _reduce_time(x: Tensor, how: str, name: str) -> Tensor:
-    if x.ndim == 4:
-        return x
-    if x.ndim != 5:
-        raise ValueError(f"{name}: expected [B, C, H, W] or [B, C, T, H, W], got {tuple(x.shape)}")
-    if x.shape[2] == 0:
-        raise ValueError(f"{name}: the series has T = 0 dates")
-    if how == "median":
-        return x.median(dim=2).values
-    if how == "mean":
-        return x.mean(dim=2)
-    if how == "first":
-        return x[:, :, 0]
-    if how == "last":
-        return x[:, :, -1]
-    raise ValueError(f"temporal_reduce must be 'median', 'mean', 'first' or 'last', got {how!r}")
-
-
-def prepare_dunia_input(image: Tensor | Mapping[str, Tensor], temporal_reduce: str = "median",
-                        input_modalities: Sequence[str] | None = None,
-                        input_channels: Sequence[int] | None = None) -> Tensor:
-    """One ``[B, C, H, W]`` DUNIA input from a batch ``image`` (tensor, series or modality dict; module docstring)."""
-    if isinstance(image, Mapping):
-        names = list(input_modalities) if input_modalities is not None else list(image)
-        missing = [m for m in names if m not in image]
-        if missing:
-            raise ValueError(f"batch['image'] lacks modality {missing} (input_modalities); got {list(image)}")
-        parts = [_reduce_time(image[m], temporal_reduce, f"batch['image'][{m!r}]") for m in names]
-        if len({(p.shape[0], *p.shape[-2:]) for p in parts}) != 1:
-            shapes = {m: tuple(p.shape) for m, p in zip(names, parts)}
-            raise ValueError(f"modalities {names} must share B, H and W after the temporal reduction, got {shapes}")
-        x = torch.cat(parts, dim=1)
-    elif isinstance(image, Tensor):
-        x = _reduce_time(image, temporal_reduce, "batch['image']")
-    else:
-        raise ValueError(f"batch['image'] must be a tensor or a dict of tensors, got {type(image).__name__}")
-    x = x.float()
-    if input_channels is not None:
-        idx = [int(i) for i in input_channels]
-        if any(i < -1 or i >= x.shape[1] for i in idx):
-            raise ValueError(f"input_channels {idx} out of range for an input with {x.shape[1]} channels "
-                             "(-1 inserts a zero channel)")
-        zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
-        x = torch.cat([x[:, i:i + 1] if i >= 0 else zero for i in idx], dim=1)
-    return x
-
-
-class DUNIAZeroShotKNNTask(BaseTask):
+class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     """Zero-shot KNN evaluation of DUNIA pixel embeddings (see the module docstring).
 
     Args:
@@ -156,7 +120,7 @@ class DUNIAZeroShotKNNTask(BaseTask):
             raise ValueError(f"k={k} must be one of k_values {ks}")
         if pixels_per_image is not None and pixels_per_image < 1:
             raise ValueError(f"pixels_per_image must be >= 1 or None, got {pixels_per_image}")
-        if temporal_reduce not in ("median", "mean", "first", "last"):
+        if temporal_reduce not in TEMPORAL_REDUCTIONS:
             raise ValueError(f"temporal_reduce must be 'median', 'mean', 'first' or 'last', got {temporal_reduce!r}")
         object.__setattr__(self, "_pending_embedder", embedder)  # nn.Module attributes need Module.__init__ first
         super().__init__()  # saves the hyper-parameters, calls configure_models
@@ -184,19 +148,15 @@ class DUNIAZeroShotKNNTask(BaseTask):
         self.patch_size = int(getattr(self.model, "patch_size", 1))
 
     def _build_model(self) -> nn.Module:
-        from terratorch_eoplugins.models import dunia
-
         hp = self.hparams
         kw = dict(hp["dunia_kwargs"] or {})
         if hp["dunia_ckpt_path"]:
-            return dunia.load_dunia_checkpoint(hp["dunia_ckpt_path"], hp["dunia_variant"], **kw)
-        builder = getattr(dunia, f"dunia_{hp['dunia_variant']}", None)
-        if hp["dunia_variant"] not in dunia.DUNIA_VARIANTS or builder is None:
-            raise ValueError(f"unknown dunia_variant {hp['dunia_variant']!r}: expected one of "
-                             f"{list(dunia.DUNIA_VARIANTS)}")
+            return load_dunia_checkpoint(hp["dunia_ckpt_path"], hp["dunia_variant"], **kw)
+        if hp["dunia_variant"] not in DUNIA_VARIANTS:
+            raise ValueError(f"unknown dunia_variant {hp['dunia_variant']!r}: expected one of {list(DUNIA_VARIANTS)}")
         logger.warning("DUNIAZeroShotKNNTask: no dunia_ckpt_path, embeddings come from a randomly initialised "
                        "DUNIA-%s (set model.init_args.dunia_ckpt_path for a pretrained one)", hp["dunia_variant"])
-        return builder(pretraining_heads=False, **kw)
+        return build_dunia(hp["dunia_variant"], pretraining_heads=False, **kw)
 
     def _new_database(self, dim: int) -> KNNDatabase:
         hp = self.hparams
@@ -229,7 +189,7 @@ class DUNIAZeroShotKNNTask(BaseTask):
     def embed(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Embedding map ``[B, D_p, H, W]`` of the configured branch."""
         hp = self.hparams
-        x = prepare_dunia_input(image, hp["temporal_reduce"], hp["input_modalities"], hp["input_channels"])
+        x = prepare_dunia_input(image, hp["temporal_reduce"], hp["input_modalities"], hp["input_channels"]).float()
         if not torch.isfinite(x).all():
             raise ValueError("batch['image'] contains NaN or Inf: fill no-data pixels before embedding")
         h, w = x.shape[-2:]
@@ -249,8 +209,6 @@ class DUNIAZeroShotKNNTask(BaseTask):
             return
         backend = self.hparams["na_backend"] or ("torch" if device.type == "cpu" else None)
         if backend is not None:
-            from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
-
             for mod in self.model.modules():
                 if isinstance(mod, NeighborhoodAttention2D):
                     mod.backend = backend
@@ -306,26 +264,15 @@ class DUNIAZeroShotKNNTask(BaseTask):
             self.database = self._new_database(e.shape[1])
         return self.database.add(e.cpu(), lab.cpu(), fingerprint=self.fingerprint)
 
-    def build_database(self, loader: Any) -> KNNDatabase:
-        """(Re)build the database from every batch of ``loader`` (e.g. a train dataloader)."""
+    def build_database(self, batches: Iterable[Mapping[str, Any]]) -> KNNDatabase:
+        """(Re)build the database from every batch of ``batches`` (e.g. the training split, on the task's device)."""
         if self.database is not None:
             self.database.clear()
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        for i, batch in enumerate(loader):
-            batch = self._to_device(batch)
-            if dm is not None and hasattr(dm, "on_after_batch_transfer"):
-                batch = dm.on_after_batch_transfer(batch, i)
+        for batch in batches:
             self.add_batch(batch)
         self._require_database("the training split")
         logger.info("DUNIA zero-shot: retrieval database of %d pixels", len(self.database))
         return self.database
-
-    def _to_device(self, batch: Any) -> Any:
-        if isinstance(batch, Tensor):
-            return batch.to(self.device)
-        if isinstance(batch, Mapping):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        return batch
 
     def _require_database(self, source: str = "") -> None:
         if self.database is None or len(self.database) == 0:
@@ -333,27 +280,44 @@ class DUNIAZeroShotKNNTask(BaseTask):
             raise ValueError("the zero-shot retrieval database is empty" + where + ": run `fit` on a split with "
                              "labelled pixels (or pass a checkpoint / database_path holding a database)")
 
-    def _ensure_database(self) -> None:
-        """Load ``database_path`` or build from the datamodule's train split when the database is empty."""
-        if self.database is not None and len(self.database) > 0:
-            return
+    def _load_database(self) -> bool:
+        """Load ``database_path`` when it exists (checking the model fingerprint); whether it was loaded."""
         path = self.hparams["database_path"]
-        if path and Path(path).is_file():
-            db = KNNDatabase.load(path)
-            db.check_fingerprint(self.fingerprint, f"embeddings of this task's model (database {path})")
-            self.database = db
-            logger.info("DUNIA zero-shot: loaded a retrieval database of %d pixels from %s", len(db), path)
+        if not path or not Path(path).is_file():
+            return False
+        db = KNNDatabase.load(path)
+        db.check_fingerprint(self.fingerprint, f"embeddings of this task's model (database {path})")
+        self.database = db
+        logger.info("DUNIA zero-shot: loaded a retrieval database of %d pixels from %s", len(db), path)
+        return True
+
+    # ------------------------------------------------------------------ train-split preparation
+    def needs_preparation(self) -> bool:
+        """Outside ``fit`` (where the training steps fill it), whether the database is still empty after loading
+        ``database_path`` when that file exists."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            return False
+        if self.database is not None and len(self.database) > 0:
+            return False
+        return not self._load_database()
+
+    def prepare_from_train_split(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Build the retrieval database from the training split's batches."""
+        logger.info("DUNIA zero-shot: empty database, building it from the training split")
+        self.build_database(batches)
+
+    def _ensure_database(self) -> None:
+        """Load ``database_path`` or build from the training split when the database is empty (outside ``fit``)."""
+        if self._trainer is None:  # no training split to build from: database_path or an error
+            if self.needs_preparation():
+                self._require_database()
             return
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "train_dataloader"):
-            self._require_database()
-        logger.info("DUNIA zero-shot: empty database, building it from the datamodule's training split")
-        dm.setup("fit")
-        self.build_database(dm.train_dataloader())
+        self._prepare_if_needed()
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self) -> None:
         self._fingerprint = None
+        super().on_fit_start()
 
     def on_train_epoch_start(self) -> None:
         if self.database is not None:
@@ -374,15 +338,15 @@ class DUNIAZeroShotKNNTask(BaseTask):
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
             self._fingerprint = None
-            self._ensure_database()
+        super().on_validation_start()
 
     def on_test_start(self) -> None:
         self._fingerprint = None
-        self._ensure_database()
+        super().on_test_start()
 
     def on_predict_start(self) -> None:
         self._fingerprint = None
-        self._ensure_database()
+        super().on_predict_start()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics()

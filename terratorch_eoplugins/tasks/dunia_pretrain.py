@@ -38,13 +38,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.losses import dunia_reconstruction_losses, hierarchical_vicreg, zero_cl_loss
-from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, DUNIAPretrainModel
 from terratorch_eoplugins.metrics import alignment_similarities
+from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, DUNIAPretrainModel
 
 __all__ = ["DUNIAPretrainTask", "gather_footprints", "warmup_cosine"]
 
@@ -156,7 +155,8 @@ class DUNIAPretrainTask(BaseTask):
                              f"including series, footprints, footprint_mask, waveform); got keys {sorted(batch)}")
         image, series = batch["image"], batch["series"]
         if not isinstance(image, Tensor) or image.ndim != 4:
-            raise ValueError(f"batch['image'] must be [B, C, H, W], got {getattr(image, 'shape', type(image).__name__)}")
+            raise ValueError(f"batch['image'] must be [B, C, H, W], got "
+                             f"{getattr(image, 'shape', type(image).__name__)}")
         if not isinstance(series, Tensor) or series.ndim != 5 or series.shape[0] != image.shape[0] \
                 or series.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"batch['series'] must be [B, C, T, H, W] on the image's grid {tuple(image.shape)}, got "
@@ -199,7 +199,8 @@ class DUNIAPretrainTask(BaseTask):
             parts["sim_pp"] = alignment_similarities(a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]),
                                                      b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]))
         parts["loss"] = (hp["zero_cl_weight"] * parts["zero_cl"] + hp["vicreg_weight"] * parts["vicreg"]
-                         + hp["reconstruction_weight"] * (parts["rec_series"] + parts["rec_image"] + parts["rec_waveform"])
+                         + hp["reconstruction_weight"] * (parts["rec_series"] + parts["rec_image"]
+                                                          + parts["rec_waveform"])
                          + hp["commit_weight"] * parts["commit"])
         return parts
 

@@ -4,8 +4,9 @@ L1 loss on ``clip((DN - 1000) / 10000, 0, 1)``, AdamW (lr 5e-4, no weight decay)
 cosine decay (stepped per epoch by default, 5 warmup epochs, as in the reference), gradient clipping
 through the trainer (``gradient_clip_val: 1.0``) and mixed precision through ``trainer.precision``
 where a GPU is available. Validation logs MAE, PSNR and SSIM (data range 1) and saves reconstruction
-plots. The generator's region (grid shape, acquisitions, CRS) comes from the datamodule
-(:class:`~terratorch_eoplugins.datamodules.lianet.LIANetPretrainDataModule`) at ``setup`` and is stored
+plots. The generator's region (grid shape, acquisitions, CRS) is what the datamodule publishes as
+``"region"`` (:class:`~terratorch_eoplugins.datamodules.lianet.LIANetPretrainDataModule`), read at ``setup``
+through :func:`~terratorch_eoplugins.tasks.preparation.train_split_info`; it is stored
 with the weights under the checkpoint key ``"lianet"``, so fine-tuning rebuilds the same generator
 with ``torch.load(..., weights_only=True)``. At the end of ``fit`` the generator is also exported to
 ``<log_dir>/lianet_generator.pt``.
@@ -23,11 +24,12 @@ import matplotlib
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchmetrics import MeanAbsoluteError
 from torchgeo.trainers import BaseTask
+from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from terratorch_eoplugins.models.lianet import CKPT_KEY, LIANetGenerator, generator_config, save_generator
+from terratorch_eoplugins.tasks.preparation import train_split_info
 
 __all__ = ["LIANetPretrainTask", "warmup_cosine"]
 
@@ -92,13 +94,13 @@ class LIANetPretrainTask(BaseTask):
 
     # ------------------------------------------------------------------------------- building
     def _region_args(self) -> dict[str, Any]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        region = getattr(dm, "region", None)
+        """Generator region arguments from the region the datamodule publishes (none without a datamodule)."""
+        region = train_split_info(self._trainer, "region")
         if region is None:
             return {}
-        return {"region_size": float(region.size), "region_shape": list(region.shape),
-                "acquisitions": region.acquisition_days, "region_crs": region.crs.to_string(),
-                "region_transform": list(tuple(region.transform)[:6])}
+        return {"region_size": float(region["size"]), "region_shape": list(region["shape"]),
+                "acquisitions": region["acquisitions"], "region_crs": region["crs"],
+                "region_transform": list(region["transform"])}
 
     def build_generator(self, extra: Mapping[str, Any] | None = None) -> LIANetGenerator:
         args = {**(extra or {}), **self.generator_args}
@@ -117,7 +119,8 @@ class LIANetPretrainTask(BaseTask):
         if cfg:
             variant = cfg.pop("variant", self.variant)
             if variant != self.variant:
-                raise ValueError(f"checkpoint holds a LIANet-{variant} generator, this task trains LIANet-{self.variant}")
+                raise ValueError(f"checkpoint holds a LIANet-{variant} generator, this task trains "
+                                 f"LIANet-{self.variant}")
             self.generator = LIANetGenerator(variant, **cfg)
 
     # -------------------------------------------------------------------------------- steps
@@ -171,13 +174,12 @@ class LIANetPretrainTask(BaseTask):
         import matplotlib.pyplot as plt
 
         b = self._plot_batch
-        dm = getattr(self.trainer, "datamodule", None)
-        ds = getattr(dm, "val_dataset", None)
-        if ds is None or not hasattr(ds, "plot"):
+        plot = train_split_info(self._trainer, "plot_sample")
+        if plot is None:
             return
         sample = {"image": b["image"][0], "prediction": b["prediction"][0], "date": b["date"][0],
                   "origin_px": b["origin_px"][0], "tile": ""}
-        fig = ds.plot(sample, suptitle=f"epoch {self.current_epoch}: {b['date'][0]}")
+        fig = plot(sample, suptitle=f"epoch {self.current_epoch}: {b['date'][0]}")
         logger = self.logger
         if logger is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
             logger.experiment.add_figure("val/reconstruction", fig, global_step=self.global_step)

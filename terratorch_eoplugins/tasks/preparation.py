@@ -14,6 +14,9 @@ database, a regression head's bias (:class:`TargetMeanBiasInit`). All of them go
   restored task does not prepare again.
 - :class:`PrepareFromTrainSplit` is the same contract as a Lightning callback, for modules that are not ours
   (terratorch's tasks), e.g. :class:`TargetMeanBiasInit`.
+- :func:`train_split_info` is the one other reader of ``trainer.datamodule``: setup-time metadata that the
+  datamodule publishes by name through its ``train_split_info(name)`` method (e.g. LIANet's pretraining
+  region, from which the generator is built).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch.utils.data import DataLoader
 
 logger = logging.getLogger("terratorch_eoplugins.tasks")
 
-__all__ = ["PrepareFromTrainSplit", "TargetMeanBiasInit", "TrainSplitPreparation", "train_split_batches"]
+__all__ = ["PrepareFromTrainSplit", "TargetMeanBiasInit", "TrainSplitPreparation", "train_split_batches",
+           "train_split_info"]
 
 
 def _ordered(loader: DataLoader) -> DataLoader:
@@ -42,7 +46,8 @@ def _ordered(loader: DataLoader) -> DataLoader:
 
 def train_split_batches(trainer: Trainer | None, module: LightningModule | None = None,
                         max_batches: int | None = None, what: str = "this task") -> Iterator[dict[str, Any]]:
-    """The training split's batches, in order, as the model's training steps would receive them.
+    """The training split's batches, in order, as the model's training steps would receive them; reading them
+    leaves the global torch random state unchanged.
 
     Args:
         trainer: the running trainer; its datamodule must provide ``train_dataloader()``.
@@ -59,9 +64,17 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
     if getattr(dm, "train_dataset", None) is None and hasattr(dm, "setup"):
         dm.setup("fit")
     module = module if module is not None else getattr(trainer, "lightning_module", None)
-    for i, batch in enumerate(_ordered(dm.train_dataloader())):
-        if max_batches is not None and i >= max_batches:
+    # Reading leaves the global torch RNG as it was (a DataLoader iterator draws its base seed from it, a dataset
+    # may draw too), so training after a preparation draws what it would have drawn without one.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(_ordered(dm.train_dataloader()))
+    i = 0
+    while max_batches is None or i < max_batches:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches, None)
+        if batch is None:
             break
+        i += 1
         if hasattr(dm, "on_before_batch_transfer"):
             batch = dm.on_before_batch_transfer(batch, 0)
         if hasattr(module, "transfer_batch_to_device"):
@@ -69,6 +82,27 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
         if hasattr(dm, "on_after_batch_transfer"):
             batch = dm.on_after_batch_transfer(batch, 0)
         yield batch
+
+
+def train_split_info(trainer: Trainer | None, name: str, default: Any = None) -> Any:
+    """Setup-time metadata that the trainer's datamodule publishes about its data, by ``name``.
+
+    The other way, besides :func:`train_split_batches`, in which a task learns about its data: a datamodule
+    publishes plain metadata (e.g. the LIANet datamodules' pretraining ``"region"``: grid shape, CRS,
+    acquisitions) and helpers (their ``"plot_sample"`` function) through its method ``train_split_info(name)``,
+    which returns ``None`` for what it does not publish. Nothing is set up here: the datamodule computes what it
+    publishes on demand.
+
+    Args:
+        trainer: the running trainer (``None``: no trainer attached yet).
+        name: what to read.
+        default: returned when there is no trainer or datamodule, the datamodule publishes nothing, or nothing
+            under ``name``.
+    """
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    publish = getattr(dm, "train_split_info", None)
+    value = publish(name) if callable(publish) else None
+    return default if value is None else value
 
 
 class TrainSplitPreparation:

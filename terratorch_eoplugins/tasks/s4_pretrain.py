@@ -34,7 +34,8 @@ __all__ = ["S4PretrainTask", "augment_series"]
 
 
 def augment_series(x: Tensor, gain_std: float = 0.1, offset_std: float = 0.1, noise_std: float = 0.1,
-                   erase_prob: float = 0.5, erase_frac: float = 0.25, generator: torch.Generator | None = None) -> Tensor:
+                   erase_prob: float = 0.5, erase_frac: float = 0.25,
+                   generator: torch.Generator | None = None) -> Tensor:
     """Pixel-aligned random view of standardised ``[B, C, T, H, W]`` series (single-modal ablation).
 
     Per sample and channel a gain ``1 + N(0, gain_std)`` and an offset ``N(0, offset_std)``; additive
@@ -110,7 +111,8 @@ class S4PretrainTask(BaseTask):
         if mode == "single_modal" and contrastive_weight == 0:
             raise ValueError("mode='single_modal' trains the contrastive loss only: contrastive_weight must be > 0")
         if optical_bands is not None and len(optical_bands) != optical_channels:
-            raise ValueError(f"optical_bands keeps {len(optical_bands)} channels but optical_channels={optical_channels}")
+            raise ValueError(f"optical_bands keeps {len(optical_bands)} channels but "
+                             f"optical_channels={optical_channels}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         super().__init__()
@@ -134,7 +136,8 @@ class S4PretrainTask(BaseTask):
         if not isinstance(image, Mapping):
             raise ValueError("S4PretrainTask expects batch['image'] = {'optical': ..., 'radar': ...} "
                              f"(S4PASTISDataModule), got {type(image).__name__}")
-        needed = ["optical", "radar"] if self.hparams["mode"] == "multimodal" else [self.hparams["single_modal_modality"]]
+        multimodal = self.hparams["mode"] == "multimodal"
+        needed = ["optical", "radar"] if multimodal else [self.hparams["single_modal_modality"]]
         missing = [m for m in needed if m not in image]
         if missing:
             raise ValueError(f"batch['image'] lacks modality {missing}; got {list(image)}")

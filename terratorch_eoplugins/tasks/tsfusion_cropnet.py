@@ -1,8 +1,8 @@
 """CropNet county yield fine-tuning of the TS-fusion encoder (Basile et al., 2025, section 4 and appendix A.2).
 
 For every county-year the encoder embeds each (grid, date) sample separately (image tokens + the
-grid's daily weather window around the date, the pretraining pairs of
-:mod:`terratorch_eoplugins.datamodules.tsfusion`), the token embeddings are pooled by mean pooling
+grid's daily weather window around the date, as the pretraining pairs of
+:mod:`terratorch_eoplugins.datasets.tsfusion`), the token embeddings are pooled by mean pooling
 (MP) or modality mean pooling (MMP) and averaged over the county's grids and dates, and the head
 ``y = MLP(z) + 0.1 W_r z`` predicts the (standardised) log yield under MSE (Fig. 4, appendix A.2).
 The decoder of pretraining is dropped.
@@ -10,23 +10,26 @@ The decoder of pretraining is dropped.
 Initialisation: from scratch (random encoder) or from a pretraining checkpoint
 (``pretrained_ckpt``: a ``TSFusionPretrainTask`` Lightning checkpoint read with
 ``torch.load(weights_only=True)``; it also provides the fitted tokenizers). Without a checkpoint the
-tokenizers are fitted on the train split's pairs at the start of ``fit`` (``tokenizer_ckpt`` can
+tokenizers are fitted on the train split's pairs before the first step, through the train-split preparation
+mechanism (:class:`~terratorch_eoplugins.tasks.preparation.TrainSplitPreparation`; ``tokenizer_ckpt`` can
 supply the tokenizers of a pretraining run while keeping a random encoder: the "from scratch" arm of
 the paper, which shares TerraMind's tokenizers).
 
 Metrics (validation and test epochs): ``RMSE``, ``R2`` (squared Pearson r, MMST-ViT protocol),
-``r`` and ``R2_cod`` (coefficient of determination) on yields, i.e. ``exp`` of the destandardised
-log-yield predictions (:func:`~terratorch_eoplugins.metrics.cropnet_metrics`).
+``r`` and ``R2_cod`` (coefficient of determination) on yields, i.e. ``exp`` of the log-yield predictions,
+destandardised with the batch's ``label_mean`` / ``label_std`` (:func:`~terratorch_eoplugins.metrics.cropnet_metrics`).
 
-Batches come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataModule` with
-``grid_aggregation: none``, ``normalize: false`` (the tokenizers see raw values) and
-``batch_keys: [weather_short, weather_short_mask, grid_mask, time_mask, grid_coords, dates]``.
+The task reads only its batches. They come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataModule`
+with ``grid_aggregation: none``, ``normalize: false`` (the tokenizers see raw values), the daily weather windows cut
+on the data side (``window_weather``, ``window_before``, ``window_after``: the task's ``weather``, ``before`` and
+``after``) and ``batch_keys:`` :data:`REQUIRED_KEYS`
+(``[weather_windows, grid_mask, time_mask, grid_coords, label_mean, label_std]``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -35,31 +38,47 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchgeo.trainers import BaseTask
 
-from terratorch_eoplugins.datamodules.tsfusion import TSFUSION_WEATHER, weather_windows
 from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.metrics import cropnet_metrics
-from terratorch_eoplugins.models.tsfusion import TSFusionModel, TSFusionRegressor, load_tsfusion_weights
-from terratorch_eoplugins.tasks.tsfusion_pretrain import MODEL_SIZES, TSFusionTokenizers
+from terratorch_eoplugins.models.tsfusion import (
+    MODEL_SIZES,
+    TSFusionModel,
+    TSFusionRegressor,
+    load_tsfusion_weights,
+)
+from terratorch_eoplugins.models.tsfusion_tokenizers import TSFusionTokenizers
+from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
-__all__ = ["TSFusionCropNetTask", "county_pairs"]
+__all__ = ["PAIR_KEYS", "REQUIRED_KEYS", "TSFusionCropNetTask", "county_pairs"]
 
-REQUIRED_KEYS = ("weather_short", "weather_short_mask", "grid_mask", "time_mask", "grid_coords", "dates")
+#: batch keys (besides ``image``) from which :func:`county_pairs` cuts the (grid, date) pairs
+PAIR_KEYS = ("weather_windows", "grid_mask", "time_mask", "grid_coords")
+#: the ``batch_keys`` of the CropNetDataModule: the pair keys and the label statistics of the yield metrics
+REQUIRED_KEYS = (*PAIR_KEYS, "label_mean", "label_std")
 
 
-def county_pairs(batch: Mapping[str, Any], months: Sequence[int], var_idx: Sequence[int], before: int,
-                 after: int) -> tuple[list[dict[str, Tensor]], Tensor]:
+def county_pairs(batch: Mapping[str, Any]) -> tuple[list[dict[str, Tensor]], Tensor]:
     """Per-county (grid, date) pairs of a collated CropNet batch (padding removed).
 
+    Reads ``image [B, T, G, C, H, W]``, ``weather_windows [B, T, G, V, L]`` (the daily weather windows around
+    every image date, cut on the data side), ``grid_mask``, ``time_mask`` and ``grid_coords``.
+
     Returns a list (one per county) of ``image [S, C, H, W]``, ``weather [S, V, L]``, ``coords [S, 2]``
-    and the number of samples ``S = T * G`` of each county.
+    and the number of samples ``S = T * G`` of each county (date-major order, ``t * G + g``).
     """
-    missing = [k for k in ("image", *REQUIRED_KEYS) if k not in batch]
+    missing = [k for k in ("image", *PAIR_KEYS) if k not in batch]
     if missing:
         raise KeyError(f"TS-fusion CropNet batches need {missing}: set the CropNetDataModule's batch_keys to "
-                       f"{list(REQUIRED_KEYS)} and grid_aggregation: none")
+                       f"{list(REQUIRED_KEYS)}, window_weather / window_before / window_after to the task's weather / "
+                       "before / after, and grid_aggregation: none")
     image = batch["image"]
     if image.ndim != 6:
-        raise ValueError(f"batch['image'] must be [B, T, G, C, H, W] (grid_aggregation: none), got {tuple(image.shape)}")
+        raise ValueError(f"batch['image'] must be [B, T, G, C, H, W] (grid_aggregation: none), got "
+                         f"{tuple(image.shape)}")
+    windows = batch["weather_windows"]
+    if windows.ndim != 5 or windows.shape[:3] != image.shape[:3]:
+        raise ValueError(f"batch['weather_windows'] must be [B, T, G, V, L] with the image's B, T, G "
+                         f"{tuple(image.shape[:3])}, got {tuple(windows.shape)}")
     out, counts = [], []
     for b in range(image.shape[0]):
         g = int(batch["grid_mask"][b].sum())
@@ -67,13 +86,10 @@ def county_pairs(batch: Mapping[str, Any], months: Sequence[int], var_idx: Seque
         if g == 0:
             raise EODataError(f"county {batch.get('fips', ['?'] * (b + 1))[b]}: no grids (grid_mask is all False); "
                               "a county without grids cannot be predicted")
-        ws = batch["weather_short"][b][:, :, :g]
-        if not bool(torch.isfinite(ws).all()):
-            raise EODataError("weather_short has non-finite values; the CropNet reader fills missing days, so the "
+        wins = windows[b, :t, :g]  # [T, G, V, L]
+        if not bool(torch.isfinite(wins).all()):
+            raise EODataError("weather_windows has non-finite values; the CropNet reader fills missing days, so the "
                               "data were modified after reading")
-        dates = list(batch["dates"][b])[:t]
-        wins, _, _ = weather_windows(ws, batch["weather_short_mask"][b], dates, months, before, after)
-        wins = wins[:, :, list(var_idx)]  # [T, G, V, L]
         img = image[b, :t, :g]
         coords = batch["grid_coords"][b, :g].float().mean(1)
         out.append({"image": img.reshape(t * g, *img.shape[2:]), "weather": wins.reshape(t * g, *wins.shape[2:]),
@@ -82,7 +98,7 @@ def county_pairs(batch: Mapping[str, Any], months: Sequence[int], var_idx: Seque
     return out, torch.tensor(counts)
 
 
-class TSFusionCropNetTask(BaseTask):
+class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
     """County yield regression with the TS-fusion encoder, MP or MMP pooling and the 0.1-residual MLP head.
 
     Args:
@@ -94,7 +110,6 @@ class TSFusionCropNetTask(BaseTask):
         weather, before, after, image_size, image_channels, ts_tokenizer, ts_tokenizer_kwargs,
             image_tokenizer_kwargs, tokenizer_steps: tokenizer settings (as in pretraining).
         use_modalities: modalities fed to the encoder (default image + weather, as the paper's downstream model).
-        months: weather months of the datamodule (read from the datamodule when it has them).
         hidden_dim, dropout, residual_scale: head (appendix A.2: dropout 0.25, residual 0.1).
         lr, weight_decay: AdamW (paper: 5e-5, 0.01; larger rates for short CPU runs); cosine decay.
         warmup_epochs: linear warmup epochs before the cosine decay (appendix A.2: 5 of 200 epochs); it keeps the
@@ -112,10 +127,10 @@ class TSFusionCropNetTask(BaseTask):
                  before: int = 29, after: int = 10, image_size: int = 32, image_channels: int = 3,
                  ts_tokenizer: str = "uniform", ts_tokenizer_kwargs: Mapping[str, Any] | None = None,
                  image_tokenizer_kwargs: Mapping[str, Any] | None = None, tokenizer_steps: int = 200,
-                 use_modalities: Sequence[str] | None = None, months: Sequence[int] = (4, 5, 6, 7, 8, 9),
-                 hidden_dim: int = 128, dropout: float = 0.25, residual_scale: float = 0.1, lr: float = 1e-3,
-                 weight_decay: float = 0.01, train_samples_per_county: int | None = None,
-                 warmup_epochs: float = 0.0, encoder_lr_scale: float = 1.0) -> None:
+                 use_modalities: Sequence[str] | None = None, hidden_dim: int = 128, dropout: float = 0.25,
+                 residual_scale: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
+                 train_samples_per_county: int | None = None, warmup_epochs: float = 0.0,
+                 encoder_lr_scale: float = 1.0) -> None:
         if pooling not in ("mp", "mmp"):
             raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
         if model not in MODEL_SIZES:
@@ -185,67 +200,39 @@ class TSFusionCropNetTask(BaseTask):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ------------------------------------------------------------------ data
-    def attach_datamodule(self, datamodule: Any) -> None:
-        """Use ``datamodule`` (a CropNetDataModule) for months, weather columns and label statistics outside a
-        trainer (analyses, notebooks)."""
-        self._attached_dm = datamodule
+    # ------------------------------------------------------------------ tokenizers
+    def needs_preparation(self) -> bool:
+        """Tokenizers not fitted yet (no ``pretrained_ckpt`` / ``tokenizer_ckpt`` and not restored)."""
+        return not self.tokenizers.fitted
 
-    def _datamodule(self) -> Any:
-        dm = getattr(self, "_attached_dm", None)
-        if dm is None and self._trainer is not None:
-            dm = getattr(self._trainer, "datamodule", None)
-        return dm
+    def prepare_from_train_split(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Fit the tokenizers on the (grid, date) pairs of every training county (batches in dataset order).
 
-    def _months(self) -> Sequence[int]:
-        dm = self._datamodule()
-        kwargs = getattr(dm, "kwargs", None)
-        if isinstance(kwargs, Mapping) and "months" in kwargs:
-            return tuple(kwargs["months"])
-        return tuple(self.hparams["months"])
-
-    def _var_idx(self) -> list[int]:
-        dm = self._datamodule()
-        kwargs = getattr(dm, "kwargs", None)
-        columns = list(kwargs["weather_variables"]) if isinstance(kwargs, Mapping) and "weather_variables" in kwargs \
-            else None
-        idx = []
-        for v in self.hparams["weather"]:
-            col = TSFUSION_WEATHER[v]
-            if columns is None:
-                raise RuntimeError("cannot map weather variables without a CropNetDataModule (weather_variables)")
-            if col not in columns:
-                raise ValueError(f"weather variable {v!r} ({col}) is not among the datamodule's weather_variables")
-            idx.append(columns.index(col))
-        return idx
-
-    def on_fit_start(self) -> None:
-        """Fit the tokenizers on the train split's pairs when no checkpoint provided them."""
-        self._ensure_tokenizers()
-
-    def on_validation_start(self) -> None:
-        self._ensure_tokenizers()
-
-    def on_test_start(self) -> None:
-        """``test`` without ``fit`` (and without a checkpoint) still needs tokenizers: fit them on the train split."""
-        self._ensure_tokenizers()
-
-    def _ensure_tokenizers(self) -> None:
-        if self.tokenizers.fitted:
-            return
-        dm = self.trainer.datamodule
-        if dm is None:
-            raise RuntimeError("TSFusionCropNetTask needs a CropNetDataModule to fit its tokenizers")
-        if getattr(dm, "train_dataset", None) is None:
-            dm.setup("fit")
+        Reading the batches leaves the global random state as it was (:func:`train_split_batches`).
+        """
         images, weather = [], []
-        for batch in dm.train_dataloader():
-            pairs, _ = county_pairs(batch, self._months(), self._var_idx(), self.hparams["before"],
-                                    self.hparams["after"])
+        for batch in batches:
+            pairs, _ = self._county_pairs(batch)
             images += [p["image"] for p in pairs]
             weather += [p["weather"] for p in pairs]
+        if not images:
+            raise RuntimeError("TSFusionCropNetTask: the training split has no county to fit the tokenizers on")
         # a fast_dev_run smoke test only checks the wiring: 2 tokenizer training steps
-        self.tokenizers.fit(torch.cat(images), torch.cat(weather), max_steps=2 if self.trainer.fast_dev_run else None)
+        fast = bool(self._trainer is not None and self.trainer.fast_dev_run)
+        self.tokenizers.fit(torch.cat(images), torch.cat(weather), max_steps=2 if fast else None)
+
+    def _county_pairs(self, batch: Mapping[str, Any]) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """:func:`county_pairs`, with the batch's windows checked against the task's weather, before and after."""
+        pairs, counts = county_pairs(batch)
+        hp = self.hparams
+        want = (len(hp["weather"]), hp["before"] + 1 + hp["after"])
+        got = tuple(pairs[0]["weather"].shape[1:]) if pairs else want
+        if got != want:
+            raise ValueError(f"the batch's weather windows have {got[0]} variables x {got[1]} days, but the task's "
+                             f"weather {list(hp['weather'])}, before {hp['before']} and after {hp['after']} need "
+                             f"{want[0]} x {want[1]}: give the CropNetDataModule the same window_weather, "
+                             "window_before and window_after")
+        return pairs, counts
 
     def tokens_of(self, batch: Mapping[str, Any], max_samples: int | None = None
                   ) -> tuple[dict[str, Tensor], Tensor]:
@@ -253,8 +240,7 @@ class TSFusionCropNetTask(BaseTask):
 
         ``max_samples`` keeps a random subset of at most that many (grid, date) samples per county.
         """
-        pairs, counts = county_pairs(batch, self._months(), self._var_idx(), self.hparams["before"],
-                                     self.hparams["after"])
+        pairs, counts = self._county_pairs(batch)
         if max_samples is not None:
             for i, p in enumerate(pairs):
                 n = len(p["image"])
@@ -287,8 +273,8 @@ class TSFusionCropNetTask(BaseTask):
         self.log(f"{stage}/loss", loss, batch_size=pred.shape[0], prog_bar=stage == "train", on_epoch=True,
                  on_step=stage == "train")
         if stage != "train":
-            self._outs["pred"].append(pred.detach().cpu())
-            self._outs["true"].append(label.detach().cpu())
+            self._outs["pred"].append(self.destandardize(pred.detach().cpu(), batch))
+            self._outs["true"].append(self.destandardize(label.detach().cpu(), batch))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -300,16 +286,22 @@ class TSFusionCropNetTask(BaseTask):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "test")
 
-    def _destandardize(self, x: Tensor) -> Tensor:
-        dm = self._datamodule()
-        return dm.destandardize(x) if dm is not None and hasattr(dm, "destandardize") else x
+    @staticmethod
+    def destandardize(x: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """Log units of standardised predictions or labels ``x [B, n]`` of ``batch``: ``x * label_std + label_mean``
+        with the batch's label statistics (the datamodule's ``label_mean`` / ``label_std`` keys)."""
+        missing = [k for k in ("label_mean", "label_std") if k not in batch]
+        if missing:
+            raise KeyError(f"TS-fusion CropNet batches need {missing} for the yield metrics: add them to the "
+                           f"CropNetDataModule's batch_keys ({list(REQUIRED_KEYS)})")
+        return x * batch["label_std"].to(x).reshape(x.shape) + batch["label_mean"].to(x).reshape(x.shape)
 
     def yield_metrics(self) -> dict[str, float]:
-        """CropNet metrics of the collected predictions (clears them)."""
+        """CropNet metrics of the collected (log-unit) predictions (clears them)."""
         if not self._outs["pred"]:
             return {}
-        pred = self._destandardize(torch.cat(self._outs["pred"]))
-        true = self._destandardize(torch.cat(self._outs["true"]))
+        pred = torch.cat(self._outs["pred"])
+        true = torch.cat(self._outs["true"])
         self._outs = {"pred": [], "true": []}
         #: yields (exp of the log predictions / labels) of the last validation or test epoch, for analyses
         self.last_yields = {"pred": torch.exp(pred.double()).ravel(), "true": torch.exp(true.double()).ravel()}

@@ -14,7 +14,7 @@ from terratorch_eoplugins.models.dunia import (
     DUNIA,
     DUNIA_VARIANTS,
     DUNIAPretrainModel,
-    dunia_tiny,
+    build_dunia,
     load_dunia_checkpoint,
     load_dunia_pretrain_model,
 )
@@ -42,7 +42,7 @@ def test_paper_configuration() -> None:
 
 
 def test_embeddings_any_size_divisible_by_patch() -> None:
-    model = dunia_tiny(**MICRO).eval()
+    model = build_dunia("tiny", **MICRO).eval()
     out = model.forward_embeddings(torch.randn(2, 14, 16, 40))
     assert out["vertical"].shape == out["horizontal"].shape == (2, 8, 16, 40)
     for d, (v, h) in enumerate(zip(out["vertical_levels"], out["horizontal_levels"])):
@@ -60,8 +60,12 @@ def test_registered_backbone_and_lowshot_head_through_terratorch() -> None:
     from terratorch.models import EncoderDecoderFactory
     from terratorch.registry import BACKBONE_REGISTRY
 
+    from terratorch_eoplugins.models.dunia import DUNIABackbone, dunia_tiny
+
     bb = BACKBONE_REGISTRY.build("dunia_tiny", **MICRO)
     assert bb.out_channels == [8, 8]
+    # timm's pattern: the module-level factory is the registered one and returns what the registry returns
+    assert isinstance(bb, DUNIABackbone) and isinstance(dunia_tiny(**MICRO), DUNIABackbone)
     feats = bb(torch.randn(1, 14, 16, 16), dates=None)
     assert [tuple(f.shape) for f in feats] == [(1, 8, 16, 16), (1, 8, 16, 16)]
     with pytest.raises(ValueError, match="ckpt_path"):
@@ -81,7 +85,10 @@ def test_lowshot_trains_only_last_na_layers_and_head(embedding: str, updated: se
     bb = DUNIABackbone("tiny", lowshot=True, **MICRO)
     head = DUNIALowShotHead(bb.out_channels, embedding)
     # the first 1x1 conv halves the channels it reads: D_p (one embedding) or 2 D_p (O^V and O^H concatenated)
-    assert head.conv[0].in_channels == (16 if embedding == "both" else 8) and head.out_channels == head.conv[0].in_channels // 2
+    assert (
+        head.conv[0].in_channels == (16 if embedding == "both" else 8)
+        and head.out_channels == head.conv[0].in_channels // 2
+    )
     trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.decoder_v.na.1.", "model.decoder_h.na.1.")) for n in trainable)
     bb.train()
@@ -276,7 +283,7 @@ def test_pretraining_chips_series_from_georeferenced_tiles(tiny_world_dir: Path)
     import rasterio
     from rasterio.windows import Window
 
-    from terratorch_eoplugins.datamodules.dunia import DUNIAPretrainChips
+    from terratorch_eoplugins.datasets.dunia_chips import DUNIAPretrainChips
 
     ds = DUNIAPretrainChips(tiny_world_dir / "GEDI", split="test", chip_size=64)
     sample = ds[0]
@@ -322,7 +329,9 @@ def test_target_mean_bias_init_sets_head_bias_to_labelled_mean() -> None:
     TargetMeanBiasInit(max_batches=1).on_fit_start(trainer, module)
     assert module.model.head.head[-1].bias.item() == pytest.approx(masks[0][masks[0] != -1].mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="no labelled pixel"):
-        empty = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: iter([{"mask": -torch.ones(1, 4, 4)}])))
+        empty = SimpleNamespace(
+            datamodule=SimpleNamespace(train_dataloader=lambda: iter([{"mask": -torch.ones(1, 4, 4)}]))
+        )
         TargetMeanBiasInit().on_fit_start(empty, module)
     with pytest.raises(ValueError, match="no head ending in a Conv2d"):
         TargetMeanBiasInit().on_fit_start(trainer, SimpleNamespace(model=SimpleNamespace(), hparams={}))

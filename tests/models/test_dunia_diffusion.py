@@ -106,8 +106,17 @@ def test_predict_writes_generated_waveforms_with_shot_numbers(tiny_world_dir: Pa
     out = tmp_path / "pred.h5"
     task = DUNIAWaveformDiffusionTask(predict_output=str(out), **TINY)
     dm = _datamodule(tiny_world_dir)
-    trainer = Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, limit_test_batches=1, limit_predict_batches=1,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        limit_predict_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(task, datamodule=dm)
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
     assert {"test/loss", "test/r_generated", "test/r_retrieved", "test/r_random"} <= set(metrics)

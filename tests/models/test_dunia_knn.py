@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from terratorch_eoplugins.models.dunia import prepare_dunia_input
 from terratorch_eoplugins.nn.knn import KNNDatabase
-from terratorch_eoplugins.tasks.dunia_knn import DUNIAZeroShotKNNTask, prepare_dunia_input
+from terratorch_eoplugins.tasks.dunia_knn import DUNIAZeroShotKNNTask
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,7 @@ def test_prepare_input_median_composite_modalities_and_zero_channels() -> None:
     torch.testing.assert_close(prepare_dunia_input(s2, "mean"), s2.mean(2))
     with pytest.raises(ValueError, match="out of range"):
         prepare_dunia_input(s2, "median", input_channels=[0, 3])
-    with pytest.raises(ValueError, match="lacks modality"):
+    with pytest.raises(ValueError, match="lacks modalities"):
         prepare_dunia_input({"S2": s2}, "median", ["S2", "S1A"])
     with pytest.raises(ValueError, match="temporal_reduce"):
         prepare_dunia_input(s2, "max")

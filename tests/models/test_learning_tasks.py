@@ -33,8 +33,18 @@ def test_burnscars_segmentation_beats_predicting_no_burn(tiny_world_dir: Path, t
     dm = HLSBurnScarsDataModule(root=tiny_world_dir / "hls_burn_scars", crop_size=128, batch_size=4)
     task = SemanticSegmentationTask(
         model_factory="EncoderDecoderFactory",
-        model_args={"backbone": "micro_unet", "backbone_in_channels": 6, "decoder": "IdentityDecoder", "num_classes": 2},
-        loss="ce", ignore_index=-1, lr=3e-3, optimizer="AdamW", plot_on_val=False)
+        model_args={
+            "backbone": "micro_unet",
+            "backbone_in_channels": 6,
+            "decoder": "IdentityDecoder",
+            "num_classes": 2,
+        },
+        loss="ce",
+        ignore_index=-1,
+        lr=3e-3,
+        optimizer="AdamW",
+        plot_on_val=False,
+    )
     _trainer(6, tmp_path).fit(task, datamodule=dm)
     dm.setup("test")
     task.eval()
@@ -74,8 +84,10 @@ def test_gedi_rh98_regression_correlates_at_footprints(tiny_world_dir: Path, tmp
     p, y = torch.cat(preds), torch.cat(truth)
     assert len(y) > 50
     r = float(torch.corrcoef(torch.stack([p, y]))[0, 1])
-    print(f"\nGEDI held-out footprints n={len(y)} RH98 Pearson r {r:.3f} RMSE {float((p - y).pow(2).mean().sqrt()):.2f} m"
-          f" (mean predictor RMSE {float(y.std()):.2f} m)")
+    print(
+        f"\nGEDI held-out footprints n={len(y)} RH98 Pearson r {r:.3f} RMSE {float((p - y).pow(2).mean().sqrt()):.2f} m"
+        f" (mean predictor RMSE {float(y.std()):.2f} m)"
+    )
     # a mean predictor has r = 0 (undefined); the synthetic RH98 follows canopy height seen by S1/S2
     assert r > 0.5, r
 

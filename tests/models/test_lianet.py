@@ -1,9 +1,10 @@
-"""LIANet: parameter budgets, generator checks, checkpoints, datamodule georeferencing, pretraining learns."""
+"""LIANet: parameter budgets, generator checks, checkpoints, pretraining learns (samples: tests/datasets)."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,17 +13,16 @@ import torch
 from terratorch.registry import BACKBONE_REGISTRY, DECODER_REGISTRY
 
 import terratorch_eoplugins  # noqa: F401
-from terratorch_eoplugins.datamodules.lianet import (
-    LIANetBurnScars,
-    LIANetPASTIS,
-    LIANetPretrainDataModule,
-    polygon_origin,
+from terratorch_eoplugins.datamodules.lianet import LIANetPretrainDataModule
+from terratorch_eoplugins.models.lianet import (
+    LIANetBackbone,
+    LIANetGenerator,
+    load_generator,
+    parameter_counts,
+    save_generator,
 )
-from terratorch_eoplugins.errors import EODataError
-from terratorch_eoplugins.datasets.s2_tiles import scan_region
-from terratorch_eoplugins.models.lianet import LIANetGenerator, load_generator, parameter_counts, save_generator
-from terratorch_eoplugins.synthetic.lianet_burn_tiles import write_lianet_burn_tiles
 from terratorch_eoplugins.tasks.lianet_pretrain import LIANetPretrainTask, warmup_cosine
+from terratorch_eoplugins.tasks.preparation import train_split_info
 
 SMALL = dict(levels=6, features_per_level=4, log2_table_size=12, base_resolution=8, growth=2.0, preproj_channels=16,
              trunk_hidden=16, trunk_blocks=1, trunk_out=16)
@@ -97,87 +97,38 @@ def test_warmup_cosine_schedule() -> None:
     assert all(a >= b for a, b in zip(f[5:], f[6:]))
 
 
-@pytest.fixture(scope="module")
-def burn_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_lianet_burn_tiles(tmp_path_factory.mktemp("lianet_burn"), "tiny", 0)
+def test_registered_factories_are_the_variants_builders() -> None:
+    """timm's pattern: the registry holds each variant's factory itself, so both build the same module."""
+    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
+
+    from terratorch_eoplugins.models import lianet
+
+    for name in lianet.REGISTERED["backbone"]:
+        assert TERRATORCH_BACKBONE_REGISTRY[name] is getattr(lianet, name)
+        torch.manual_seed(0)
+        direct = getattr(lianet, name)(generator_args={**SMALL, "trunk": "lite"})
+        torch.manual_seed(0)
+        built = BACKBONE_REGISTRY.build(name, generator_args={**SMALL, "trunk": "lite"})
+        assert type(built) is type(direct) is LIANetBackbone
+        assert built.generator.config == direct.generator.config == {**direct.generator.config, "variant": name[7:]}
+    assert TERRATORCH_DECODER_REGISTRY["lianet_head"] is lianet.lianet_head
 
 
-def test_pastis_patches_land_on_their_pixels(tiny_world_dir: Path) -> None:
-    """The S2 window at each patch's mapped origin is the PASTIS patch's own S2 image of that date."""
-    region = scan_region(tiny_world_dir / "S2_TILES")
-    ds = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="patch", image="s2")
-    assert len(ds) > 0
-    seen = set()
-    for i in range(0, len(ds), max(1, len(ds) // 6)):
-        s = ds[i]
-        k = ds.samples[i]["index"]
-        patch = ds.pastis.patches[k]
-        dates = patch["dates"]["S2"]
-        j = [d.isoformat() for d in dates].index(s["date"][:10])
-        raw = np.load(patch["files"]["S2"])[j].astype(np.float32)  # T x 10 x 128 x 128 (B2..B12, no B1/B9)
-        ours = s["image"].numpy()[[1, 2, 3, 4, 5, 6, 7, 8, 10, 11]] * 10000
-        assert np.corrcoef(raw.ravel(), ours.ravel())[0, 1] > 0.99
-        assert s["mask"].shape == (128, 128) and s["image"].shape == (12, 128, 128)
-        seen.add(tuple(s["origin_px"].tolist()))
-    assert len(seen) > 1
-    region_ds = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="val", dates="region", num_dates=3)
-    assert len(region_ds) == 3 * len(region_ds.pastis)
-
-
-def test_pastis_max_cloud_drops_cloudy_pairs(tiny_world_dir: Path) -> None:
-    """max_cloud keeps exactly the (date x patch) pairs whose MSK_CLDPRB window mean is at most the threshold."""
-    import rasterio
-    from rasterio.windows import Window
-
-    region = scan_region(tiny_world_dir / "S2_TILES")
-    every = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="region")
-    clear = LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", dates="region", max_cloud=20)
-    tile = region.tiles[0]
-    files = dict(tile.files)
-
-    def cloud(s: dict) -> float:
-        path = files[region.times[s["time_index"]]]
-        col, row = s["origin"][0] - tile.offset[0], s["origin"][1] - tile.offset[1]
-        with rasterio.open(path.parent / "MSK_CLDPRB" / path.name) as src:
-            return float(src.read(1, window=Window(col, row, 128, 128)).mean())
-
-    expected = [(s["id"], s["time_index"]) for s in every.samples if cloud(s) <= 20]
-    assert [(s["id"], s["time_index"]) for s in clear.samples] == expected
-    assert 0 < len(clear) < len(every)  # the tiny world has cloudy dates
-    with pytest.raises(ValueError, match="max_cloud"):
-        LIANetPASTIS(tiny_world_dir / "PASTIS-R", region, split="train", max_cloud=150)
-
-
-def test_bad_georeferencing_and_dates(tiny_world_dir: Path) -> None:
-    region = scan_region(tiny_world_dir / "S2_TILES")
-    square = [(0, 0), (1280, 0), (1280, -1280), (0, -1280), (0, 0)]
-    with pytest.raises(EODataError, match="cannot transform"):
-        polygon_origin(square, "EPSG:999999", region, 128, "patch X")
-    with pytest.raises(EODataError, match="patch X"):
-        polygon_origin(square, "+proj=geocent +units=m +no_defs +type=crs +foo", region, 128, "patch X")
-    far = [(x + 5e5, y) for x, y in square]
-    with pytest.raises(EODataError, match="outside the pretrained region"):
-        polygon_origin(far, region.crs.to_wkt(), region, 128, "patch Y")
-    sub = scan_region(tiny_world_dir / "S2_TILES")
-    sub.tiles[0].files = sub.tiles[0].files[:2]  # pretend only the first two acquisitions were pretrained
-    with pytest.raises(EODataError, match="no pretraining acquisition on that day"):
-        LIANetPASTIS(tiny_world_dir / "PASTIS-R", sub, split="val", dates="patch")
-
-
-def test_burnscars_windows_show_the_burn_in_the_paired_acquisition(tiny_world_dir: Path, burn_tiles: Path) -> None:
-    region = scan_region(burn_tiles)
-    ds = LIANetBurnScars(tiny_world_dir / "hls_burn_scars", region, split="train", image="s2")
-    assert len(ds) > 0
-    burned, clear = [], []
-    for i in range(len(ds)):
-        s = ds[i]
-        m = s["mask"].numpy()
-        assert (m == 1).any()
-        nir = s["image"].numpy()[8]  # B8A: NIR drops on burn scars
-        burned.append(nir[m == 1].mean())
-        if (m == 0).any():
-            clear.append(nir[m == 0].mean())
-    assert np.mean(burned) < np.mean(clear) - 0.05
+def test_the_task_reads_the_region_the_datamodule_publishes(tiny_world_dir: Path) -> None:
+    dm = LIANetPretrainDataModule(root=str(tiny_world_dir / "S2_TILES"), patch_size=24)
+    region = train_split_info(SimpleNamespace(datamodule=dm), "region")
+    assert region["shape"] == list(dm.region.shape) and region["size"] == dm.region.size
+    assert region["acquisitions"] == dm.region.acquisition_days and region["crs"] == dm.region.crs.to_string()
+    assert train_split_info(SimpleNamespace(datamodule=dm), "plot_sample") is None  # no val split before setup
+    dm.setup("validate")
+    assert train_split_info(SimpleNamespace(datamodule=dm), "plot_sample") == dm.val_dataset.plot
+    assert train_split_info(None, "region", {}) == {} and train_split_info(SimpleNamespace(), "region") is None
+    task = LIANetPretrainTask("modified", SMALL)
+    task.trainer = SimpleNamespace(datamodule=dm)
+    task.setup("fit")
+    assert task.generator.config["region_shape"] == list(dm.region.shape)
+    assert task.generator.config["region_transform"] == list(tuple(dm.region.transform)[:6])
+    assert task.generator.config["region_crs"] == dm.region.crs.to_string()
 
 
 def test_pretraining_psnr_rises(tiny_world_dir: Path, tmp_path: Path) -> None:

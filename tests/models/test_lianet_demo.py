@@ -31,8 +31,8 @@ def test_majority_baseline_scores_the_most_frequent_train_class(tiny_world_dir: 
     from terratorch_eoplugins.datamodules.lianet import LIANetPASTISDataModule
 
     over = {"root": str(tiny_world_dir / "PASTIS-R"), "tiles_root": str(tiny_world_dir / "S2_TILES"), "num_dates": 2}
-    base = majority_baseline(REPO / "configs/data/lianet_pastis.yaml", over)
-    piece = yaml.safe_load((REPO / "configs/data/lianet_pastis.yaml").read_text())["init_args"]
+    base = majority_baseline(REPO / "configs/data/pastis_lianet.yaml", over)
+    piece = yaml.safe_load((REPO / "configs/data/pastis_lianet.yaml").read_text())["init_args"]
     dm = LIANetPASTISDataModule(**{**piece, **over})  # same samples (dates, max_cloud) as the baseline scores
     dm.setup("fit")
     dm.setup("test")

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from terratorch_eoplugins.datamodules.tsfusion import TSFusionPretrainDataModule, extract_pairs, weather_windows
+from terratorch_eoplugins.datamodules.tsfusion import TSFusionPretrainDataModule
+from terratorch_eoplugins.datasets.tsfusion import extract_pairs
+from terratorch_eoplugins.datasets.weather_windows import weather_windows
 from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.models.tsfusion import (
     ModalitySpec,
@@ -349,6 +351,34 @@ def test_pretraining_generates_weather_that_correlates_with_the_truth(pretrained
                         1 - ((t - p) ** 2).sum() / ((t - t.mean()) ** 2).sum(), rel_tol=1e-9)
 
 
+def test_pretrain_tokenizers_are_fitted_on_the_train_split_batches(pretrained, one_torch_thread) -> None:  # noqa: ANN001
+    """The preparation mechanism's batches give the same tokenizers as the training pairs themselves, and leave the
+    global random state alone."""
+    from types import SimpleNamespace
+
+    from terratorch_eoplugins.tasks.preparation import train_split_batches
+    from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask
+
+    _, dm, _ = pretrained
+    kw = dict(before=5, after=2, image_size=16, tokenizer_steps=3,
+              image_tokenizer_kwargs={"levels": [5, 4, 4], "hidden_dims": [16, 16]},
+              model_kwargs={"dim": 32, "encoder_depth": 1, "decoder_depth": 1})
+    by_batches, direct = TSFusionPretrainTask(**kw), TSFusionPretrainTask(**kw)
+    direct.load_state_dict(by_batches.state_dict())  # the same initial tokenizer weights
+    assert by_batches.needs_preparation()
+    state = torch.get_rng_state()
+    by_batches.prepare_from_train_split(train_split_batches(SimpleNamespace(datamodule=dm), by_batches))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not by_batches.needs_preparation()
+    train = dm.pairs("train").tensors
+    # the same values in the same order; contiguous as collated batches are (the stored pairs are channels-last
+    # views, whose float reductions round differently)
+    direct.fit_tokenizers(train["image"].contiguous(), train["weather"].contiguous())
+    fitted = by_batches.tokenizers.state_dict()
+    for k, v in direct.tokenizers.state_dict().items():
+        assert torch.equal(v, fitted[k]), k
+
+
 def test_pretrain_checkpoint_fine_tunes_with_mp_and_mmp_and_gives_gradient_sensitivity(
         pretrained, tiny_world_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
     import lightning.pytorch as pl
@@ -359,8 +389,10 @@ def test_pretrain_checkpoint_fine_tunes_with_mp_and_mmp_and_gives_gradient_sensi
     task, _, ckpt = pretrained
     dm = CropNetDataModule(tiny_world_dir / "CropNet", crop="Corn", grid_aggregation="none", normalize=False,
                            standardize_label=True, long_term_years=0, image_size=16, max_dates=2, batch_size=4,
-                           batch_keys=list(REQUIRED_KEYS))
-    common = dict(before=5, after=2, image_size=16, image_tokenizer_kwargs={"levels": [5, 4, 4], "hidden_dims": [16, 16]},
+                           batch_keys=list(REQUIRED_KEYS), window_weather=("tavg", "tmax", "tmin", "precip"),
+                           window_before=5, window_after=2)
+    common = dict(before=5, after=2, image_size=16,
+                  image_tokenizer_kwargs={"levels": [5, 4, 4], "hidden_dims": [16, 16]},
                   model_kwargs={"dim": 32, "encoder_depth": 1, "decoder_depth": 1}, hidden_dim=16)
     for pooling in ("mp", "mmp"):
         ft = TSFusionCropNetTask(pooling=pooling, pretrained_ckpt=str(ckpt), **common)
@@ -375,8 +407,9 @@ def test_pretrain_checkpoint_fine_tunes_with_mp_and_mmp_and_gives_gradient_sensi
     from terratorch_eoplugins.analysis.tsfusion_sensitivity import load_cropnet_task, main, modality_gradients
 
     loaded = load_cropnet_task(tmp_path / "ft.ckpt")
-    loaded.attach_datamodule(dm)
     batch = next(iter(dm.val_dataloader()))
+    with pytest.raises(ValueError, match="window_before"):  # windows of the data side must match the task's
+        TSFusionCropNetTask(**dict(common, before=4)).tokens_of(batch)
     pred, grads = modality_gradients(loaded, batch)
     assert set(grads) == {"image", "weather"} and bool((grads["image"] > 0).all())
     one = {k: (v[:1] if isinstance(v, torch.Tensor) else v[:1]) for k, v in batch.items()}
@@ -407,7 +440,8 @@ def test_cropnet_fine_tuning_schedule_warms_up_and_scales_the_encoder_rate() -> 
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     n_enc = sum(p.numel() for p in task.model.encoder.parameters())
     assert sum(p.numel() for p in opt.param_groups[1]["params"]) == n_enc
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in task.model.parameters())
+    n_all = sum(p.numel() for p in task.model.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_all
     lrs = []
     for _ in range(100):
         lrs.append([g["lr"] for g in opt.param_groups])
@@ -431,17 +465,23 @@ def test_county_pairs_reject_a_county_without_grids() -> None:
     from terratorch_eoplugins.tasks.tsfusion_cropnet import county_pairs
 
     s, months = _sample()
-    batch = {"image": s["image"][None], "weather_short": s["weather_short"][None],
-             "weather_short_mask": s["weather_short_mask"][None], "grid_mask": torch.zeros(1, 2, dtype=torch.bool),
-             "time_mask": torch.ones(1, 2, dtype=torch.bool), "grid_coords": s["grid_coords"][None],
-             "dates": [s["dates"]]}
+    wins, _, _ = weather_windows(s["weather_short"], s["weather_short_mask"], s["dates"], months, 5, 2)
+    batch = {"image": s["image"][None], "weather_windows": wins[None, :, :, [1]],
+             "grid_mask": torch.zeros(1, 2, dtype=torch.bool), "time_mask": torch.ones(1, 2, dtype=torch.bool),
+             "grid_coords": s["grid_coords"][None]}
     with pytest.raises(EODataError, match="no grids"):
-        county_pairs(batch, months, [0, 1], 5, 2)
+        county_pairs(batch)
     batch["grid_mask"][:] = True
-    pairs, counts = county_pairs(batch, months, [1], 5, 2)
+    pairs, counts = county_pairs(batch)
     assert counts.tolist() == [4] and pairs[0]["weather"].shape == (4, 1, 8)
+    assert torch.equal(pairs[0]["weather"][1], wins[0, 1, [1]])  # date-major order, as the image
+    assert torch.equal(pairs[0]["image"][1], s["image"][0, 1])
     with pytest.raises(KeyError, match="batch_keys"):
-        county_pairs({"image": batch["image"]}, months, [0], 5, 2)
+        county_pairs({"image": batch["image"]})
+    bad = dict(batch, weather_windows=batch["weather_windows"].clone())
+    bad["weather_windows"][0, 0, 0, 0, 3] = float("nan")
+    with pytest.raises(EODataError, match="non-finite"):
+        county_pairs(bad)
 
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from terratorch_eoplugins.nn.fsq_index import fsq_levels_to_index
 from terratorch_eoplugins.nn.image_tokenizer import (
     FSQImageTokenizer,
     TerraMindImageTokenizer,
@@ -16,7 +17,7 @@ from terratorch_eoplugins.nn.image_tokenizer import (
     save_image_tokenizer,
     train_image_tokenizer,
 )
-from terratorch_eoplugins.nn.quantizers import fsq_levels_to_index, load_ts_tokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.serialization import load_ts_tokenizer
 
 
 def _smooth_images(n: int, size: int = 16, channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -118,7 +119,7 @@ def test_terramind_tokenizer_random_weights_and_local_checkpoint(tmp_path, one_t
 
 
 def test_train_tokenizers_on_synthetic_cropnet(tiny_world_dir, tmp_path, one_torch_thread):
-    from terratorch_eoplugins.tasks.tsfusion_tokenizers import train_tsfusion_tokenizers
+    from terratorch_eoplugins.analysis.tsfusion_tokenizers import train_tsfusion_tokenizers
 
     out = tmp_path / "tok"
     m = train_tsfusion_tokenizers(tiny_world_dir / "CropNet", out, num_bins=32, fsq_levels=(5, 5, 5), fsq_hidden=16,
@@ -134,3 +135,20 @@ def test_train_tokenizers_on_synthetic_cropnet(tiny_world_dir, tmp_path, one_tor
     assert fsq.num_variables == len(m["variables"]) and fsq.levels == [5, 5, 5]
     img = load_image_tokenizer(out / "image_fsq.pt")
     assert img.in_channels == 3
+
+
+def test_tsfusion_tokenizers_command(tiny_world_dir, tmp_path, capsys, one_torch_thread):
+    """``eoplugins tsfusion-tokenizers`` through the package's console command on the tiny world."""
+    from terratorch_eoplugins.cli import main
+
+    out = tmp_path / "cli_tok"
+    assert main(["tsfusion-tokenizers", "--root", str(tiny_world_dir / "CropNet"), "--out", str(out),
+                 "--num-bins", "16", "--fsq-levels", "5-5-5", "--fsq-hidden", "8", "--fsq-steps", "3",
+                 "--image-steps", "2", "--batch-size", "8", "--max-samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "ts_quantile" in printed and "image_fsq: val MSE" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ts_uniform"]["codebook_size"] == 16 and metrics["ts_fsq"]["codebook_size"] == 125
+    for name in ("image_fsq", "ts_fsq", "ts_uniform", "ts_quantile"):
+        assert (out / f"{name}.pt").is_file()
+    assert load_ts_tokenizer(out / "ts_fsq.pt").levels == [5, 5, 5]

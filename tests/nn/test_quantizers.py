@@ -10,18 +10,13 @@ import pytest
 import torch
 
 from terratorch_eoplugins.metrics import reconstruction_metrics
-from terratorch_eoplugins.nn.quantizers import (
-    SPECIAL_TOKENS,
-    FSQTokenizer,
-    QuantileTokenizer,
-    UniformTokenizer,
-    build_ts_tokenizer,
-    fsq_index_to_levels,
-    fsq_levels_to_index,
-    load_ts_tokenizer,
-    save_ts_tokenizer,
-    train_fsq_tokenizer,
-)
+from terratorch_eoplugins.nn.fsq_index import fsq_index_to_levels, fsq_levels_to_index
+from terratorch_eoplugins.nn.ts_tokenizers.base import SPECIAL_TOKENS
+from terratorch_eoplugins.nn.ts_tokenizers.binning import QuantileTokenizer, UniformTokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.factory import build_ts_tokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.fsq import FSQTokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.serialization import load_ts_tokenizer, save_ts_tokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.training import train_fsq_tokenizer
 
 
 def _weather(n: int = 192, length: int = 48, seed: int = 0) -> torch.Tensor:

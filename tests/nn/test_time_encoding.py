@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 
 import pytest
 import torch
 
-from terratorch_eoplugins.nn.time_encoding import TimeEncoding, days_since_epoch
-
-
-def test_days_since_epoch_counts_time_of_day() -> None:
-    assert days_since_epoch(dt.datetime(2015, 1, 2, 12)) == 1.5
-    assert days_since_epoch(dt.date(2016, 1, 1)) == 365.0
-    assert days_since_epoch("2019-07-07T18:00:00") == pytest.approx((dt.datetime(2019, 7, 7, 18) - dt.datetime(2015, 1, 1)).days + 0.75)
+from terratorch_eoplugins.nn.time_encoding import TimeEncoding
 
 
 def test_index_mode_is_a_lookup_table() -> None:
@@ -34,7 +27,8 @@ def test_sinusoidal_mode_uses_fixed_powers_of_two() -> None:
     torch.manual_seed(0)
     enc = TimeEncoding("sinusoidal", 5, num_frequencies=3)
     t = torch.tensor([0.0, 1.25, 1600.4])
-    feats = torch.stack([torch.sin(t), torch.sin(2 * t), torch.sin(4 * t), torch.cos(t), torch.cos(2 * t), torch.cos(4 * t)], 1)
+    feats = torch.stack([torch.sin(t), torch.sin(2 * t), torch.sin(4 * t),
+                         torch.cos(t), torch.cos(2 * t), torch.cos(4 * t)], 1)
     torch.testing.assert_close(enc(t), feats @ enc.proj.weight.T + enc.proj.bias)
     assert not any(p is enc.frequencies for p in enc.parameters())
 

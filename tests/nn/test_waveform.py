@@ -42,7 +42,12 @@ def test_shapes_and_downsampling_factor_16(length: int) -> None:
 def test_architecture_matches_appendix_a2() -> None:
     m = WaveformAutoencoder()
     stem_conv = m.stem[0]
-    assert (stem_conv.in_channels, stem_conv.out_channels, stem_conv.kernel_size, stem_conv.stride) == (1, 2, (3,), (2,))
+    assert (stem_conv.in_channels, stem_conv.out_channels, stem_conv.kernel_size, stem_conv.stride) == (
+        1,
+        2,
+        (3,),
+        (2,),
+    )
     assert len(m.encoder) == 3 and all(len(stage) == 3 for stage in m.encoder)
     assert [stage[0].conv1.stride[0] for stage in m.encoder] == [2, 2, 2]
     assert all(block.conv1.stride[0] == 1 for stage in m.encoder for block in stage[1:])
@@ -123,7 +128,7 @@ def test_bad_input_is_a_clear_error() -> None:
 
 
 def test_short_training_on_synthetic_gedi_waveforms_reduces_reconstruction_mse(tiny_world_dir: Path) -> None:
-    from terratorch_eoplugins.datasets.gedi import GEDIShots
+    from terratorch_eoplugins.datasets.gedi_shots import GEDIShots
 
     ds = GEDIShots(tiny_world_dir / "GEDI", waveform_length=64, waveform_mode="resample")
     w = torch.stack([ds[i]["waveform"] for i in range(min(len(ds), 400))])

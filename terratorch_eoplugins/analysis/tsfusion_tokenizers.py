@@ -5,7 +5,7 @@ reads is configurable there):
 
 * ``image_fsq.pt``: :class:`~terratorch_eoplugins.nn.image_tokenizer.FSQImageTokenizer` trained on the
   Sentinel-2 grid images (``/255``, every grid and date of the train county-years);
-* ``ts_fsq.pt``: :class:`~terratorch_eoplugins.nn.quantizers.FSQTokenizer` (levels 8-8-8-8, lambda_FSQ 0.1)
+* ``ts_fsq.pt``: :class:`~terratorch_eoplugins.nn.ts_tokenizers.fsq.FSQTokenizer` (levels 8-8-8-8, lambda_FSQ 0.1)
   trained on the daily WRF-HRRR series, one univariate series per (county-year, month, grid, variable) of
   ``days_per_month`` days, statistics per variable (``num_variables = V``), raw units;
 * ``ts_uniform.pt``, ``ts_quantile.pt``: deterministic tokenizers (``--num-bins``, 500 in the paper, C.3);
@@ -13,7 +13,7 @@ reads is configurable there):
   ``val`` years (table 1/4 of the paper; time-series errors in standardised units, averaged over the
   variables, plus per variable in raw units), and the image tokenizer's MSE before/after training.
 
-Load them with :func:`~terratorch_eoplugins.nn.quantizers.load_ts_tokenizer` and
+Load them with :func:`~terratorch_eoplugins.nn.ts_tokenizers.serialization.load_ts_tokenizer` and
 :func:`~terratorch_eoplugins.nn.image_tokenizer.load_image_tokenizer`.
 
 ``eoplugins tsfusion-tokenizers --root data/demo/CropNet --out runs/tsfusion_tokenizers``
@@ -32,58 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from terratorch_eoplugins.datasets.tsfusion import load_cropnet_tokenizer_data
 from terratorch_eoplugins.metrics import reconstruction_metrics
-from terratorch_eoplugins.errors import EODataError
-from terratorch_eoplugins.datasets.cropnet import CROPNET_SPLIT_YEARS, CROPS, WEATHER_VARIABLES, CropNet
 from terratorch_eoplugins.nn.image_tokenizer import FSQImageTokenizer, save_image_tokenizer, train_image_tokenizer
-from terratorch_eoplugins.nn.quantizers import (
-    FSQTokenizer,
-    QuantileTokenizer,
-    UniformTokenizer,
-    save_ts_tokenizer,
-    train_fsq_tokenizer,
-)
+from terratorch_eoplugins.nn.ts_tokenizers.binning import QuantileTokenizer, UniformTokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.fsq import FSQTokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.serialization import save_ts_tokenizer
+from terratorch_eoplugins.nn.ts_tokenizers.training import train_fsq_tokenizer
 
-__all__ = ["DEFAULT_OUT", "load_cropnet_tokenizer_data", "main", "train_tsfusion_tokenizers"]
+__all__ = ["DEFAULT_OUT", "main", "train_tsfusion_tokenizers"]
 
-logger = logging.getLogger("terratorch_eoplugins.tsfusion_tokenizers")
 DEFAULT_OUT = "runs/tsfusion_tokenizers"
-
-
-def load_cropnet_tokenizer_data(root: str | Path, split: str = "train", days_per_month: int = 28,
-                                weather_variables: Sequence[str] = WEATHER_VARIABLES, image_size: int | None = None,
-                                max_samples: int | None = None, crops: Sequence[str] = CROPS) -> dict[str, Any]:
-    """Images ``[N, C, H, W]`` (``/255``) and daily weather series ``[M, V, days_per_month]`` (raw units) of the
-    county-years of ``split``, de-duplicated over ``crops`` (one county-year has the same inputs for all crops)."""
-    images, series, seen = [], [], set()
-    years = CROPNET_SPLIT_YEARS[split] if split in CROPNET_SPLIT_YEARS else None
-    if years is None:
-        raise ValueError(f"split: expected one of {sorted(CROPNET_SPLIT_YEARS)}, got {split!r}")
-    for crop in crops:
-        try:
-            ds = CropNet(root, crop=crop, split=split, days_per_month=days_per_month, long_term_years=0,
-                         weather_variables=weather_variables, image_size=image_size)
-        except EODataError as err:  # e.g. a crop with no county-year in this split
-            logger.info("skipping %s/%s: %s", crop, split, err)
-            continue
-        for i, rec in enumerate(ds.records):
-            key = (rec["fips"], rec["year"])
-            if key in seen:
-                continue
-            seen.add(key)
-            s = ds[i]
-            img = s["image"]  # T G C H W
-            images.append(img.reshape(-1, *img.shape[2:]))
-            w = s["weather_short"]  # months x days x G x V
-            series.append(w.permute(0, 2, 3, 1).reshape(-1, w.shape[-1], w.shape[1]))  # (months*G) x V x days
-            if max_samples is not None and len(seen) >= max_samples:
-                break
-        if max_samples is not None and len(seen) >= max_samples:
-            break
-    if not images:
-        raise EODataError(f"{str(root)!r}: no county-year with images and weather in split {split!r}")
-    return {"images": torch.cat(images), "weather": torch.cat(series), "variables": list(weather_variables),
-            "county_years": sorted(seen)}
 
 
 def _ts_metrics(tok: Any, x: torch.Tensor, variables: Sequence[str]) -> dict[str, Any]:
