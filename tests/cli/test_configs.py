@@ -1,4 +1,5 @@
-"""Every shipped top-level config runs ``fit`` and ``test`` through terratorch's real CLI on the tiny world.
+"""Every shipped top-level config runs ``fit`` and ``test`` through terratorch's real CLI on the tiny world, and
+every YAML piece of ``configs/`` parses (see ``configs/README.md`` for the layout these tests hold the tree to).
 
 The subprocesses never import ``terratorch_eoplugins`` themselves: the configs' ``class_path`` entries
 must pull the plugin in, exactly as when a user types ``terratorch fit -c configs/<file>``.
@@ -6,6 +7,9 @@ must pull the plugin in, exactly as when a user types ``terratorch fit -c config
 
 from __future__ import annotations
 
+import itertools
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +70,8 @@ def test_config_fits_and_tests_through_the_cli(config: Path, tiny_world_dir: Pat
 
 
 @pytest.mark.slow
-def test_terratorch_executable_needs_no_extra_flag(tiny_world_dir: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_terratorch_executable_needs_no_extra_flag(tiny_world_dir: Path, tmp_path: Path,
+                                                   cli_env: dict[str, str]) -> None:
     """``terratorch fit -c configs/micro_unet_pastis.yaml`` with only the data root changed."""
     exe = shutil.which("terratorch", path=str(Path(sys.executable).parent))
     assert exe, "the terratorch console script is not installed next to this Python"
@@ -111,3 +116,151 @@ def test_custom_modules_path_registers_the_plugin(with_path: bool, tmp_path: Pat
     else:
         assert proc.returncode != 0
         assert "micro_unet" in proc.stderr
+
+
+# ---- the config tree: every piece parses, every reference resolves, names follow configs/README.md ----
+
+PIECES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent != REPO / "configs")
+TASKS = {"pastis", "burnscars", "gedi", "cropnet", "pretrain"}
+DATASETS = {"pastis", "burnscars", "gedi", "cropnet"}
+#: a config file named anywhere in the tree's text, comments included (brace lists: s4_{lc,lr}.yaml)
+CONFIG_MENTION = re.compile(r"configs/[\w./{},-]+?\.yaml")
+
+
+def _expand_braces(path: str) -> list[str]:
+    parts = re.split(r"\{([^{}]*)\}", path)
+    return ["".join(c) for c in itertools.product(*[[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)])]
+
+
+def _composed_configs() -> list[tuple[str, list[str]]]:
+    """(piece, ``fit`` arguments) composing every runnable config and every piece into a full config.
+
+    A model or data piece replaces the one of a runnable config that uses it, or failing that of one with a model
+    piece of the same task folder and family (``models/pastis/lianet_paper.yaml`` -> ``lianet_pastis.yaml``); a
+    trainer piece goes into ``micro_unet_pastis.yaml``.
+    """
+    used = {c: yaml.safe_load(c.read_text()) for c in CONFIGS}
+    host_of: dict[Path, Path] = {}
+    for c, cfg in used.items():
+        for key in ("trainer", "data", "model"):
+            host_of.setdefault((c.parent / cfg[key]).resolve(), c)
+    default = REPO / "configs" / "micro_unet_pastis.yaml"
+    out = [(str(c.relative_to(REPO)), ["-c", str(c)]) for c in CONFIGS]
+    for piece in PIECES:
+        kind = piece.relative_to(REPO / "configs").parts[0]
+        if kind not in ("trainer", "data", "models") or piece.parent.name == "callbacks":
+            continue  # callback lists are loaded by the trainer pieces
+        host = host_of.get(piece.resolve())
+        if host is None and kind == "models":
+            relatives = [c for c, cfg in used.items() if (c.parent / cfg["model"]).parent.resolve() == piece.parent
+                         and piece.stem.startswith(Path(cfg["model"]).stem)]
+            host = relatives[0] if relatives else None
+        flag = {"trainer": "--trainer", "data": "--data", "models": "--model"}[kind]
+        out.append((str(piece.relative_to(REPO)), ["-c", str(host or default), flag, str(piece)]))
+    return out
+
+
+PARSE_ALL = r"""
+import contextlib, io, json, sys, warnings
+warnings.filterwarnings("ignore")
+from jsonargparse import Namespace
+from terratorch.cli_tools import build_lightning_cli
+jobs, class_paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.argv = sys.argv[:1]
+failures = {}
+for name, args in jobs:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            build_lightning_cli(["fit", *args, "--print_config"])
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            failures[name] = err.getvalue()[-1500:]
+import importlib
+for path in class_paths:
+    module, _, attr = path.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), attr)
+    except Exception as exc:
+        failures[path] = f"class_path does not import: {exc!r}"
+print(json.dumps(failures))
+"""
+
+
+def _class_paths(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["class_path"]} if isinstance(node.get("class_path"), str) else set()
+        return found.union(*(_class_paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_class_paths(v) for v in node))
+    return set()
+
+
+@pytest.mark.slow
+def test_every_piece_composes_into_a_config_the_cli_accepts(cli_env: dict[str, str]) -> None:
+    """Each runnable config and each piece, composed into a full config, passes terratorch's parser.
+
+    The parser checks every ``init_args`` key and value against the class signatures without building anything;
+    every ``class_path`` in the tree is also imported (the subprocess imports no plugin module itself).
+    """
+    jobs = _composed_configs()
+    covered = {name for name, _ in jobs}
+    loaded_by_trainers = {str(p.relative_to(REPO)) for p in PIECES if p.parent.name == "callbacks"}
+    assert covered | loaded_by_trainers == {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
+    class_paths = sorted(set().union(*(_class_paths(yaml.safe_load(p.read_text())) for p in [*CONFIGS, *PIECES])))
+    proc = subprocess.run([sys.executable, "-c", PARSE_ALL, json.dumps(jobs), json.dumps(class_paths)], cwd=REPO,
+                          env=cli_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+
+
+def test_every_referenced_config_file_exists() -> None:
+    """Piece paths (``trainer:``, ``data:``, ``model:``, ``callbacks:``) and every ``configs/...yaml`` named in the
+    tree, in the sweeps, the README files and the Python sources (comments and docstrings included) exist."""
+    missing = []
+    for f in [*CONFIGS, *PIECES]:
+        cfg = yaml.safe_load(f.read_text())
+        refs = [cfg.get(k) for k in ("trainer", "data", "model", "callbacks")] if isinstance(cfg, dict) else []
+        missing += [f"{f.relative_to(REPO)}: {r}" for r in refs
+                    if isinstance(r, str) and r.endswith(".yaml") and not (f.parent / r).is_file()]
+    texts = [*CONFIGS, *PIECES, *(REPO / "benchmarks").rglob("*.yaml"), *(REPO / "benchmarks").rglob("*.py"),
+             *(REPO / "terratorch_eoplugins").rglob("*.py"), *(REPO / "tests").rglob("*.py"), REPO / "README.md",
+             REPO / "configs" / "README.md", REPO / "Makefile"]
+    for f in texts:
+        for mention in CONFIG_MENTION.findall(f.read_text()):
+            if "<" in mention or "..." in mention or "nope" in mention:  # placeholders; missing on purpose in tests
+                continue
+            missing += [f"{f.relative_to(REPO)}: {m}" for m in _expand_braces(mention) if not (REPO / m).is_file()]
+    assert not missing, "\n".join(missing)
+
+
+def test_config_tree_follows_the_naming_rule() -> None:
+    """``<model>_<task>[_<variant>].yaml`` composes ``models/<task>/<model>[_<variant>].yaml``; data pieces are
+    ``data/<dataset>[_<variant>].yaml``; model pieces live in task folders."""
+    wrong = []
+    for c in CONFIGS:
+        model = Path(yaml.safe_load(c.read_text())["model"])
+        task, stem = model.parent.name, model.stem
+        splits = [(stem, "")] + [(stem[:i], stem[i + 1:]) for i, ch in enumerate(stem) if ch == "_"]
+        names = [f"{family}_{task}" + (f"_{variant}" if variant else "") for family, variant in splits]
+        if task not in TASKS or not any(c.stem == n or c.stem.startswith(n + "_") for n in names):
+            wrong.append(f"{c.name} composes {model}")
+    for p in PIECES:
+        rel = p.relative_to(REPO / "configs")
+        if rel.parts[0] == "models" and (len(rel.parts) != 3 or rel.parts[1] not in TASKS):
+            wrong.append(f"{rel}: model pieces are models/<task>/<model>.yaml, tasks {sorted(TASKS)}")
+        if rel.parts[0] == "data" and p.stem.split("_")[0] not in DATASETS:
+            wrong.append(f"{rel}: data pieces are data/<dataset>[_<variant>].yaml, datasets {sorted(DATASETS)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_configs_readme_lists_every_runnable_config_with_its_pieces() -> None:
+    rows = re.findall(r"^\| `(\w+)` \| `([\w/]+\.yaml)` \| `([\w]+\.yaml)` \| `(\w+)` \|$",
+                      (REPO / "configs" / "README.md").read_text(), flags=re.M)
+    actual = []
+    for c in CONFIGS:
+        cfg = yaml.safe_load(c.read_text())
+        actual.append((c.stem, cfg["model"].removeprefix("models/"), cfg["data"].removeprefix("data/"),
+                       Path(cfg["trainer"]).stem))
+    assert sorted(rows) == actual
