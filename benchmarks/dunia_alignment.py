@@ -22,8 +22,8 @@ in-process), side by side:
 * low-shot fine-tuning (``configs/dunia_gedi.yaml``, frozen but the last NA layers + 1x1 heads) from the
   pretrained checkpoint, ``--finetune-epochs`` epochs (0 skips it; the cosine schedule's ``T_max`` is set to the
   same number of epochs) at ``--finetune-lr``, with the head's output bias initialised to the training target mean
-  (:class:`~terratorch_eoplugins.tasks.preparation.TargetMeanBiasInit`); its RMSE and Pearson r are computed here from the predictions on
-  the test footprint pixels, printed next to the zero-shot rows.
+  (:class:`~terratorch_eoplugins.tasks.preparation.TargetMeanBiasInit`); its RMSE and Pearson r are computed
+  here from the predictions on the test footprint pixels, printed next to the zero-shot rows.
 
 ``--finetune-labels dense`` fine-tunes on the world's dense 10 m RH98 map over the training chips
 (``configs/dunia_gedi_dense.yaml``: the paper's densely annotated 64 x 64 images for W_rh) instead of the
@@ -129,7 +129,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         m = {**_test_metrics(cli), **val}
         print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         rows.append((name, m))
-    from terratorch_eoplugins.datasets.gedi import CANOPY_HEIGHT_NAME
+    from terratorch_eoplugins.datasets.gedi_chips import CANOPY_HEIGHT_NAME
 
     dense_map = world / "GEDI" / CANOPY_HEIGHT_NAME
     if dense_map.is_file() and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
@@ -183,7 +183,9 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         for k in (1, 5, 50):
             print(f"  {f'zero-shot KNN K={k}':<44s} {zs[f'test/rh98_rmse_k{k}']:9.3f} {zs[f'test/rh98_r_k{k}']:6.3f}"
                   f" {zs.get(f'val/rh98_rmse_k{k}', nan):11.3f} {zs.get(f'val/rh98_r_k{k}', nan):6.3f}")
-        print(f"  {'low-shot fine-tuned':<44s} {ft['rmse']:9.3f} {ft['r']:6.3f} {ft['val_rmse']:11.3f} {ft['val_r']:6.3f}")
+        print(
+            f"  {'low-shot fine-tuned':<44s} {ft['rmse']:9.3f} {ft['r']:6.3f} {ft['val_rmse']:11.3f} {ft['val_r']:6.3f}"
+        )
         print(f"  fine-tuned / zero-shot K=5 RMSE ratio {ft['rmse'] / zs['test/rh98_rmse_k5']:.3f}; "
               f"r difference {ft['r'] - zs['test/rh98_r_k5']:+.3f}")
     zd = next((m for n, m in rows if n == "zero-shot KNN, pretrained, dense maps"), None)
@@ -262,8 +264,12 @@ def main() -> None:
         sched.step()
         task.sema_update()
         if step % 20 == 0 or step == args.steps - 1:
-            print(f"step {step:4d} loss {float(parts['loss'].detach()):.3f} zero_cl {float(parts['zero_cl'].detach()):.3f} "
-                  f"vicreg {float(parts['vicreg'].detach()):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"step {step:4d} loss {float(parts['loss'].detach()):.3f} "
+                f"zero_cl {float(parts['zero_cl'].detach()):.3f} "
+                f"vicreg {float(parts['vicreg'].detach()):.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     after = evaluate(task, val)
     print("\nvalidation (tiny DUNIA, synthetic world)      before    after")
     for k in ("loss", "zero_cl", "vicreg", "rec_series", "rec_image", "rec_waveform"):

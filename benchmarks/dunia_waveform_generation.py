@@ -153,7 +153,11 @@ def main() -> None:
 
     opt = torch.optim.AdamW(diff.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        ),
+    )
     before = heldout()
     t0 = time.time()
     diff.train()
@@ -196,7 +200,7 @@ def main() -> None:
           f"{f' + {args.ae_steps} steps here' if args.ae_steps > 0 else ''} (checkpoint AE reconstruction r "
           f"{r_rec_ckpt:.3f}) | diffusion {args.steps} steps x {args.batch_size} footprints, UNet {args.channels} ch, "
           f"lr {args.lr:g} | gather {t_gather:.0f} s, AE {t_ae:.0f} s, diffusion {t_diff:.0f} s, test {t_test:.0f} s")
-    print(f"held-out (val) denoising loss, eq. 13          before    after")
+    print("held-out (val) denoising loss, eq. 13          before    after")
     print(f"  with the condition O^V                      {before[0]:8.4f} {after[0]:8.4f}")
     print(f"  with the null condition (random vector)     {before[1]:8.4f} {after[1]:8.4f}")
     print(f"  conditional / unconditional                 {before[0] / before[1]:8.3f} {after[0] / after[1]:8.3f}")
@@ -214,7 +218,9 @@ def main() -> None:
     for name, (r, e, rf, ef) in table.items():
         print(f"  {name:<44s} {r:6.3f}  {e:9.3f}    {rf:6.3f}  {ef:9.3f}")
     g, rnd = table[gen_name], table["random train waveform (chance)"]
-    print(f"  generated (s={args.guidance:g}) - random: r {g[0] - rnd[0]:+.3f} (all), {g[2] - rnd[2]:+.3f} (RH98 > 5 m)")
+    print(
+        f"  generated (s={args.guidance:g}) - random: r {g[0] - rnd[0]:+.3f} (all), {g[2] - rnd[2]:+.3f} (RH98 > 5 m)"
+    )
 
     # chance distribution: the mean r of --random-draws independent draws of random train waveforms (one per test
     # footprint each); p = share of draws whose mean r reaches the generated / retrieved one (permutation test)
@@ -233,8 +239,11 @@ def main() -> None:
         p_gen, p_ret = ((1 + int((c >= v).sum())) / (1 + len(c)) if math.isfinite(v) else float("nan")
                         for v in (g[col], ret[col]))
         print(f"  {label:<40s} {c.mean():6.3f}   [{lo:.3f}, {hi:.3f}]   {p_gen:10.4f}  {p_ret:20.4f}")
-    print(f"RESULT seed {args.seed} r_all generated {g[0]:.4f} retrieved {ret[0]:.4f} chance {np.mean(chance['all']):.4f} | "
-          f"r_forest generated {g[2]:.4f} retrieved {ret[2]:.4f} chance {np.mean(chance['forest']):.4f}")
+    print(
+        f"RESULT seed {args.seed} r_all generated {g[0]:.4f} retrieved {ret[0]:.4f} "
+        f"chance {np.mean(chance['all']):.4f} | "
+        f"r_forest generated {g[2]:.4f} retrieved {ret[2]:.4f} chance {np.mean(chance['forest']):.4f}"
+    )
 
 
 if __name__ == "__main__":

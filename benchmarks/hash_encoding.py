@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, resource, statistics, sys, time

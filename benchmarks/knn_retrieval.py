@@ -29,7 +29,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from terratorch_eoplugins.nn.knn import KNNDatabase, weighted_vote

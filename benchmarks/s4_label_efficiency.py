@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 
 import terratorch_eoplugins  # noqa: F401  (registers s4_unet3d)
 from terratorch_eoplugins.analysis.s4_clouds import cloud_robustness
-from terratorch_eoplugins.datamodules.s4 import S4PASTIS
 from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys
 from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.datasets.s4 import S4PASTIS
 from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask
 
 MODALITIES = {"optical": ("S2", 10), "radar": ("S1A", 3)}
@@ -60,7 +60,8 @@ def _md(df: pd.DataFrame, fmt: str = "{:.1f}") -> str:
     d = df.reset_index()
     cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in d.to_numpy()]
     head = [str(c) for c in d.columns]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in cells])
+    rows = ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 
 
 def _quiet(threads: int) -> None:
@@ -84,7 +85,7 @@ def random_crop(sample: dict[str, Any], size: int | None, generator: torch.Gener
 
 # ----------------------------------------------------------------------------------------- pretraining
 def pretrain(args: argparse.Namespace, out: Path) -> tuple[Path, list[dict[str, float]]]:
-    """S4 pretraining on the unlabelled pairs of ``--pretrain-folds``; returns the checkpoint and losses per 50 steps."""
+    """S4 pretraining on the unlabelled pairs of ``--pretrain-folds``: the checkpoint and losses per 50 steps."""
     torch.manual_seed(0)
     ds = S4PASTIS(args.root, folds=args.pretrain_folds, num_dates=args.num_dates, crop_size=args.pretrain_crop_size)
     dl = DataLoader(ds, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True,
@@ -151,7 +152,8 @@ def finetune(args: argparse.Namespace, modality: str, seed: int, ckpt: str | Non
     while step < args.finetune_steps:
         perm = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(perm), args.finetune_batch_size):
-            batch = [random_crop(samples[j], args.finetune_crop_size, gen) for j in perm[i:i + args.finetune_batch_size]]
+            chunk = perm[i:i + args.finetune_batch_size]
+            batch = [random_crop(samples[j], args.finetune_crop_size, gen) for j in chunk]
             x = torch.stack([s["image"] for s in batch])
             y = torch.stack([s["mask"] for s in batch]).long()
             warm = min(1.0, (step + 1) / args.finetune_warmup) if args.finetune_warmup > 0 else 1.0

@@ -40,8 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEYS = ["weather_short", "weather_short_mask", "grid_mask", "time_mask", "grid_coords", "dates"]
-
 
 def _trainer(epochs: int, **kw):  # noqa: ANN202
     import lightning.pytorch as pl
@@ -108,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--max-dates", type=int, default=6)
     p.add_argument("--tokenizer-steps", type=int, default=100)
-    p.add_argument("--samples-per-county", type=int, default=8, help="(grid, date) samples pooled per county in training")
+    p.add_argument("--samples-per-county", type=int, default=8,
+                   help="(grid, date) samples pooled per county in training")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-lr", type=float, nargs="+", default=[1e-3],
                    help="fine-tuning learning rate(s); with several, each arm (scratch / pretrained) is fine-tuned "
@@ -123,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep pretraining checkpoints here and reuse one made with the same settings")
     p.add_argument("--csv", default="benchmarks/results/tsfusion_pretraining.csv")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--pretrain-only", action="store_true", help="only write the pretraining checkpoints (--pretrain-dir)")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="only write the pretraining checkpoints (--pretrain-dir)")
     p.add_argument("--aggregate", nargs="+", default=None,
                    help="only summarise the given CSV files of earlier runs (e.g. one process per seed)")
     args = p.parse_args(argv)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from terratorch_eoplugins.datamodules.cropnet import CropNetDataModule
     from terratorch_eoplugins.datamodules.tsfusion import TSFusionPretrainDataModule
-    from terratorch_eoplugins.tasks.tsfusion_cropnet import TSFusionCropNetTask
+    from terratorch_eoplugins.tasks.tsfusion_cropnet import REQUIRED_KEYS, TSFusionCropNetTask
     from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask
 
     world = Path(args.world) if args.world else Path(tempfile.mkdtemp(prefix="tsfusion_world_"))
@@ -154,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
 
         write_world(world, size=args.size, seed=0, products=["cropnet"])
     root = world / "CropNet"
-    shared = dict(before=args.before, after=args.after, image_size=args.image_size, tokenizer_steps=args.tokenizer_steps)
+    shared = dict(before=args.before, after=args.after, image_size=args.image_size,
+                  tokenizer_steps=args.tokenizer_steps)
     pre_dm = TSFusionPretrainDataModule(root, split_years={"train": (2021, 2022), "val": (2020,), "test": (2020,)},
                                         before=args.before, after=args.after, image_size=args.image_size,
                                         batch_size=32, max_pairs=None)
     ft_dm = CropNetDataModule(root, crop=args.crop, grid_aggregation="none", normalize=False, standardize_label=True,
-                              long_term_years=0, batch_size=4, batch_keys=KEYS, image_size=args.image_size,
-                              max_dates=args.max_dates)
+                              long_term_years=0, batch_size=4, batch_keys=list(REQUIRED_KEYS),
+                              image_size=args.image_size, max_dates=args.max_dates,
+                              window_weather=("tavg", "tmax", "tmin", "precip"), window_before=args.before,
+                              window_after=args.after)
     BestValR2 = _best_callback()
     rows, cands = [], []
     t_all = time.time()

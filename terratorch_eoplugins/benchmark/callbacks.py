@@ -19,7 +19,6 @@ Recorded (rank 0 writes, after reducing over DDP ranks where the value is a sum)
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
 from terratorch_eoplugins.metrics import pearson_from_sums
 
 #: environment variable naming the JSON file the callback writes

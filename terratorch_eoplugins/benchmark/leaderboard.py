@@ -11,6 +11,7 @@ initialisation (``pretrained: false`` in the sweep) are marked with a dagger.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,47 @@ from pathlib import Path
 from terratorch_eoplugins.benchmark.runner import METRICS, latest_rows
 
 DAGGER = "†"
+#: first line of every Markdown leaderboard written by ``eoplugins sweep`` (how it recognises its own files)
+MARKDOWN_MARKER = "<!-- leaderboard written by `eoplugins sweep` from {csv}: rewritten by every sweep or --render -->"
+#: PNG text chunk (``Source``) of every plot written by ``eoplugins sweep``
+PLOT_SOURCE = "eoplugins sweep leaderboard"
+_PRODUCED = re.compile(r"^Produced by `")
+
+
+def is_sweep_markdown(path: str | Path) -> bool:
+    """Whether ``path`` is a leaderboard that ``eoplugins sweep`` wrote (its marker line, or the layout of the
+    leaderboards written before the marker existed: a ``## Leaderboard: `` title and a ``Produced by`` line)."""
+    try:
+        head = Path(path).read_text(errors="replace")[:20000].splitlines()
+    except OSError:
+        return False
+    if head and head[0].startswith("<!-- leaderboard written by `eoplugins sweep`"):
+        return True
+    return len(head) > 2 and head[0].startswith("## Leaderboard: ") and bool(_PRODUCED.match(head[2]))
+
+
+def is_sweep_plot(path: str | Path, markdown: str | Path | None = None) -> bool:
+    """Whether ``path`` is a plot that ``eoplugins sweep`` wrote (its ``Source`` text chunk; plots written before
+    the chunk existed: a Matplotlib PNG beside a leaderboard ``markdown`` that the sweep wrote)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if not head.startswith(b"\x89PNG"):
+        return False
+    if PLOT_SOURCE.encode() in head:
+        return True
+    return b"Matplotlib" in head and markdown is not None and is_sweep_markdown(markdown)
+
+
+def produced_by_line(path: str | Path) -> str | None:
+    """The ``Produced by ...`` line of a leaderboard (verbatim, hand edits included), or None."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln for ln in lines if _PRODUCED.match(ln)), None)
 
 
 def _f(v: str | float) -> float:
@@ -74,18 +116,26 @@ def _rows(csv_path: Path, run_ids: set[str] | None) -> list[dict]:
 
 
 def render_markdown(csv_path: str | Path, title: str | None = None, command: str | None = None,
-                    order: list[str] | None = None, run_ids: set[str] | None = None) -> str:
-    """The leaderboard of a results CSV (latest row per run; only ``run_ids`` if given, e.g. the sweep's runs)."""
+                    order: list[str] | None = None, run_ids: set[str] | None = None,
+                    produced_by: str | None = None) -> str:
+    """The leaderboard of a results CSV (latest row per run; only ``run_ids`` if given, e.g. the sweep's runs).
+
+    ``command`` writes the line ``Produced by `<command>`; raw rows: ...``; ``produced_by`` gives that line verbatim
+    instead (the previous leaderboard's, when a re-render produced no new row). The first line is
+    :data:`MARKDOWN_MARKER`, by which ``eoplugins sweep`` recognises the files it may rewrite.
+    """
     csv_path = Path(csv_path)
     rows = _rows(csv_path, run_ids)
     agg = aggregate(rows)
     first = {r["model"]: r for r in rows}
     tasks = {r["task"]: r for r in rows}
     lines = [f"## {title or 'Leaderboard: ' + csv_path.stem}", ""]
-    if command:
+    if produced_by:
+        lines += [produced_by, ""]
+    elif command:
         lines += [f"Produced by `{command}`; raw rows: `{csv_path.name}` (one per run, command included).", ""]
-    lines += ["Metrics on the test split, macro-averaged (IoU, Acc = macro accuracy, F1) for segmentation; RMSE, MAE and "
-              "Pearson r for regression. Mean over seeds (±std with several). **Top three** per task and column in "
+    lines += ["Metrics on the test split, macro-averaged (IoU, Acc = macro accuracy, F1) for segmentation; RMSE, MAE "
+              "and Pearson r for regression. Mean over seeds (±std with several). **Top three** per task and column in "
               f"bold. {DAGGER} random initialisation (`pretrained: false`): no pretrained weights are loaded, so "
               "foundation models are compared as architectures, not as pretrained encoders.", ""]
     model_order = order or list(dict.fromkeys(r["model"] for r in rows))
@@ -97,7 +147,8 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
                 continue
             cols = [c for c, _, _ in METRICS[kind]]
             lines += [f"### {round(lf * 100)}% labels, {kind}", "",
-                      "| Task | Model / Setting | # Tunable Params (M) | " + " | ".join(cols) + " | train s | peak RSS GB |",
+                      "| Task | Model / Setting | # Tunable Params (M) | " + " | ".join(cols)
+                      + " | train s | peak RSS GB |",
                       "|---|---|---|" + "---|" * len(cols) + "---|---|"]
             for t in task_names:
                 cells = {k: v for k, v in agg.items() if k[0] == lf and k[1] == t}
@@ -123,7 +174,7 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
         lines += [f"### Failed runs ({len(failed)})", ""]
         lines += [f"- `{r['run_id']}`: {r.get('error', '')[:200]}" for r in failed]
         lines.append("")
-    return "\n".join(lines)
+    return MARKDOWN_MARKER.format(csv=csv_path.name) + "\n" + "\n".join(lines)
 
 
 def render_plot(csv_path: str | Path, out: str | Path, run_ids: set[str] | None = None) -> Path | None:
@@ -155,6 +206,6 @@ def render_plot(csv_path: str | Path, out: str | Path, run_ids: set[str] | None 
         ax.set_title(t + " (o 100% labels, ^ fewer)")
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, metadata={"Source": PLOT_SOURCE})
     plt.close(fig)
     return out

@@ -29,11 +29,8 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from terratorch_eoplugins.benchmark.callbacks import STATS_ENV
@@ -44,7 +41,7 @@ from terratorch_eoplugins.benchmark.spec import (
     model_overrides,
     top_level_data_piece,
 )
-from terratorch_eoplugins.demo import _last_metrics
+from terratorch_eoplugins.runtime import ProcResult, read_last_metrics, run_process, terratorch_command
 
 CALLBACK = "terratorch_eoplugins.benchmark.callbacks.BenchmarkStats"
 
@@ -76,11 +73,39 @@ def select_metrics(kind: str, metrics: dict[str, float], keys: dict[str, str] | 
 
 
 # one Lightning CSV reader for every CLI driver (quickstart demo, LIANet demo, sweeps)
-last_metrics = _last_metrics
+last_metrics = read_last_metrics
+
+
+class SweepOutputError(FileExistsError):
+    """A sweep output path holds a file that the sweep did not write; the message names it."""
+
+
+def _header_line() -> bytes:
+    head = io.StringIO()
+    csv.writer(head).writerow(COLUMNS)
+    return head.getvalue().encode()
+
+
+def check_results_csv(path: Path) -> None:
+    """Raise :class:`SweepOutputError` when ``path`` exists, is not empty and is not a results CSV of a sweep
+    (its header must be :data:`COLUMNS`): rows are only ever appended to files the sweep created."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise SweepOutputError(f"{path}: exists and is not a file; the sweep writes its results CSV there")
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)
+    if first and first.rstrip(b"\r\n") != _header_line().rstrip(b"\r\n"):
+        raise SweepOutputError(f"{path}: not a results CSV written by `eoplugins sweep` (its header is not the sweep's "
+                               f"{len(COLUMNS)} columns run_id,sweep,...,metrics); refusing to append to it: move it "
+                               "away or choose another --results-dir")
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one CSV row atomically (header first if the file is new), under an exclusive lock."""
+    """Append one CSV row atomically (header first if the file is new), under an exclusive lock.
+
+    Raises :class:`SweepOutputError` (nothing written) when the file exists with another header.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="raise")
@@ -90,9 +115,9 @@ def append_row(path: Path, row: dict) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_size == 0:
-            head = io.StringIO()
-            csv.writer(head).writerow(COLUMNS)
-            line = head.getvalue().encode() + line
+            line = _header_line() + line
+        else:
+            check_results_csv(path)
         os.write(fd, line)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -113,43 +138,13 @@ def latest_rows(path: Path) -> dict[str, dict]:
 
 
 def terratorch_cmd() -> list[str]:
-    """The ``terratorch`` console script next to this Python (``python -m terratorch`` as a fallback)."""
-    exe = shutil.which("terratorch", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    return [exe] if exe else [sys.executable, "-m", "terratorch"]
-
-
-@dataclass
-class ProcResult:
-    returncode: int
-    wall_s: float
-    maxrss_mb: float
-    tail: str
+    """The ``terratorch`` command (see :func:`terratorch_eoplugins.runtime.terratorch_command`)."""
+    return terratorch_command()
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, timeout: float | None) -> ProcResult:
-    """Run ``cmd`` with stdout+stderr to ``log``; wall time and ``ru_maxrss`` of exactly this child (``os.wait4``)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-        deadline = None if timeout is None else t0 + timeout
-        status, rusage = 0, None
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.perf_counter() > deadline:
-                os.killpg(proc.pid, 9)  # the child's own session: its DDP workers go with it
-                pid, status, rusage = os.wait4(proc.pid, 0)
-                f.write(f"\nTIMEOUT: killed after {timeout:.0f} s\n")
-                break
-            time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    text = log.read_text(errors="replace")
-    return ProcResult(proc.returncode, wall, rusage.ru_maxrss / 1024.0, text[-4000:])
+    """Run ``cmd`` with stdout+stderr to ``log`` (:func:`terratorch_eoplugins.runtime.run_process`)."""
+    return run_process(cmd, env=env, cwd=cwd, log=log, timeout=timeout)
 
 
 def error_tail(text: str, n: int = 1200) -> str:
@@ -169,7 +164,8 @@ class SweepRunner:
         sweep: the parsed sweep.
         repo: folder the config pieces are relative to (and the subprocesses' working directory).
         runs_dir: parent of the per-run folders (``<runs_dir>/<sweep>/<run_id>``).
-        results_dir: where ``<sweep>.csv`` (and the leaderboard) go.
+        results_dir: where ``<sweep>.csv`` (and the leaderboard) go; default ``<runs_dir>/<sweep>/results`` (the
+            committed ``benchmarks/results`` is read and appended to only when given explicitly).
         world: data world replacing the pieces' ``data/demo/`` roots (default: the sweep's ``world``).
         extra: overrides appended to every terratorch call (e.g. ``--trainer.devices=2``).
         keep_checkpoints: keep the fine-tuning checkpoints after a successful test (default: delete them).
@@ -180,14 +176,14 @@ class SweepRunner:
     """
 
     def __init__(self, sweep: Sweep, repo: str | Path = ".", runs_dir: str | Path = "runs/sweeps",
-                 results_dir: str | Path = "benchmarks/results", world: str | None = None,
+                 results_dir: str | Path | None = None, world: str | None = None,
                  extra: Iterable[str] = (), keep_checkpoints: bool = False, retry_failed: bool = False,
                  timeout: float | None = None, env: dict[str, str] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.sweep = sweep
         self.repo = Path(repo).resolve()
         self.runs_dir = Path(runs_dir).resolve() / sweep.name
-        self.results_dir = Path(results_dir).resolve()
+        self.results_dir = (self.runs_dir / "results" if results_dir is None else Path(results_dir)).resolve()
         self.world = world or sweep.world
         self.extra = list(extra)
         self.keep_checkpoints = keep_checkpoints

@@ -265,6 +265,8 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
         if (first[1].config, first[1].overrides) != (r.pretrain.config, r.pretrain.overrides):
             raise SweepSpecError(
                 f"{path}: models {first[0]!r} and {r.model!r} share the pretraining {r.pretrain_id!r} "
-                f"(pretrain.share) but give it different config/overrides: {first[1].config} {list(first[1].overrides)} "
-                f"vs {r.pretrain.config} {list(r.pretrain.overrides)}; a shared pretraining must be identical")
+                f"(pretrain.share) but give it different config/overrides: "
+                f"{first[1].config} {list(first[1].overrides)} "
+                f"vs {r.pretrain.config} {list(r.pretrain.overrides)}; a shared pretraining must be identical"
+            )
     return Sweep(path=path, name=name, world=world, raw=raw, runs=runs, skipped=skipped)

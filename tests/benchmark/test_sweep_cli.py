@@ -27,7 +27,8 @@ def _sweep(tmp: Path, models: list, trainer: str = "configs/trainer/cpu.yaml") -
     return path
 
 
-MICRO = {"name": "micro", "label": "Micro UNet", "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml"}}}
+MICRO = {"name": "micro", "label": "Micro UNet",
+         "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml"}}}
 BROKEN = {"name": "broken", "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml"}},
           "settings": ["full"]}
 

@@ -13,10 +13,17 @@ import torch
 import yaml
 
 from terratorch_eoplugins.benchmark.callbacks import count_parameters
-from terratorch_eoplugins.metrics import pearson_from_sums
 from terratorch_eoplugins.benchmark.leaderboard import render_markdown, top3
-from terratorch_eoplugins.benchmark.runner import COLUMNS, append_row, error_tail, latest_rows, read_rows, select_metrics
+from terratorch_eoplugins.benchmark.runner import (
+    COLUMNS,
+    append_row,
+    error_tail,
+    latest_rows,
+    read_rows,
+    select_metrics,
+)
 from terratorch_eoplugins.benchmark.spec import SweepSpecError, deep_merge, load_sweep, model_overrides
+from terratorch_eoplugins.metrics import pearson_from_sums
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,9 +98,10 @@ def test_sweep_matrix_expands_and_skips_optional_missing(tmp_path: Path) -> None
 def test_shared_pretraining_has_one_id_and_must_be_identical(tmp_path: Path) -> None:
     pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
            "share": "dunia", "overrides": ["--trainer.max_epochs=1"]}
+    knn_arg = "model.init_args.dunia_ckpt_path"
     models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
               {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
-                                                       "pretrain": pre | {"ckpt_arg": "model.init_args.dunia_ckpt_path"}}}},
+                                                       "pretrain": pre | {"ckpt_arg": knn_arg}}}},
               {"name": "s4", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml",
                                                 "pretrain": pre | {"share": None}}}}]
     gedi = {"tasks": {"gedi": {"data": "configs/data/gedi.yaml", "kind": "regression"}}}
@@ -245,9 +253,10 @@ def test_runner_runs_a_shared_pretraining_once(tmp_path: Path, monkeypatch: pyte
 
     pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
            "share": "dunia"}
+    knn_arg = "model.init_args.dunia_ckpt_path"
     models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
               {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
-                                                       "pretrain": pre | {"ckpt_arg": "model.init_args.dunia_ckpt_path"}}}}]
+                                                       "pretrain": pre | {"ckpt_arg": knn_arg}}}}]
     sweep = load_sweep(_write_sweep(tmp_path, models, tasks={"gedi": {"data": "configs/data/gedi.yaml",
                                                                     "kind": "regression"}}), repo=REPO)
     calls: list[list[str]] = []
