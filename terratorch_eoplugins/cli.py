@@ -10,16 +10,20 @@ from collections.abc import Sequence
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from terratorch_eoplugins.synthetic import write_world
+    from terratorch_eoplugins.synthetic import SynthOutputError, write_world
 
-    written = write_world(args.out, size=args.size, seed=args.seed, products=args.products, overwrite=args.overwrite)
+    try:
+        written = write_world(args.out, size=args.size, seed=args.seed, products=args.products,
+                              overwrite=args.overwrite)
+    except SynthOutputError as err:
+        print(f"eoplugins synth: {err}", file=sys.stderr)
+        return 2
     for name, path in written.items():
         print(f"{name:10s} {path}")
     return 0
 
 
 def _registry(args: argparse.Namespace) -> int:
-    import terratorch_eoplugins
     from terratorch_eoplugins.models import registered_names
 
     for kind, names in registered_names().items():
@@ -36,21 +40,38 @@ def _compression(args: argparse.Namespace) -> int:
 
 #: subcommands whose module has its own ``main(argv)`` with its own argument parser
 _DELEGATED: dict[str, tuple[str, str]] = {
-    "demo": ("terratorch_eoplugins.demo", "quickstart: synthetic world, terratorch fit + test, metrics vs. majority class"),
-    "sweep": ("terratorch_eoplugins.benchmark.cli",
-              "benchmark sweep: models x tasks x settings through terratorch fit + test, CSV + leaderboard"),
-    "lianet-demo": ("terratorch_eoplugins.analysis.lianet_demo",
-                    "LIANet: pretrain on the demo region's S2 tiles, fine-tune + test on demo PASTIS vs. majority class"),
-    "lianet-pastis-protocol": ("terratorch_eoplugins.analysis.lianet_pastis_protocol",
-                               "LIANet PASTIS protocol: 5 folds x tiles fine-tune + test, mean +- std of macro metrics"),
-    "s4-clouds": ("terratorch_eoplugins.analysis.s4_clouds",
-                  "S4 cloud robustness: mIoU by cloud-cover ratio of the test series"),
-    "tsfusion-counterfactual": ("terratorch_eoplugins.analysis.tsfusion_counterfactual",
-                                "TS fusion: coordinate-swap counterfactual test with a bootstrap CI (algorithm 1)"),
-    "tsfusion-sensitivity": ("terratorch_eoplugins.analysis.tsfusion_sensitivity",
-                             "TS fusion: per-modality gradient sensitivity of a CropNet yield model"),
-    "tsfusion-tokenizers": ("terratorch_eoplugins.tasks.tsfusion_tokenizers",
-                            "TS fusion: train the image FSQ and time-series tokenizers on a CropNet tree"),
+    "demo": (
+        "terratorch_eoplugins.analysis.demo",
+        "quickstart: synthetic world, terratorch fit + test, metrics vs. majority class",
+    ),
+    "sweep": (
+        "terratorch_eoplugins.benchmark.cli",
+        "benchmark sweep: models x tasks x settings through terratorch fit + test, CSV + leaderboard",
+    ),
+    "lianet-demo": (
+        "terratorch_eoplugins.analysis.lianet_demo",
+        "LIANet: pretrain on the demo region's S2 tiles, fine-tune + test on demo PASTIS vs. majority class",
+    ),
+    "lianet-pastis-protocol": (
+        "terratorch_eoplugins.analysis.lianet_pastis_protocol",
+        "LIANet PASTIS protocol: 5 folds x tiles fine-tune + test, mean +- std of macro metrics",
+    ),
+    "s4-clouds": (
+        "terratorch_eoplugins.analysis.s4_clouds",
+        "S4 cloud robustness: mIoU by cloud-cover ratio of the test series",
+    ),
+    "tsfusion-counterfactual": (
+        "terratorch_eoplugins.analysis.tsfusion_counterfactual",
+        "TS fusion: coordinate-swap counterfactual test with a bootstrap CI (algorithm 1)",
+    ),
+    "tsfusion-sensitivity": (
+        "terratorch_eoplugins.analysis.tsfusion_sensitivity",
+        "TS fusion: per-modality gradient sensitivity of a CropNet yield model",
+    ),
+    "tsfusion-tokenizers": (
+        "terratorch_eoplugins.analysis.tsfusion_tokenizers",
+        "TS fusion: train the image FSQ and time-series tokenizers on a CropNet tree",
+    ),
 }
 
 

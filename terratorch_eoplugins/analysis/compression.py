@@ -125,8 +125,11 @@ def main(args: Any) -> int:
                                  name=Path(ckpt).stem)
         reports.append(rep)
         a, r = rep["psnr_all"], rep["psnr_rgb"]
-        print(f"{rep['name']}: bpp={rep['bpp']:.4g} ({rep['bytes'] / 2**20:.1f} MiB of parameters, Q={rep['acquisitions']}, "
-              f"region {rep['region_shape'][0]}x{rep['region_shape'][1]} px x 12 bands)")
+        print(
+            f"{rep['name']}: bpp={rep['bpp']:.4g} ({rep['bytes'] / 2**20:.1f} MiB of parameters, "
+            f"Q={rep['acquisitions']}, "
+            f"region {rep['region_shape'][0]}x{rep['region_shape'][1]} px x 12 bands)"
+        )
         print(f"  PSNR all bands: median {a['median']:.2f}  mean {a['mean']:.2f}  std {a['std']:.2f}  "
               f"min {a['min']:.2f}  max {a['max']:.2f} dB")
         print(f"  PSNR RGB:       median {r['median']:.2f}  mean {r['mean']:.2f}  std {r['std']:.2f}  "

@@ -8,10 +8,7 @@ the same torchmetrics metric on the same test pixels.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -21,25 +18,19 @@ from typing import Any
 import torch
 import yaml
 
-
-def _terratorch(args: list[str], env: dict[str, str]) -> None:
-    exe = shutil.which("terratorch", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    cmd = [exe] if exe else [sys.executable, "-m", "terratorch"]
-    print("$", " ".join(["terratorch", *args]), flush=True)
-    subprocess.run([*cmd, *args], check=True, env=env)
+from terratorch_eoplugins.runtime import TerratorchError, read_last_metrics, run_terratorch
 
 
 def run_stage(subcommand: str, config: str, overrides: Sequence[str], runs_dir: str, name: str, version: str,
               env: dict[str, str], max_epochs: int | None = None) -> tuple[Path, float]:
-    """``terratorch <subcommand> -c <config>`` logging to ``<runs_dir>/<name>/<version>``; returns (log dir, seconds)."""
+    """``terratorch <subcommand> -c <config>`` logging to ``<runs_dir>/<name>/<version>``: (log dir, seconds)."""
     args = [subcommand, "-c", config, *overrides, f"--trainer.logger.init_args.save_dir={runs_dir}",
             f"--trainer.default_root_dir={runs_dir}", f"--trainer.logger.init_args.name={name}",
             f"--trainer.logger.init_args.version={version}"]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
-    t = time.perf_counter()
-    _terratorch(args, env)
-    return Path(runs_dir) / name / version, time.perf_counter() - t
+    res = run_terratorch(args, env=env, check=True, echo=True)
+    return Path(runs_dir) / name / version, res.wall_s
 
 
 def best_checkpoint(log_dir: Path) -> Path:
@@ -53,20 +44,6 @@ def best_checkpoint(log_dir: Path) -> Path:
 def data_piece(config: str) -> Path:
     """The data piece a top-level config composes (``data: data/x.yaml``, relative to the config)."""
     return Path(config).parent / yaml.safe_load(Path(config).read_text())["data"]
-
-
-def _last_metrics(metrics_csv: Path) -> dict[str, float]:
-    """Merge the rows of a Lightning CSVLogger file, later values winning."""
-    out: dict[str, float] = {}
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                if v not in ("", None):
-                    try:
-                        out[k] = float(v)
-                    except ValueError:
-                        pass
-    return out
 
 
 def majority_baseline(data_config: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -120,7 +97,7 @@ def run_demo(config: str = "configs/micro_unet_pastis.yaml", data_dir: str = "da
     fit_dir, fit_s = run_stage("fit", config, data, runs_dir, name, f"fit-{stamp}", env, max_epochs)
     best = best_checkpoint(fit_dir)
     test_dir, test_s = run_stage("test", config, [*data, f"--ckpt_path={best}"], runs_dir, name, f"test-{stamp}", env)
-    metrics = _last_metrics(test_dir / "metrics.csv")
+    metrics = read_last_metrics(test_dir / "metrics.csv")
     base = majority_baseline(data_piece(config), {"root": pastis_root})
 
     print("\n================ demo summary ================")
@@ -148,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--runs-dir", default="runs")
     a = p.parse_args(argv)
-    res = run_demo(a.config, a.data_dir, a.size, a.max_epochs, a.runs_dir)
+    try:
+        res = run_demo(a.config, a.data_dir, a.size, a.max_epochs, a.runs_dir)
+    except TerratorchError as err:
+        print(f"eoplugins demo: {err}", file=sys.stderr)
+        return 1
     return 0 if res["test_mIoU"] > res["majority_mIoU"] else 1
 
 

@@ -1,7 +1,7 @@
 """LIANet end-to-end demo: pretrain on the demo region's Sentinel-2 tiles, fine-tune on demo PASTIS, compare.
 
 One command (``eoplugins lianet-demo --data-dir data/demo``, ``make lianet-demo``) that, like
-:mod:`terratorch_eoplugins.demo`, runs the real terratorch CLI in subprocesses exactly as a user would:
+:mod:`terratorch_eoplugins.analysis.demo`, runs the real terratorch CLI in subprocesses exactly as a user would:
 
 1. writes the synthetic demo world if absent (S2 tiles of the region + PASTIS-R cut from the same world);
 2. ``terratorch fit -c configs/lianet_pretrain_pastis.yaml`` (coordinate-only reconstruction of the
@@ -27,7 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from terratorch_eoplugins.demo import _last_metrics, best_checkpoint, data_piece, majority_baseline, run_stage
+from terratorch_eoplugins.analysis.demo import best_checkpoint, data_piece, majority_baseline, run_stage
+from terratorch_eoplugins.runtime import read_last_metrics
 
 PRETRAIN_CONFIG = "configs/lianet_pretrain_pastis.yaml"
 FINETUNE_CONFIG = "configs/lianet_pastis.yaml"
@@ -46,7 +47,8 @@ def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
 
 
 def _pretrain(config: str, tiles_root: str, log: list[str], name: str, stamp: str, extra: Sequence[str],
-              epochs: int | None, runs_dir: str, env: dict[str, str]) -> tuple[Path, Path, float, list[tuple[int, float]]]:
+              epochs: int | None, runs_dir: str,
+              env: dict[str, str]) -> tuple[Path, Path, float, list[tuple[int, float]]]:
     """``terratorch fit`` of the pretraining config; returns (generator file, log dir, seconds, val PSNR per epoch)."""
     pre_dir, seconds = run_stage("fit", config, [f"--data.init_args.root={tiles_root}", *log, *extra], runs_dir, name,
                                  f"fit-{stamp}", env, epochs)
@@ -102,7 +104,7 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
     best = best_checkpoint(ft_dir)
     test_dir, test_s = run_stage("test", finetune_config, [*over, f"--ckpt_path={best}", *extra_finetune], runs_dir,
                                  ft_name, f"test-{stamp}", env)
-    metrics = _last_metrics(test_dir / "metrics.csv")
+    metrics = read_last_metrics(test_dir / "metrics.csv")
     base = majority_baseline(data_piece(finetune_config), {"root": pastis_root, "tiles_root": tiles_root})
     total = time.perf_counter() - t0
 
@@ -118,8 +120,8 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
     for key in ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score"):
         if key in metrics:
             print(f"{key:21s}{metrics[key]:.4f}")
-    print(f"majority baseline mIoU {base['mIoU']:.4f}  pixel acc {base['Pixel_Accuracy']:.4f}  F1 {base['F1_Score']:.4f}  "
-          f"(always class {base['majority_class']}, {base['test_samples']} test samples)")
+    print(f"majority baseline mIoU {base['mIoU']:.4f}  pixel acc {base['Pixel_Accuracy']:.4f}  "
+          f"F1 {base['F1_Score']:.4f}  (always class {base['majority_class']}, {base['test_samples']} test samples)")
     verdict = "ABOVE" if miou > base["mIoU"] else "NOT above"
     print(f"test mIoU {miou:.4f} is {verdict} the majority-class baseline {base['mIoU']:.4f} "
           f"({miou / max(base['mIoU'], 1e-12):.1f}x)")
@@ -127,7 +129,8 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
     print(f"test pixel accuracy {acc:.4f} is {'not below' if acc >= base['Pixel_Accuracy'] else 'BELOW'} the "
           f"baseline's {base['Pixel_Accuracy']:.4f}")
     return {"psnr_first": psnr[0][1], "psnr_last": psnr[-1][1], "test_mIoU": miou,
-            "test_pixel_accuracy": acc, "test_F1": metrics.get("test/F1_Score", float("nan")), "majority_mIoU": base["mIoU"],
+            "test_pixel_accuracy": acc, "test_F1": metrics.get("test/F1_Score", float("nan")),
+            "majority_mIoU": base["mIoU"],
             "majority_pixel_accuracy": base["Pixel_Accuracy"], "majority_F1": base["F1_Score"], "seconds": total}
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from terratorch_eoplugins.demo import _last_metrics, _terratorch
+from terratorch_eoplugins.runtime import read_last_metrics, run_terratorch
 
 METRICS = ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score")
 
@@ -105,14 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("terratorch", " ".join(fit))
             print("terratorch test -c", run["config"], "... --ckpt_path=<best-*.ckpt of the fit>")
             continue
-        _terratorch(fit, env)
+        run_terratorch(fit, env=env, check=True, echo=True)
         fit_dir = Path(a.runs_dir) / str(run["name"]) / f"fit-{stamp}"
         best = sorted((fit_dir / "checkpoints").glob("best-*.ckpt"))
         if not best:
             raise FileNotFoundError(f"no best-*.ckpt under {fit_dir / 'checkpoints'}")
-        _terratorch(["test", "-c", run["config"], *run["args"], f"--trainer.logger.init_args.version=test-{stamp}",
-                     f"--ckpt_path={best[-1]}"], env)
-        m = _last_metrics(Path(a.runs_dir) / str(run["name"]) / f"test-{stamp}" / "metrics.csv")
+        run_terratorch(["test", "-c", run["config"], *run["args"], f"--trainer.logger.init_args.version=test-{stamp}",
+                        f"--ckpt_path={best[-1]}"], env=env, check=True, echo=True)
+        m = read_last_metrics(Path(a.runs_dir) / str(run["name"]) / f"test-{stamp}" / "metrics.csv")
         results.append({"tile": run["tile"], "fold": run["fold"], **{k: m[k] for k in METRICS if k in m}})
     if a.dry_run:
         return 0

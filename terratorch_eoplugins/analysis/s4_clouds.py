@@ -26,10 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from terratorch_eoplugins.errors import EODataError
-
 from terratorch_eoplugins.datasets.common import collate_samples
 from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.models._checkpoint import read_checkpoint
 
 __all__ = ["DEFAULT_BINS", "confusion_matrix", "mean_iou", "series_cloud_ratio", "cloud_robustness",
@@ -76,7 +75,8 @@ def series_cloud_ratio(cloud_cover: Tensor | np.ndarray | None, where: str = "sa
 
 
 def _bin_labels(bins: Sequence[float]) -> list[str]:
-    return [f"[{lo:.2f}, {hi:.2f}{']' if i == len(bins) - 2 else ')'}" for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:]))]
+    return [f"[{lo:.2f}, {hi:.2f}{']' if i == len(bins) - 2 else ')'}"
+            for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:]))]
 
 
 def _logits(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
@@ -163,7 +163,8 @@ def load_segmentation_checkpoint(path: str | Path) -> nn.Module:
     ckpt = read_checkpoint(p, "fine-tuned")
     hp = dict(ckpt.get("hyper_parameters", {}))
     if "model_args" not in hp:
-        raise ValueError(f"{p}: not a terratorch SemanticSegmentationTask checkpoint (no 'model_args' hyper-parameters)")
+        raise ValueError(f"{p}: not a terratorch SemanticSegmentationTask checkpoint "
+                         "(no 'model_args' hyper-parameters)")
     model_args = dict(hp["model_args"])
     if "backbone_ckpt_path" in model_args:
         model_args["backbone_ckpt_path"] = None

@@ -53,7 +53,8 @@ def load_pretrain_task(ckpt: str | Path) -> Any:
     path = Path(ckpt)
     blob = read_checkpoint(path, "TS-fusion pretraining")
     if "state_dict" not in blob or "hyper_parameters" not in blob:
-        raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionPretrainTask (state_dict + hyper_parameters)")
+        raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionPretrainTask "
+                         "(state_dict + hyper_parameters)")
     hp = dict(blob["hyper_parameters"])
     task = TSFusionPretrainTask(**{k: v for k, v in hp.items() if not k.startswith("_")})
     task.load_state_dict(blob["state_dict"])

@@ -38,7 +38,8 @@ def load_cropnet_task(ckpt: str | Path) -> Any:
     path = Path(ckpt)
     blob = read_checkpoint(path, "TS-fusion CropNet")
     if "state_dict" not in blob or "hyper_parameters" not in blob:
-        raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionCropNetTask (state_dict + hyper_parameters)")
+        raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionCropNetTask "
+                         "(state_dict + hyper_parameters)")
     hp = {k: v for k, v in dict(blob["hyper_parameters"]).items() if not k.startswith("_")}
     hp.update(pretrained_ckpt=None, tokenizer_ckpt=None)  # weights come from this checkpoint
     task = TSFusionCropNetTask(**hp)
@@ -47,7 +48,8 @@ def load_cropnet_task(ckpt: str | Path) -> Any:
 
 
 def modality_gradients(task: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Predictions ``[B]`` (log units, destandardised) and per-group mean gradient norms ``{group: [B]}``.
+    """Predictions ``[B]`` (log units, destandardised with the batch's ``label_mean`` / ``label_std``) and per-group
+    mean gradient norms ``{group: [B]}``.
 
     ``d pred_b / d x`` for the input embeddings ``x`` of county ``b``'s valid samples; the norm is taken
     per token over the embedding dimension and averaged over the group's tokens and the valid samples.
@@ -68,7 +70,7 @@ def modality_gradients(task: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, 
         per_sample = norms[:, :, sel].mean(-1, keepdim=True)
         out[name] = ((per_sample * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1)).detach()
     model.train(was)
-    return task._destandardize(pred.detach()[:, None])[:, 0], out
+    return task.destandardize(pred.detach()[:, None], batch)[:, 0], out
 
 
 def _plot(rows: list[dict[str, Any]], groups: Sequence[str], path: Path) -> None:
@@ -110,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--max-dates", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--months", type=int, nargs="+", default=[4, 5, 6, 7, 8, 9],
+                   help="months of daily weather and images (as in the fine-tuning data)")
     p.add_argument("--out", default="tsfusion_sensitivity", help="output prefix (.csv, .png)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -118,18 +122,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from terratorch_eoplugins.tasks.tsfusion_cropnet import REQUIRED_KEYS
 
     task = load_cropnet_task(args.ckpt)
+    hp = task.hparams
     dm = CropNetDataModule(args.root, crop=args.crop, grid_aggregation="none", normalize=False, standardize_label=True,
                            long_term_years=0, batch_size=args.batch_size, image_size=args.image_size,
                            max_dates=args.max_dates, batch_keys=[*REQUIRED_KEYS, "fips", "county", "location_coords"],
-                           months=task.hparams["months"])
+                           months=args.months, window_weather=hp["weather"], window_before=hp["before"],
+                           window_after=hp["after"])
     dm.setup({"train": "fit", "val": "validate", "test": "test"}[args.split])
-    task.attach_datamodule(dm)
     loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[args.split]()
     groups = list(task.model.group_names)
     rows = []
     for batch in loader:
         pred, grads = modality_gradients(task, batch)
-        true = dm.destandardize(batch["label"].float())[:, 0]
+        true = task.destandardize(batch["label"].float(), batch)[:, 0]
         for i in range(len(pred)):
             lat, lon = batch["location_coords"][i].tolist()
             row = {"fips": batch["fips"][i], "county": batch["county"][i], "lat": lat, "lon": lon,
