@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo lianet-demo test install clean-demo
+.PHONY: demo lianet-demo test lint install clean-demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.installed
 ## lianet-demo: install, write the demo world if absent, pretrain LIANet on its S2 tiles, fine-tune + test on demo PASTIS
 lianet-demo: $(VENV)/.installed
 	$(BIN)/eoplugins lianet-demo --data-dir data/demo
+
+## lint: install, then check the code with ruff (rules in pyproject.toml [tool.ruff]; .ci/run calls it before the tests)
+lint: $(VENV)/.installed
+	$(BIN)/ruff check terratorch_eoplugins tests benchmarks
 
 ## test: install, then run the whole test suite (what .ci/run calls)
 test: $(VENV)/.installed
