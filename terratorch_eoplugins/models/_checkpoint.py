@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ def read_checkpoint(path: str | Path, what: str) -> Mapping[str, Any]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message goes on to advise weights_only=False; loading arbitrary pickled objects is what we refuse
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{p}: holds objects other than tensors and plain containers, which are not loaded "
-                         f"(only weights-only checkpoints are read): {first}") from None
-    except Exception as err:  # truncated or non-PyTorch files
+        # torch's message advises weights_only=False, i.e. unpickling arbitrary objects, which is what we refuse:
+        # keep only its diagnosis (the object it refused, or why the bytes are not a PyTorch file)
+        found = re.search(r"(Unsupported global: .*?)(?:\. Please|$)|(Unsupported operand \d+)", str(err), re.M)
+        detail = next((g for g in found.groups() if g), "") if found else ""
+        detail = detail or "not a weights-only PyTorch file"
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint holding only tensors and plain containers "
+                         f"({detail}); checkpoints with other pickled objects are never loaded") from None
+    except Exception as err:  # truncated, empty or non-PyTorch files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({first})") from None
     if not isinstance(obj, Mapping):
