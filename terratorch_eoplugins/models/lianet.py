@@ -35,6 +35,7 @@ from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.nn.hash_encoding import HashGridEncoding2D
 from terratorch_eoplugins.nn.time_encoding import TimeEncoding
 
@@ -346,14 +347,8 @@ def load_generator(ckpt_path: str | Path, variant: str | None = None, **expected
     another ``variant`` or if an ``expected`` hyper-parameter differs from the stored one.
     """
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LIANet checkpoint not found: {str(path)!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(err).__name__}: "
-                         f"{str(err)[:200]}); expected a LIANet pretraining checkpoint") from None
-    if not isinstance(ckpt, Mapping) or CKPT_KEY not in ckpt or "config" not in ckpt[CKPT_KEY]:
+    ckpt = read_checkpoint(path, "LIANet")
+    if CKPT_KEY not in ckpt or "config" not in ckpt[CKPT_KEY]:
         raise ValueError(f"{path}: not a LIANet checkpoint (no {CKPT_KEY!r} entry with the generator config)")
     cfg = dict(ckpt[CKPT_KEY]["config"])
     stored_variant = cfg.pop("variant", None)

@@ -50,6 +50,8 @@ from terratorch.models.backbones.terramind.model.tm_utils import Block, DecoderB
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
+
 __all__ = [
     "ModalitySpec",
     "TSFusionModel",
@@ -619,8 +621,8 @@ def load_tsfusion_weights(model: TSFusionModel, path: str, strict_encoder: bool 
     Accepts a Lightning checkpoint (``state_dict`` with ``model.`` prefixes) or a plain state dict.
     Decoder weights are skipped when ``model`` has no decoder. Returns the loaded key names.
     """
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
+    blob = read_checkpoint(path, "TS-fusion pretraining")
+    state = blob.get("state_dict", blob)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint with 'state_dict'")
     prefix = "model."

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, build_dunia, load_dunia_checkpoint
 from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
@@ -80,8 +81,8 @@ def build_conditioning_encoder(variant: str = "tiny", ckpt_path: str | None = No
 
 def _autoencoder_state(path: str | Path, ae: nn.Module) -> dict[str, Tensor] | None:
     """Autoencoder weights inside a checkpoint: the keys ``<prefix><name>`` for every autoencoder key ``name``."""
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    obj = read_checkpoint(path, "DUNIA pretraining")
+    state = obj.get("state_dict", obj)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a Lightning checkpoint or a state dict")
     own = ae.state_dict()

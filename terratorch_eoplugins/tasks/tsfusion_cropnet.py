@@ -40,6 +40,7 @@ from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.metrics import cropnet_metrics
+from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.models.tsfusion import (
     MODEL_SIZES,
     TSFusionModel,
@@ -165,8 +166,9 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         self._outs: dict[str, list[Tensor]] = {"pred": [], "true": []}
 
     def _load_tokenizers(self, path: str) -> None:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else {}
+        blob = read_checkpoint(path, "TS-fusion pretraining or tokenizer")
+        state = blob.get("state_dict", blob)
+        state = state if isinstance(state, Mapping) else {}
         sub = {k[len("tokenizers."):]: v for k, v in state.items() if k.startswith("tokenizers.")}
         if not sub:
             raise ValueError(f"{path}: no 'tokenizers.*' weights (expected a TSFusionPretrainTask checkpoint)")
