@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "terratorch_eoplugins"
 
+#: what the application layer (analysis/, benchmark/) may import: every layer below it
+APPLICATION = {"__init__", "errors", "dates", "runtime", "nn", "losses", "metrics", "models", "datasets", "datamodules",
+               "synthetic", "tasks"}
 #: what each layer (a sub-package or a top-level module) may import from the package
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -30,35 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "datamodules": {"errors", "dates", "datasets"},
     "synthetic": {"errors", "dates", "datasets"},
     "tasks": {"errors", "dates", "nn", "losses", "metrics", "models", "runtime"},
-    # the application layer: commands, analyses and sweeps may use everything below them
-    "analysis": {
-        "__init__",
-        "errors",
-        "dates",
-        "nn",
-        "losses",
-        "metrics",
-        "models",
-        "datasets",
-        "datamodules",
-        "synthetic",
-        "tasks",
-        "runtime",
-    },
-    "benchmark": {
-        "__init__",
-        "errors",
-        "dates",
-        "nn",
-        "losses",
-        "metrics",
-        "models",
-        "datasets",
-        "datamodules",
-        "synthetic",
-        "tasks",
-        "runtime",
-    },
+    # the application layer: analyses and sweeps may use everything below them
+    "analysis": APPLICATION,
+    "benchmark": APPLICATION,
     "cli": {"__init__", "errors", "models", "synthetic", "analysis", "benchmark", "runtime"},
     "__init__": {"datamodules", "datasets", "models", "tasks"},
 }
