@@ -72,10 +72,6 @@ def select_metrics(kind: str, metrics: dict[str, float], keys: dict[str, str] | 
     return [float(metrics.get(keys.get(col, key), math.nan)) for col, key, _ in METRICS[kind]]
 
 
-# one Lightning CSV reader for every CLI driver (quickstart demo, LIANet demo, sweeps)
-last_metrics = read_last_metrics
-
-
 class SweepOutputError(FileExistsError):
     """A sweep output path holds a file that the sweep did not write; the message names it."""
 
@@ -135,11 +131,6 @@ def read_rows(path: Path) -> list[dict]:
 def latest_rows(path: Path) -> dict[str, dict]:
     """The last row per run_id (a retried run's new row wins)."""
     return {r["run_id"]: r for r in read_rows(path)}
-
-
-def terratorch_cmd() -> list[str]:
-    """The ``terratorch`` command (see :func:`terratorch_eoplugins.runtime.terratorch_command`)."""
-    return terratorch_command()
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, timeout: float | None) -> ProcResult:
@@ -248,7 +239,7 @@ class SweepRunner:
         if last.is_file():
             args.append(f"--ckpt_path={last}")
         self.log(f"  pretrain {run.pretrain_id}")
-        res = run_logged([*terratorch_cmd(), *args], pdir / "pretrain.log", self._env(pdir / "pretrain_stats.json"),
+        res = run_logged([*terratorch_command(), *args], pdir / "pretrain.log", self._env(pdir / "pretrain_stats.json"),
                          self.repo, self.timeout)
         if res.returncode != 0:
             return None, res.wall_s, "pretrain: " + _failure(res)
@@ -271,7 +262,7 @@ class SweepRunner:
             pre_ckpt, pre_s, err = self._pretrain(run)
         row["pretrain_s"] = round(pre_s, 2)
         base = self.run_args(run, pre_ckpt)
-        fit_cmd = [*terratorch_cmd(), "fit", *base, *self._logger_args(rdir.parent, rdir.name, "fit")]
+        fit_cmd = [*terratorch_command(), "fit", *base, *self._logger_args(rdir.parent, rdir.name, "fit")]
         row["command"] = " ".join(["terratorch", "fit", *base])
         if err:
             return self._finish(row, rdir, err)
@@ -310,12 +301,12 @@ class SweepRunner:
             return self._finish(row, rdir, f"fit: no checkpoint under {rdir / 'fit' / 'checkpoints'}")
         if (rdir / "test").exists():
             shutil.rmtree(rdir / "test")
-        test_cmd = [*terratorch_cmd(), "test", *base, *self._logger_args(rdir.parent, rdir.name, "test"),
+        test_cmd = [*terratorch_command(), "test", *base, *self._logger_args(rdir.parent, rdir.name, "test"),
                     f"--ckpt_path={ckpt}"]
         res = run_logged(test_cmd, rdir / "test.log", self._env(rdir / "test_stats.json"), self.repo, self.timeout)
         if res.returncode != 0:
             return self._finish(row, rdir, "test: " + _failure(res))
-        metrics = last_metrics(rdir / "test" / "metrics.csv") if (rdir / "test" / "metrics.csv").is_file() else {}
+        metrics = read_last_metrics(rdir / "test" / "metrics.csv") if (rdir / "test" / "metrics.csv").is_file() else {}
         tstats = _read_json(rdir / "test_stats.json")
         if "pearson_r" in tstats:
             metrics["pearson_r"] = tstats["pearson_r"]
