@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
+from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models.dunia import (
     DUNIA_VARIANTS,
     TEMPORAL_REDUCTIONS,
@@ -190,8 +191,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         """Embedding map ``[B, D_p, H, W]`` of the configured branch."""
         hp = self.hparams
         x = prepare_dunia_input(image, hp["temporal_reduce"], hp["input_modalities"], hp["input_channels"]).float()
-        if not torch.isfinite(x).all():
-            raise ValueError("batch['image'] contains NaN or Inf: fill no-data pixels before embedding")
+        check_model_input(x, "DUNIAZeroShotKNNTask.embed (batch['image'])")
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = (-h) % p, (-w) % p
