@@ -12,6 +12,9 @@
   them in :func:`exact_matmul`, which sets ``"highest"`` for the block only and restores the caller's setting
   (the legacy global and the per-backend ``fp32_precision`` values) afterwards.
 
+* **checkpoint files**: :func:`read_checkpoint` loads with ``weights_only=True`` and turns torch's errors into
+  messages naming the file (without torch's advice to unpickle anyway).
+
 Inside this package this module imports only :mod:`terratorch_eoplugins.errors`; torch is imported lazily.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -29,12 +34,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from terratorch_eoplugins.errors import require_file
 
 __all__ = [
     "MATMUL_PRECISIONS", "ProcResult", "TerratorchError", "exact_matmul", "float32_matmul_precision",
-    "read_last_metrics", "run_process", "run_terratorch", "terratorch_command",
+    "read_checkpoint", "read_last_metrics", "run_process", "run_terratorch", "terratorch_command",
 ]
 
 #: the values ``torch.set_float32_matmul_precision`` accepts
@@ -72,6 +78,38 @@ def float32_matmul_precision(precision: str = "highest") -> Iterator[None]:
 def exact_matmul() -> contextlib.AbstractContextManager[None]:
     """:func:`float32_matmul_precision` ``("highest")``: full float32 matrix products inside the block."""
     return float32_matmul_precision("highest")
+
+
+# ============================================================================================ checkpoints
+def read_checkpoint(path: str | Path, what: str, map_location: Any = "cpu") -> Mapping[str, Any]:
+    """``torch.load(path, map_location, weights_only=True)`` with clear errors (never unpickles arbitrary objects):
+    the one reader of checkpoint files of every model family and tokenizer.
+
+    ``what`` names the expected checkpoint in the messages (e.g. ``"DUNIA"``). Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` for a file that is not a readable mapping (Lightning checkpoint or state dict).
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {str(p)!r}")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, i.e. unpickling arbitrary objects, which is what we refuse:
+        # keep only its diagnosis (the object it refused, or why the bytes are not a PyTorch file)
+        found = re.search(r"(Unsupported global: .*?)(?:\. Please|$)|(Unsupported operand \d+)", str(err), re.M)
+        detail = next((g for g in found.groups() if g), "") if found else ""
+        detail = detail or "not a weights-only PyTorch file"
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint holding only tensors and plain containers "
+                         f"({detail}); checkpoints with other pickled objects are never loaded") from None
+    except Exception as err:  # truncated, empty or non-PyTorch files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{p}: cannot be read as a PyTorch checkpoint ({first})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}")
+    return obj
+
 
 
 # ============================================================================================ subprocesses

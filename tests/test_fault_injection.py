@@ -664,7 +664,7 @@ def test_gedi_shots_without_samples_are_a_counted_skip(gedi: Path) -> None:
 
 # ============================================================================================= checkpoints
 def _read_checkpoint(path: Path) -> object:
-    from terratorch_eoplugins.models._checkpoint import read_checkpoint
+    from terratorch_eoplugins.runtime import read_checkpoint
 
     return read_checkpoint(path, "DUNIA")
 
@@ -709,6 +709,19 @@ def test_checkpoint_with_pickled_objects_is_not_unpickled(tmp_path: Path) -> Non
     msg = _fails(ValueError, lambda: _read_checkpoint(path), path, "cannot be read as a PyTorch checkpoint",
                  "Unsupported global", "_NotAllowed", "never loaded")
     assert "weights_only" not in msg  # no advice to unpickle it anyway
+
+
+def test_tokenizer_files_truncated_or_pickled(tmp_path: Path) -> None:
+    from terratorch_eoplugins.nn.image_tokenizer import load_image_tokenizer
+    from terratorch_eoplugins.nn.ts_tokenizers.serialization import load_ts_tokenizer
+
+    truncated = _put(tmp_path / "image_fsq.pt", b"PK\x03\x04 not a whole zip")
+    _fails(ValueError, lambda: load_image_tokenizer(truncated), truncated, "cannot be read as a PyTorch checkpoint")
+    pickled = tmp_path / "ts_fsq.pt"
+    with open(pickled, "wb") as f:
+        pickle.dump({"kind": "fsq", "config": {}, "state_dict": {}, "hook": _NotAllowed()}, f, protocol=2)
+    msg = _fails(ValueError, lambda: load_ts_tokenizer(pickled), pickled, "Unsupported global", "never loaded")
+    assert "weights_only" not in msg
 
 
 def test_knn_database_corrupt(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from terratorch_eoplugins.datasets.common import collate_samples
 from terratorch_eoplugins.datasets.pastis import PASTIS
 from terratorch_eoplugins.errors import EODataError
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
+from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = ["DEFAULT_BINS", "confusion_matrix", "mean_iou", "series_cloud_ratio", "cloud_robustness",
            "load_segmentation_checkpoint", "main"]

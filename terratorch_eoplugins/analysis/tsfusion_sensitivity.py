@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
+from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = ["load_cropnet_task", "modality_gradients", "main"]
 

@@ -35,9 +35,9 @@ from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.nn.hash_encoding import HashGridEncoding2D
 from terratorch_eoplugins.nn.time_encoding import TimeEncoding
+from terratorch_eoplugins.runtime import read_checkpoint
 
 logger = logging.getLogger("terratorch_eoplugins.models.lianet")
 

@@ -50,7 +50,7 @@ from terratorch.models.backbones.terramind.model.tm_utils import Block, DecoderB
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
 
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
+from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = [
     "ModalitySpec",

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from terratorch_eoplugins.nn.fsq_index import fsq_index_to_levels, fsq_levels_to_index
 from terratorch_eoplugins.nn.training import train_on_random_batches
+from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = [
     "IMAGE_TOKENIZERS",
@@ -329,7 +330,7 @@ def load_image_tokenizer(path: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer checkpoint not found: {str(path)!r}; train one with "
                                 "`eoplugins tsfusion-tokenizers`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # plain dict of tensors + config
+    ckpt = read_checkpoint(path, "image tokenizer", map_location)  # plain dict of tensors + config
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "fsq" or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r}: expected a dict with kind='fsq', config, state_dict (save_image_tokenizer)")
     tok = FSQImageTokenizer(**ckpt["config"])

@@ -51,11 +51,11 @@ from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.metrics import pearson_r
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, build_dunia, load_dunia_checkpoint
 from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
 from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
+from terratorch_eoplugins.runtime import read_checkpoint
 from terratorch_eoplugins.tasks.preparation import train_split_batches
 
 __all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder"]

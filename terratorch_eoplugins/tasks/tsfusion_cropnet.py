@@ -40,7 +40,6 @@ from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.metrics import cropnet_metrics
-from terratorch_eoplugins.models._checkpoint import read_checkpoint
 from terratorch_eoplugins.models.tsfusion import (
     MODEL_SIZES,
     TSFusionModel,
@@ -48,6 +47,7 @@ from terratorch_eoplugins.models.tsfusion import (
     load_tsfusion_weights,
 )
 from terratorch_eoplugins.models.tsfusion_tokenizers import TSFusionTokenizers
+from terratorch_eoplugins.runtime import read_checkpoint
 from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
 __all__ = ["PAIR_KEYS", "REQUIRED_KEYS", "TSFusionCropNetTask", "county_pairs"]

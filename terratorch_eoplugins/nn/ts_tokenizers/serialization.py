@@ -8,6 +8,7 @@ import torch
 
 from terratorch_eoplugins.nn.ts_tokenizers.base import TimeSeriesTokenizer
 from terratorch_eoplugins.nn.ts_tokenizers.factory import build_ts_tokenizer
+from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = ["load_ts_tokenizer", "save_ts_tokenizer"]
 
@@ -28,7 +29,7 @@ def load_ts_tokenizer(path: str | Path, map_location: str | torch.device = "cpu"
     if not path.is_file():
         raise FileNotFoundError(f"time-series tokenizer checkpoint not found: {str(path)!r}; train one with "
                                 "`eoplugins tsfusion-tokenizers` or fit a deterministic one")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # plain dict of tensors + config
+    ckpt = read_checkpoint(path, "time-series tokenizer", map_location)  # plain dict of tensors + config
     if not isinstance(ckpt, dict) or not {"kind", "config", "state_dict"} <= set(ckpt):
         raise ValueError(f"{str(path)!r}: expected a dict with keys kind/config/state_dict (save_ts_tokenizer)")
     tok = build_ts_tokenizer(ckpt["kind"], **ckpt["config"])
