@@ -14,10 +14,11 @@
   ``log s ~ N(P_mean, P_std^2)``; unweighted as in eq. 13, or EDM's ``lambda(s)`` weighting), condition dropout
   for classifier-free guidance (50%; "we replace the conditioning signal with a random vector", appendix C),
   guidance eq. 14 ``D_hat = D(x, s) + s_cfg (D(x, s, c) - D(x, s))`` and the deterministic **Karras ODE sampler**
-  (Algorithm 1, Heun's 2nd-order method, 30 steps; Euler available). The noise levels come from diffusers'
-  ``EDMEulerScheduler`` with the Karras schedule ``s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) -
-  s_max^(1/rho)))^rho``, ``s_n = 0``; diffusers has no EDM Heun scheduler (``HeunDiscreteScheduler`` derives its
-  sigmas from a discrete DDPM beta schedule), so the Heun step is written here.
+  (Algorithm 1, Heun's 2nd-order method, 30 steps; Euler available). The noise levels follow the Karras
+  schedule ``s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``, ``s_n = 0``
+  (:func:`karras_sigmas`, one line of arithmetic, so no diffusion library is a dependency); diffusers has no EDM
+  Heun scheduler either (``HeunDiscreteScheduler`` derives its sigmas from a discrete DDPM beta schedule), so the
+  Heun step is written here.
 """
 
 from __future__ import annotations
@@ -36,17 +37,25 @@ __all__ = ["CrossAttentionUNet1D", "KarrasLatentDiffusion", "cfg_combine", "karr
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """Karras et al. (2022) eq. 5 noise levels ``[num_steps + 1]`` (decreasing, last = 0), via diffusers'
-    ``EDMEulerScheduler(sigma_schedule="karras")``."""
-    from diffusers import EDMEulerScheduler
+    """Karras et al. (2022) eq. 5 noise levels ``[num_steps + 1]`` (decreasing, last = 0).
 
+    ``s_i = (s_max^(1/rho) + i / (N - 1) * (s_min^(1/rho) - s_max^(1/rho)))^rho`` for ``i < N``, ``s_N = 0``;
+    evaluated in float64, returned as float32. (One line of arithmetic: computed here rather than through a
+    diffusion library's scheduler object.)
+    """
     if num_steps < 1:
         raise ValueError(f"karras_sigmas: num_steps must be >= 1, got {num_steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"karras_sigmas: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    sched = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_schedule="karras")
-    sched.set_timesteps(num_steps)
-    return sched.sigmas.to(torch.float64).to(torch.float32)
+    if rho <= 0:
+        raise ValueError(f"karras_sigmas: rho must be > 0, got {rho}")
+    if num_steps > 1:
+        ramp = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64)
+    else:
+        ramp = torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
 
 
 def cfg_combine(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
