@@ -12,6 +12,7 @@ Examples::
     eoplugins sweep benchmarks/sweeps/full.yaml --shard 0/3 --results-dir /shared/results   # machine 0 of 3
     eoplugins sweep benchmarks/sweeps/smoke.yaml --results-dir benchmarks/results   # add to the committed results
     eoplugins sweep benchmarks/sweeps/smoke.yaml --render               # only re-render the leaderboard
+    eoplugins sweep benchmarks/sweeps/full.yaml --count-params          # CSV run_id,tunable,total; no training
 
 Outputs: ``<results-dir>/<sweep>.{csv,md,png}``; ``--results-dir`` defaults to a folder of this sweep's runs
 (``<runs-dir>/<sweep>/results``), so the committed ``benchmarks/results`` is read (runs it records are skipped) and
@@ -21,7 +22,8 @@ rewritten only by an invocation that produced rows (``--render`` and re-runs wit
 
 Exit status: 0 when every selected run is finished ``ok``; 1 when a run of this invocation failed (or a selected
 run is recorded as failed and was not retried); 2 for a usage error: ``--only`` matching no run, a ``--world`` that
-is not a folder, an output path holding a file the sweep did not write.
+is not a folder, an output path holding a file the sweep did not write. ``--count-params`` exits 1 when a model
+could not be built.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from terratorch_eoplugins.benchmark.leaderboard import (
     render_markdown,
     render_plot,
 )
+from terratorch_eoplugins.benchmark.params import ParamCount, count_sweep_parameters
 from terratorch_eoplugins.benchmark.runner import SweepOutputError, SweepRunner, check_results_csv, latest_rows
-from terratorch_eoplugins.benchmark.spec import load_sweep
+from terratorch_eoplugins.benchmark.spec import RunSpec, Sweep, load_sweep
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -53,6 +56,18 @@ def _shard(text: str) -> tuple[int, int]:
 def _fail(msg: str) -> int:
     print(f"eoplugins sweep: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _count_params(sweep: Sweep, runs: list[RunSpec], repo: str, world: str | None, extra: list[str]) -> int:
+    print("run_id,tunable,total", flush=True)
+
+    def emit(res: ParamCount) -> None:
+        print(res.csv_line(), flush=True)
+        if res.error:
+            print(f"eoplugins sweep: {res.run_id}: model not built: {res.error}", file=sys.stderr, flush=True)
+
+    results = count_sweep_parameters(sweep, runs, repo=repo, world=world, extra=extra, emit=emit)
+    return 1 if any(r.error for r in results) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="regex: run only matching run ids")
     p.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th pending run starting at I")
     p.add_argument("--list", action="store_true", help="print the runs and exit")
+    p.add_argument("--count-params", action="store_true",
+                   help="build every selected run's model offline (no data, no training) and print the CSV "
+                        "run_id,tunable,total on stdout")
     p.add_argument("--render", action="store_true", help="only render the leaderboard from the CSV")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep fine-tuning checkpoints after the test")
@@ -99,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in runs:
             print(f"{'todo' if r.run_id in pending else 'done'}  {r.run_id}")
         return 0
+    if a.count_params:
+        return _count_params(sweep, runs, a.repo, a.world, extra)
 
     out_md, out_png = runner.csv_path.with_suffix(".md"), runner.csv_path.with_suffix(".png")
     try:  # before anything runs: never append to, or replace, a file the sweep did not write
