@@ -111,6 +111,29 @@ def test_quantile_duplicate_edges_merged_on_zero_inflated_data():
     assert (tz.decode(enc)[torch.from_numpy(x) == 0] == 0).all()
 
 
+@pytest.mark.parametrize("reconstruction", ["midpoint", "mean"])
+def test_quantile_atom_at_the_maximum_gets_its_own_bin(reconstruction: str):
+    # relative humidity capped at 100 %: 20 % of the values sit exactly at the maximum (> 1/B with B = 16)
+    rng = np.random.default_rng(3)
+    x = np.where(rng.random(5000) < 0.2, 100.0, rng.uniform(40.0, 100.0, 5000))
+    tok = QuantileTokenizer(16, reconstruction=reconstruction).fit(x)
+    k = int(tok.n_bins[0])
+    edges = tok.edges[0, : k + 1].numpy()
+    assert k <= 16 and edges[-1] == edges[-2] == 100.0  # the zero-width last bin [100, 100]
+    enc = tok.encode(x)
+    at_max = torch.from_numpy(x == 100.0)
+    assert (enc[at_max] == k - 1).all() and (enc[~at_max] < k - 1).all()  # no interior value shares its token
+    dec = tok.decode(enc)
+    assert (dec[at_max] == 100.0).all()
+    # every interior value decodes inside its own half-open bin [t_{j-1}, t_j)
+    lo, hi = torch.from_numpy(edges[:-1])[enc[~at_max]], torch.from_numpy(edges[1:])[enc[~at_max]]
+    assert ((dec[~at_max] >= lo.float()) & (dec[~at_max] <= hi.float())).all()
+    # the reference empirical quantiles (inverted CDF) below the atom are the edges, unchanged
+    q = np.quantile(x, np.arange(17) / 16, method="inverted_cdf")
+    q[0] = x.min()
+    np.testing.assert_array_equal(edges[:-1], np.unique(q))
+
+
 def test_constant_variable_gives_one_bin():
     tok = QuantileTokenizer(8).fit(torch.full((10, 5), 3.0))
     assert int(tok.n_bins[0]) == 1

@@ -9,7 +9,8 @@ stored as buffers so that a tokenizer loads from a checkpoint's ``state_dict``):
 * :class:`~terratorch_eoplugins.nn.ts_tokenizers.binning.QuantileTokenizer` (section 3.1.1, "Quantile"): edges at
   the empirical quantiles ``t_j = F^-1(j/B)`` (generalised inverse of the empirical CDF, ``numpy`` method
   ``inverted_cdf``); duplicate edges (e.g. zero-inflated precipitation) are merged, so a variable can have fewer
-  than ``B`` bins.
+  than ``B`` bins; an atom at the maximum (``>= 1/B`` of the values, e.g. humidity capped at 100 %) keeps a
+  zero-width last bin of its own.
 * :class:`~terratorch_eoplugins.nn.ts_tokenizers.fsq.FSQTokenizer` (section 3.1.2): a 1-D convolutional encoder
   with residual, dilated blocks maps ``x in R^L`` to ``Z_e in R^{L' x D}``; finite scalar quantization rounds every
   latent dimension to ``L_d`` levels ``c_{d,j} = -1 + 2j/(L_d - 1)``; the level indices become one token by

@@ -169,7 +169,14 @@ class QuantileTokenizer(_BinTokenizer):
     def _edges_for(self, vals: np.ndarray) -> np.ndarray:
         q = np.quantile(vals, np.arange(self.num_bins + 1) / self.num_bins, method="inverted_cdf")
         q[0] = vals.min()
-        return np.unique(q)  # sorted, duplicate edges merged
+        e = np.unique(q)  # sorted, duplicate edges merged
+        if len(e) >= 2 and (q == e[-1]).sum() >= 2:
+            # An atom at the maximum (>= 1/B of the values, e.g. relative humidity capped at 100 %): the merged top
+            # edges would leave one closed last bin [t_{B-2}, x_max] holding the atom together with the values
+            # below it, decoded to neither. Bins are half-open [t_{j-1}, t_j), so the atom gets its own zero-width
+            # last bin [x_max, x_max] (decoded exactly), as an atom at the minimum gets the first bin.
+            e = np.append(e, e[-1])
+        return e
 
     def _centers_for(self, rows: Tensor) -> Tensor:
         c = super()._centers_for(rows)
