@@ -8,7 +8,14 @@ from typing import Any
 from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
-from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys, split_modalities
+from terratorch_eoplugins.datasets.common import (
+    PREDICT_META_KEY,
+    class_legend,
+    collate_georeference,
+    collate_samples,
+    filter_batch_keys,
+    split_modalities,
+)
 
 
 class EODataModule(NonGeoDataModule):
@@ -19,6 +26,10 @@ class EODataModule(NonGeoDataModule):
     * ``batch_keys`` names the extra sample keys (dates, georeferencing...) that reach the model;
       everything else is dropped after collation so that baselines which reject unknown keyword
       arguments (Prithvi, ``TemporalWrapper``) work. ``None`` keeps every key.
+    * ``predict`` batches also carry ``predict_meta`` (:data:`~terratorch_eoplugins.datasets.common.PREDICT_META_KEY`):
+      the samples' ``filename``, ``crs`` and ``transform`` and the dataset's class legend, which the prediction
+      writer (:class:`terratorch_eoplugins.tasks.prediction_writer.GeoTIFFPredictionWriter`) removes from the
+      batch before the model sees it and uses to write georeferenced maps.
     * ``image_modalities`` optionally splits a stacked ``image`` tensor into a dict of modalities by
       channel indices, e.g. ``{"S2L2A": [0, ..., 11], "S1GRD": [12, 13]}`` for TerraMind's multimodal input.
     """
@@ -38,9 +49,23 @@ class EODataModule(NonGeoDataModule):
             batch["image"] = split_modalities(batch["image"], self.image_modalities)
         return batch
 
+    def _predict_meta(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the prediction writer needs besides the model output: georeferencing and the class legend."""
+        meta = collate_georeference(samples)
+        legend = class_legend(getattr(self, "predict_dataset", None))
+        if legend is not None:
+            meta["legend"] = legend
+        return meta
+
+    def _predict_collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate_fn(samples)
+        batch[PREDICT_META_KEY] = self._predict_meta(samples)
+        return batch
+
     def _dataloader_factory(self, split: str) -> DataLoader:
         dataset = self._valid_attribute(f"{split}_dataset", "dataset")
         batch_size = self._valid_attribute(f"{split}_batch_size", "batch_size")
+        collate = self._predict_collate if split == "predict" else self.collate_fn
         return DataLoader(dataset=dataset, batch_size=batch_size, shuffle=split == "train",
-                          num_workers=self.num_workers, collate_fn=self.collate_fn,
+                          num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=self.num_workers > 0)

@@ -187,6 +187,16 @@ class CropNetDataModule(EODataModule):
         if stage == "predict":
             self.predict_dataset = self._make("test")
 
+    def _predict_meta(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """County-year ids (``<fips>_<year>``) and the label statistics that map outputs back to log units."""
+        n = len(samples)
+        if self.standardize_label:
+            mean, std = self.label_statistics()
+        else:
+            mean, std = torch.zeros(self.num_outputs), torch.ones(self.num_outputs)
+        return {"filename": [f"{s['fips']}_{s['year']}" for s in samples],
+                "label_mean": mean.expand(n, -1).tolist(), "label_std": std.expand(n, -1).tolist()}
+
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = cropnet_collate(samples)
         if self.standardize_label:

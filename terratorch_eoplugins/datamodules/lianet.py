@@ -182,15 +182,18 @@ class LIANetBurnScarsDataModule(_LIANetFinetuneDataModule):
     """HLS Burn Scars windows x post-fire acquisition for a LIANet backbone pretrained on ``tiles_root``.
 
     Train = the scenes of ``training/``, validation and test = ``validation/`` (the original split, as in the
-    paper); scenes outside the region are skipped. See :class:`LIANetBurnScars` for the arguments.
+    paper); scenes outside the region are skipped. ``label_fraction``/``seed`` subsample the training scenes. See
+    :class:`LIANetBurnScars` for the arguments.
     """
 
     def __init__(self, root: str = "data/demo/hls_burn_scars", tiles_root: str = "data/demo/S2_TILES_BURNSCARS",
                  tiles: Sequence[str] | None = None, patch_size: int = 128, stride: int | None = None,
                  keep_unburned: bool = False, max_gap_days: float = 30.0, image: str = "placeholder",
-                 batch_size: int = 32, num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS) -> None:
+                 batch_size: int = 32, num_workers: int = 0, batch_keys: Sequence[str] | None = DEFAULT_KEYS,
+                 label_fraction: float = 1.0, seed: int = 0) -> None:
         super().__init__(tiles_root, tiles, batch_size, num_workers, batch_keys)
         self.root, self.patch_size, self.stride = Path(root), patch_size, stride
+        self.label_fraction, self.seed = label_fraction, seed
         self.keep_unburned, self.max_gap_days, self.image = keep_unburned, max_gap_days, image
 
     num_classes = 2
@@ -198,4 +201,5 @@ class LIANetBurnScarsDataModule(_LIANetFinetuneDataModule):
 
     def _make(self, split: str) -> LIANetBurnScars:
         return LIANetBurnScars(self.root, self.region, split=split, patch_size=self.patch_size, stride=self.stride,
-                               keep_unburned=self.keep_unburned, max_gap_days=self.max_gap_days, image=self.image)
+                               keep_unburned=self.keep_unburned, max_gap_days=self.max_gap_days, image=self.image,
+                               label_fraction=self.label_fraction if split == "train" else 1.0, seed=self.seed)

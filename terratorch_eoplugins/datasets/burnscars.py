@@ -40,6 +40,8 @@ from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, req
 _NAME = r"subsetted_512x512_HLS\.(?P<sensor>[SL]30)\.(?P<tile>T[0-9A-Z]{5})\.(?P<date>\d{7})\.v1\.4"
 IMAGE_PATTERN = re.compile(rf"^{_NAME}_merged\.tif$")
 MASK_PATTERN = re.compile(rf"^{_NAME}\.mask\.tif$")
+#: colours (RGB in [0, 1]) of the two classes in plots and prediction maps: dark green, red
+BURN_PALETTE: np.ndarray = np.array([(0.1, 0.4, 0.1), (0.9, 0.2, 0.1)], np.float32)
 
 #: Band aliases accepted in ``bands`` (case-insensitive): terratorch HLSBands names and Sentinel-2/HLS band ids.
 _ALIASES: dict[str, str] = {
@@ -123,6 +125,7 @@ class HLSBurnScars(NonGeoDataset):
 
     all_bands: tuple[str, ...] = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
     classes: tuple[str, ...] = ("Not burned", "Burn scar")
+    palette: np.ndarray = BURN_PALETTE
     #: Prithvi / terratorch ``FireScarsNonGeoDataModule`` statistics (reflectance units).
     MEANS: dict[str, float] = {
         "BLUE": 0.033349706741586264, "GREEN": 0.05701185520536176, "RED": 0.05889748132001316,

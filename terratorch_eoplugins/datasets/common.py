@@ -75,6 +75,57 @@ def filter_batch_keys(batch: dict[str, Any], keep: Iterable[str] | None) -> dict
     return {k: v for k, v in batch.items() if k in allowed}
 
 
+#: sample keys that georeference a sample's pixel grid for prediction maps: ``filename`` (source file or sample
+#: id, names the output), ``crs`` (WKT or ``EPSG:n``), ``transform`` (6 affine coefficients a, b, c, d, e, f)
+GEOREF_KEYS: tuple[str, ...] = ("filename", "crs", "transform")
+#: batch key of predict batches with what a prediction writer needs and the model must not see: the collated
+#: :data:`GEOREF_KEYS`, ``legend`` (``{"names": [...], "colors": [[r, g, b], ...]}``) of class maps, and for
+#: non-raster samples ``label_mean`` / ``label_std`` (``[B, n]``) that map outputs back to target units
+PREDICT_META_KEY = "predict_meta"
+
+
+def bounds_transform(bounds: Sequence[float], height: int, width: int) -> tuple[float, ...]:
+    """Affine coefficients ``(a, b, c, d, e, f)`` of a north-up ``height x width`` grid filling ``bounds``.
+
+    ``bounds`` is ``(minx, miny, maxx, maxy)``; the first pixel's top-left corner is ``(minx, maxy)``.
+    """
+    minx, miny, maxx, maxy = (float(b) for b in bounds)
+    if not (maxx > minx and maxy > miny and height > 0 and width > 0):
+        raise EODataError(f"bounds {list(bounds)} with grid {height} x {width}: expected minx < maxx, miny < maxy "
+                          "and a positive grid size")
+    return ((maxx - minx) / width, 0.0, minx, 0.0, -(maxy - miny) / height, maxy)
+
+
+def collate_georeference(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The :data:`GEOREF_KEYS` of ``samples`` as batch entries: ``filename`` and ``crs`` as lists of strings,
+    ``transform`` as a list of 6-float tuples (plain floats: no precision plugin or device transfer touches them).
+    Keys absent from the first sample are left out."""
+    out: dict[str, Any] = {}
+    for key in GEOREF_KEYS:
+        if key not in samples[0]:
+            continue
+        vals = [s.get(key) for s in samples]
+        if key == "transform":
+            out[key] = [tuple(float(c) for c in torch.as_tensor(v, dtype=torch.float64).reshape(-1)[:6]) for v in vals]
+        else:
+            out[key] = [str(v) for v in vals]
+    return out
+
+
+def class_legend(dataset: Any) -> dict[str, list] | None:
+    """Legend of a dataset's class maps: ``classes`` names and ``palette`` colours (RGB 0-255), or ``None``."""
+    names = list(getattr(dataset, "classes", None) or ())
+    if not names:
+        return None
+    palette = getattr(dataset, "palette", None)
+    colors: list[list[int]] = []
+    if palette is not None:
+        pal = np.asarray(palette, np.float64)
+        pal = pal * 255.0 if pal.size and pal.max() <= 1.0 else pal
+        colors = [[int(round(c)) for c in rgb[:3]] for rgb in np.clip(pal, 0, 255)]
+    return {"names": [str(n) for n in names], "colors": colors}
+
+
 def split_modalities(image: Tensor, modalities: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
     """Split a batched ``[B, C, ...]`` tensor into ``{modality: image[:, indices]}``.
 

@@ -49,9 +49,9 @@ USDA row has no county code, no (or a withheld) yield or production, when no ima
 county exists for the sample year (no grids), or when the daily weather of a short-term month or
 of a whole variable is missing. A split that ends empty raises :class:`EODataError`.
 
-Evaluation (:func:`terratorch_eoplugins.metrics.cropnet_metrics`): RMSE, ``R2`` = squared Pearson correlation
-(as MMST-ViT's ``util/metrics.py``), Pearson ``r``, and the coefficient of determination ``R2_cod``, all on
-``exp`` of the predicted and true log yields, pooled over counties.
+Evaluation (:func:`terratorch_eoplugins.metrics.cropnet_metrics`): RMSE, MAE, Pearson ``r``, ``r2_pearson`` =
+squared Pearson correlation (what MMST-ViT's ``util/metrics.py`` and the papers call R^2) and ``R2`` = the
+coefficient of determination, all on ``exp`` of the predicted and true log yields, pooled over counties.
 """
 
 from __future__ import annotations

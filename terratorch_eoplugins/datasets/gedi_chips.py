@@ -101,7 +101,8 @@ class GEDIChips(NonGeoDataset):
     to ``K = max_footprints`` (default: the most footprints of any chip of the composite) with
     -1 / 0 / ``ignore_value``; ``crs`` (str),
     ``transform`` (6 affine coefficients a, b, c, d, e, f) and ``bounds`` (left, bottom, right,
-    top) float64, ``location_coords`` (lat, lon) of the chip centre.
+    top) float64, ``location_coords`` (lat, lon) of the chip centre, ``filename``
+    (``<composite>_r<row>_c<col>``, the chip's window in the composite).
     """
 
     def __init__(self, root: str | Path | Sequence[str | Path] = "data/demo/GEDI", composite: str | Path | None = None,
@@ -460,6 +461,7 @@ class GEDIChips(NonGeoDataset):
             "transform": torch.tensor([ct.a, ct.b, ct.c, ct.d, ct.e, ct.f], dtype=torch.float64),
             "bounds": torch.tensor([left, bottom, right, top], dtype=torch.float64),
             "location_coords": torch.tensor([lat, lon], dtype=torch.float32),
+            "filename": f"{self.composite.stem}_r{row:05d}_c{col:05d}",
         }
 
     def plot(self, sample: dict[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:

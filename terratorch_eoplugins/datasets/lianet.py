@@ -18,7 +18,8 @@ of other tiles are skipped with a warning: the region is one tile of a sparse da
 
 Sample: ``image`` is a placeholder ``(1, P, P)`` of zeros (LIANet takes no imagery; its size sets the patch
 size) or, with ``image="s2"``, the acquisition's 12-band reflectance window (for baselines); ``mask``;
-``origin_px`` ``(2,)`` float (column, row); ``time_days``; ``time_index``; metadata (``date``, ``patch_id``).
+``origin_px`` ``(2,)`` float (column, row); ``time_days``; ``time_index``; metadata (``date``, ``patch_id``) and the
+window's georeferencing (``crs`` WKT and ``transform`` of the region grid, ``filename`` = ``<patch id>_<time>``).
 The datamodules (:mod:`terratorch_eoplugins.datamodules.lianet`) choose the splits and the keys that reach
 the model.
 """
@@ -42,8 +43,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets.burnscars import HLSBurnScars
-from terratorch_eoplugins.datasets.common import logger, plot_panels
+from terratorch_eoplugins.datasets.burnscars import BURN_PALETTE, HLSBurnScars
+from terratorch_eoplugins.datasets.common import logger, plot_panels, subsample_fraction
 from terratorch_eoplugins.datasets.pastis import PASTIS, PASTIS_CLASSES, PASTIS_PALETTE
 from terratorch_eoplugins.datasets.s2_tiles import RGB, S2Region, dn_to_reflectance
 from terratorch_eoplugins.dates import days_since_epoch
@@ -182,6 +183,10 @@ class _LIANetSamples(NonGeoDataset):
             "time_index": torch.tensor(t, dtype=torch.long),
             "date": self.times[t].isoformat(),
             "patch_id": str(s["id"]),
+            "crs": self.region.crs.to_wkt(),
+            "transform": torch.tensor(tuple(self.region.transform @ Affine.translation(col, row))[:6],
+                                      dtype=torch.float64),
+            "filename": f"{s['id']}_{self.times[t].strftime('%Y%m%dT%H%M%S')}",
         }
 
     def plot(self, sample: Mapping[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:
@@ -201,7 +206,7 @@ class _LIANetSamples(NonGeoDataset):
         return plot_panels(panels, show_titles, suptitle)
 
     def _colorize(self, labels: np.ndarray) -> np.ndarray:
-        palette = PASTIS_PALETTE if len(self.classes) > 2 else np.array([(0.1, 0.4, 0.1), (0.9, 0.2, 0.1)], np.float32)
+        palette = PASTIS_PALETTE if len(self.classes) > 2 else BURN_PALETTE
         out = np.ones((*labels.shape, 3), np.float32)
         ok = (labels >= 0) & (labels < len(palette))
         out[ok] = palette[labels[ok]]
@@ -228,6 +233,7 @@ class LIANetPASTIS(_LIANetSamples):
     """
 
     classes = PASTIS_CLASSES
+    palette = PASTIS_PALETTE
 
     def __init__(self, root: str | Path, region: S2Region, split: str = "train", protocol: str = "pangaea",
                  fold_rotation: int = 0, dates: str = "region", image: str = "placeholder", void_label: int | None = -1,
@@ -308,21 +314,33 @@ class LIANetBurnScars(_LIANetSamples):
         max_gap_days: the paired acquisition is the first on or after the scene date within this many days.
         image: ``"placeholder"`` or ``"s2"``.
         require_data: drop windows with no-data pixels in the paired acquisition.
+        label_fraction: fraction of the ``train`` scenes kept (labels-budget experiments, as
+            :class:`HLSBurnScars`); val/test untouched.
+        seed: seed of the ``label_fraction`` subsample.
     """
 
     classes = ("Not burned", "Burn scar")
+    palette = BURN_PALETTE
 
     def __init__(self, root: str | Path, region: S2Region, split: str = "train", patch_size: int = 128,
                  stride: int | None = None, keep_unburned: bool = False, max_gap_days: float = 30.0,
-                 image: str = "placeholder", require_data: bool = True, boa_offset: float = 1000.0) -> None:
+                 image: str = "placeholder", require_data: bool = True, boa_offset: float = 1000.0,
+                 label_fraction: float = 1.0, seed: int = 0) -> None:
         super().__init__(region, patch_size, image, boa_offset)
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if not 0.0 < label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
         stride = int(stride or patch_size)
         if split == "train":  # the whole training/ folder: PANGAEA's train + val parts
             scenes = HLSBurnScars(root, split="train", normalize=False).scenes
             scenes = scenes + HLSBurnScars(root, split="val", normalize=False).scenes
             scenes = sorted(scenes, key=lambda s: str(s["image"]))
+            if label_fraction < 1.0:
+                kept = subsample_fraction(range(len(scenes)), label_fraction, seed)
+                logger.info("LIANet BurnScars train: label_fraction=%s keeps %d of %d scenes", label_fraction,
+                            len(kept), len(scenes))
+                scenes = [scenes[i] for i in kept]
         else:
             scenes = HLSBurnScars(root, split="test", normalize=False).scenes
         self._masks: list[np.ndarray] = []

@@ -32,7 +32,7 @@ from pyproj import Transformer
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
-from terratorch_eoplugins.datasets.common import logger, plot_panels, subsample_fraction
+from terratorch_eoplugins.datasets.common import bounds_transform, logger, plot_panels, subsample_fraction
 from terratorch_eoplugins.errors import EODataError, check_array, require_dir, require_file
 
 __all__ = ["PASTIS", "PASTIS_CLASSES", "PASTIS_PALETTE", "OFFICIAL_FOLD_ROTATIONS", "PANGAEA_FOLDS", "load_npy"]
@@ -198,11 +198,14 @@ class PASTIS(NonGeoDataset):
     * ``dates``: int64 ``[T]`` days since ``reference_date`` (a dict per modality when several);
     * ``temporal_coords``: float32 ``T x 2`` (year, day of year) of S2 (else of the first modality);
     * ``location_coords``: float32 (lat, lon) of the patch centroid; ``crs``; ``bounds`` (minx, miny,
-      maxx, maxy) in that CRS; ``id_patch``; ``fold``; ``tile``; ``cloud_cover`` (float32 ``[T]``,
-      when the metadata has ``cloudcover-S2`` and S2 is loaded).
+      maxx, maxy) in that CRS; ``transform``: float64 ``(6,)`` affine coefficients (a, b, c, d, e, f) of the
+      patch's pixel grid, from its polygon's bounds; ``filename``: the patch's file of the first modality;
+      ``id_patch``; ``fold``; ``tile``; ``cloud_cover`` (float32 ``[T]``, when the metadata has
+      ``cloudcover-S2`` and S2 is loaded).
     """
 
     classes: tuple[str, ...] = PASTIS_CLASSES
+    palette: np.ndarray = PASTIS_PALETTE
     patch_size: int = 128
     modality_bands: dict[str, tuple[str, ...]] = {m: s["bands"] for m, s in _MODALITY_SPEC.items()}
     metadata_filename = "metadata.geojson"
@@ -504,6 +507,9 @@ class PASTIS(NonGeoDataset):
             "location_coords": torch.from_numpy(patch["location"].copy()),
             "crs": self.crs,
             "bounds": torch.from_numpy(patch["bounds"].copy()),
+            "transform": torch.tensor(bounds_transform(patch["bounds"], self.patch_size, self.patch_size),
+                                      dtype=torch.float64),
+            "filename": str(patch["files"][first]),
             "id_patch": patch["id_patch"],
             "fold": patch["fold"],
             "tile": patch["tile"],

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from terratorch.tasks.tiled_inference import tiled_inference
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
@@ -52,9 +53,18 @@ from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models.dunia import (
     DUNIA_VARIANTS,
     TEMPORAL_REDUCTIONS,
+    architecture_overrides,
     build_dunia,
     load_dunia_checkpoint,
     prepare_dunia_input,
+)
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    log_restored,
+    reject_renamed_flags,
+    resolve_source,
+    self_contained_hparams,
+    warn_no_pretrained,
 )
 from terratorch_eoplugins.nn.knn import DEFAULT_CHUNK_BYTES, KNNDatabase, model_fingerprint
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
@@ -77,7 +87,11 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         embedding: ``"vertical"`` (``O^V``) or ``"horizontal"`` (``O^H``).
         k_values: neighbour counts evaluated (paper Table 1: 50, 5, 1).
         k: primary ``k`` for the un-suffixed metrics and ``predict`` (must be in ``k_values``).
-        dunia_ckpt_path: DUNIA pretraining checkpoint (``None``: random init of ``dunia_variant``, offline).
+        backbone_ckpt_path: DUNIA pretraining checkpoint (``None``: random init of ``dunia_variant``, offline; one
+            warning is logged). Checkpoints of this task are self-contained (:mod:`terratorch_eoplugins.models.
+            pretrained`): they store ``backbone_ckpt_path: null`` and ``backbone_pretrained_from``.
+        backbone_pretrained_from: written by self-contained checkpoints: the file the weights came from, never read.
+        dunia_ckpt_path: former name of ``backbone_ckpt_path``; an error naming it.
         dunia_variant: ``"tiny"`` or ``"base"`` (:data:`~terratorch_eoplugins.models.dunia.DUNIA_VARIANTS`).
         dunia_kwargs: architecture overrides (e.g. ``in_channels``); must match the checkpoint.
         embedder: an already-built embedding model (Python API; overrides the two above): any module with
@@ -93,21 +107,28 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             uncompiled flex backend for inference (measured on DUNIA-tiny, 8 x 64 x 64), and keeps the
             model's own choice elsewhere. Both compute the same operation.
         seed: seed of the ``pixels_per_image`` sampling.
+        tiled_inference_parameters: ``predict`` embeds large images tile by tile with terratorch's
+            ``tiled_inference`` (same keys as terratorch's tasks: ``h_crop``, ``w_crop``, ``h_stride``, ``w_stride``,
+            ``delta``, ``average_patches``, ``blend_overlaps``, ``batch_size``...); overlapping embeddings are
+            blended before retrieval. ``None``: one forward pass per image.
     """
 
-    ignore = "embedder"
+    ignore = ("embedder", "dunia_ckpt_path")
     monitor = "val/rmse"
 
     def __init__(self, task: Literal["regression", "classification"] = "regression", num_classes: int | None = None,
                  target_names: Sequence[str] = ("rh98",), ignore_index: float = -1,
                  embedding: Literal["vertical", "horizontal"] = "vertical", k_values: Sequence[int] = (1, 5, 50),
-                 k: int = 50, dunia_ckpt_path: str | None = None, dunia_variant: str = "tiny",
+                 k: int = 50, backbone_ckpt_path: str | None = None, dunia_variant: str = "tiny",
                  dunia_kwargs: Mapping[str, Any] | None = None, embedder: nn.Module | None = None,
                  temporal_reduce: Literal["median", "mean", "first", "last"] = "median",
                  input_modalities: Sequence[str] | None = None, input_channels: Sequence[int] | None = None,
                  pixels_per_image: int | None = None, database_path: str | None = None, weight_eps: float = 1e-6,
                  weight_power: float = 1.0, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 na_backend: Literal["auto", "natten", "torch"] | None = None, seed: int = 0) -> None:
+                 na_backend: Literal["auto", "natten", "torch"] | None = None, seed: int = 0,
+                 backbone_pretrained_from: str | None = None, dunia_ckpt_path: str | None = None,
+                 tiled_inference_parameters: Mapping[str, Any] | None = None) -> None:
+        reject_renamed_flags("DUNIAZeroShotKNNTask", dunia_ckpt_path=dunia_ckpt_path)
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
         if task == "classification" and (num_classes is None or num_classes < 2):
@@ -140,6 +161,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         """The frozen embedding model: the injected ``embedder``, a checkpoint, or a random-init variant."""
         self.target_names = list(self.hparams["target_names"])
         embedder = self.__dict__.pop("_pending_embedder", None)
+        self.pretrained_source = None
         self.model = embedder if embedder is not None else self._build_model()
         if not hasattr(self.model, "forward_embeddings"):
             raise ValueError(f"embedder {type(self.model).__name__} has no forward_embeddings(image) method")
@@ -151,12 +173,19 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     def _build_model(self) -> nn.Module:
         hp = self.hparams
         kw = dict(hp["dunia_kwargs"] or {})
-        if hp["dunia_ckpt_path"]:
-            return load_dunia_checkpoint(hp["dunia_ckpt_path"], hp["dunia_variant"], **kw)
+        #: absolute path of the pretraining checkpoint the embedding model came from (``None``: random init)
+        self.pretrained_source = hp.get("backbone_pretrained_from")
+        if hp["backbone_ckpt_path"]:
+            self.pretrained_source = resolve_source(hp["backbone_ckpt_path"])
+            return load_dunia_checkpoint(hp["backbone_ckpt_path"], hp["dunia_variant"], **kw)
         if hp["dunia_variant"] not in DUNIA_VARIANTS:
             raise ValueError(f"unknown dunia_variant {hp['dunia_variant']!r}: expected one of {list(DUNIA_VARIANTS)}")
-        logger.warning("DUNIAZeroShotKNNTask: no dunia_ckpt_path, embeddings come from a randomly initialised "
-                       "DUNIA-%s (set model.init_args.dunia_ckpt_path for a pretrained one)", hp["dunia_variant"])
+        if self.pretrained_source:
+            log_restored(f"DUNIAZeroShotKNNTask (DUNIA-{hp['dunia_variant']})", self.pretrained_source)
+        else:
+            warn_no_pretrained("DUNIA", PRETRAINED_FLAG, f"the frozen DUNIA-{hp['dunia_variant']} encoder is random, "
+                               "so are its embeddings", "pass a DUNIA pretraining checkpoint "
+                               f"(configs/dunia_pretrain.yaml) as --model.init_args.{PRETRAINED_FLAG}")
         return build_dunia(hp["dunia_variant"], pretraining_heads=False, **kw)
 
     def _new_database(self, dim: int) -> KNNDatabase:
@@ -189,9 +218,24 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     @torch.no_grad()
     def embed(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Embedding map ``[B, D_p, H, W]`` of the configured branch."""
+        return self._embed_prepared(self._prepare(image))
+
+    def _prepare(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
         hp = self.hparams
         x = prepare_dunia_input(image, hp["temporal_reduce"], hp["input_modalities"], hp["input_channels"]).float()
         check_model_input(x, "DUNIAZeroShotKNNTask.embed (batch['image'])")
+        return x
+
+    @torch.no_grad()
+    def embed_tiled(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """:meth:`embed`, tile by tile with blended overlaps when ``tiled_inference_parameters`` is set."""
+        params = self.hparams.get("tiled_inference_parameters")
+        if not params:
+            return self.embed(image)
+        return tiled_inference(self._embed_prepared, self._prepare(image), **dict(params)).float()
+
+    def _embed_prepared(self, x: Tensor) -> Tensor:
+        hp = self.hparams
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = (-h) % p, (-w) % p
@@ -373,12 +417,18 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Dense zero-shot map at the primary ``k``: ``[B, H, W]`` classes or ``[B, V, H, W]`` values."""
         self._require_database()
-        emb = self.embed(batch["image"])
+        emb = self.embed_tiled(batch["image"])
         return self.database.predict_map(emb, self.k, self.fingerprint, self.hparams["max_chunk_bytes"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.database is not None:
             checkpoint["knn_database"] = self.database.state()
+        if self.pretrained_source is not None and self.CHECKPOINT_HYPER_PARAMS_KEY in checkpoint:
+            # self-contained: the embedding model is rebuilt from these arguments and filled from the state_dict
+            hp = checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY]
+            kwargs = {**dict(hp.get("dunia_kwargs") or {}), **architecture_overrides(self.model, hp["dunia_variant"])}
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = self_contained_hparams(
+                hp, self.pretrained_source, dunia_kwargs=kwargs or None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("knn_database")

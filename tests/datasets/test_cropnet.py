@@ -403,10 +403,12 @@ def test_metrics_match_hand_computation() -> None:
     # deviations: pred (-50, 0, 50), true (-43.33, -13.33, 56.67); sum of products 5000
     r = 5000.0 / math.sqrt(5000.0 * (43.333333**2 + 13.333333**2 + 56.666667**2))
     assert out["r"] == pytest.approx(r, rel=1e-6)
-    assert out["R2"] == pytest.approx(r * r, rel=1e-6)
-    assert out["R2_cod"] == pytest.approx(1 - 300.0 / (43.333333**2 + 13.333333**2 + 56.666667**2), rel=1e-6)
+    assert out["r2_pearson"] == pytest.approx(r * r, rel=1e-6)
+    assert out["MAE"] == pytest.approx(10.0)
+    # R2 is the coefficient of determination: 1 - SS_res / SS_tot
+    assert out["R2"] == pytest.approx(1 - 300.0 / (43.333333**2 + 13.333333**2 + 56.666667**2), rel=1e-6)
     biased = cropnet_metrics(np.log(pred * 2), np.log(pred))  # perfectly correlated, wrong scale
-    assert biased["R2"] == pytest.approx(1.0) and biased["R2_cod"] < 0
+    assert biased["r2_pearson"] == pytest.approx(1.0) and biased["R2"] < 0
     with pytest.raises(ValueError, match="same number"):
         cropnet_metrics([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="at least 2"):

@@ -463,12 +463,18 @@ def test_datamodule_and_plot(synth: Path) -> None:
     assert batch["image"].shape == (4, 14, 32, 32) and batch["mask"].shape == (4, 32, 32)
     k = dm.train_dataset.max_footprints
     assert batch["footprints"].shape == (4, k, 2) and batch["waveform"].shape == (4, k, 64)
-    assert set(batch) == {"image", "mask", "footprints", "footprint_mask", "waveform"}
+    assert set(batch) == {"image", "mask", "filename", "footprints", "footprint_mask", "waveform"}
     valid = batch["mask"] != -1
     assert valid.any() and (batch["mask"][valid] >= 0).all()
     assert len(dm.val_dataset) > 0
     dm.setup("predict")
     assert len(dm.predict_dataset) == len(GEDIChips(synth, split="test", chip_size=32, waveform_length=8))
+    pred = next(iter(dm.predict_dataloader()))  # georeferencing for the prediction writer, beside the model's keys
+    meta = pred.pop("predict_meta")
+    assert set(pred) == {"image", "mask", "filename", "footprints", "footprint_mask", "waveform"}
+    first = dm.predict_dataset[0]
+    assert meta["filename"][0] == first["filename"] and meta["crs"][0] == first["crs"]
+    assert meta["transform"][0] == tuple(first["transform"].tolist())
     sample = dm.train_dataset[0]
     fig = dm.train_dataset.plot({**sample, "prediction": sample["mask"]}, suptitle="chip")
     assert len(fig.axes) >= 4

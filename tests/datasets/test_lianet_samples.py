@@ -94,3 +94,22 @@ def test_burnscars_windows_show_the_burn_in_the_paired_acquisition(tiny_world_di
         if (m == 0).any():
             clear.append(nir[m == 0].mean())
     assert np.mean(burned) < np.mean(clear) - 0.05
+
+
+def test_burnscars_label_fraction_keeps_whole_training_scenes(tiny_world_dir: Path, burn_tiles: Path) -> None:
+    region = scan_region(burn_tiles)
+    root = tiny_world_dir / "hls_burn_scars"
+    full = LIANetBurnScars(root, region, split="train", keep_unburned=True)
+    scene = [s["id"].split("@")[0] for s in full.samples]
+    assert len(set(scene)) >= 2
+    half = LIANetBurnScars(root, region, split="train", keep_unburned=True, label_fraction=0.5, seed=1)
+    kept = {s["id"].split("@")[0] for s in half.samples}
+    assert 0 < len(kept) < len(set(scene))
+    # every window of a kept scene stays, none of a dropped one
+    assert [s["id"] for s in half.samples] == [s["id"] for s, sc in zip(full.samples, scene) if sc in kept]
+    again = LIANetBurnScars(root, region, split="train", keep_unburned=True, label_fraction=0.5, seed=1)
+    assert [s["id"] for s in again.samples] == [s["id"] for s in half.samples]
+    test = LIANetBurnScars(root, region, split="test", keep_unburned=True, label_fraction=0.5)
+    assert len(test) == len(LIANetBurnScars(root, region, split="test", keep_unburned=True))
+    with pytest.raises(ValueError, match="label_fraction"):
+        LIANetBurnScars(root, region, split="train", label_fraction=0.0)

@@ -256,10 +256,11 @@ def test_datamodule_batches(tree):
     dm.setup("fit")
     assert sorted(dm.train_dataset.ids) == tree.ids([1, 2, 3]) and dm.val_dataset.ids == tree.ids([4])
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "mask", "temporal_coords", "location_coords"}
+    assert set(batch) == {"image", "mask", "filename", "temporal_coords", "location_coords"}
     assert batch["image"].shape == (2, 10, 4, 128, 128) and batch["mask"].shape == (2, 128, 128)
     assert batch["temporal_coords"].shape == (2, 4, 2) and batch["location_coords"].shape == (2, 2)
-    assert set(next(iter(dm.val_dataloader()))) == {"image", "mask", "temporal_coords", "location_coords"}
+    assert set(next(iter(dm.val_dataloader()))) == {"image", "mask", "filename", "temporal_coords",
+                                                   "location_coords"}
     dm.setup("test")
     assert dm.test_dataset.ids == tree.ids([5])
     dm.setup("predict")
@@ -288,7 +289,7 @@ def test_datamodule_variable_t_and_bad_args(tree):
     dm = PASTISDataModule(root=str(tree.root), num_dates=None, batch_size=1, batch_keys=("dates",))
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"image", "mask", "dates"} and batch["image"].shape[2] == batch["dates"].shape[1]
+    assert set(batch) == {"image", "mask", "filename", "dates"} and batch["image"].shape[2] == batch["dates"].shape[1]
     with pytest.raises(ValueError, match="fold_rotation"):
         PASTISDataModule(root=str(tree.root), protocol="pangaea", fold_rotation=1)
     with pytest.raises(ValueError, match="protocol"):

@@ -41,7 +41,7 @@ def _batch(tiny_world_dir: Path, crop: int = 32, num_dates: int = 3) -> dict:
 def test_pretraining_losses_decrease_on_the_synthetic_world(tiny_world_dir: Path) -> None:
     torch.manual_seed(0)
     batch = _batch(tiny_world_dir, crop=16)
-    assert set(batch) == {"image", "mask"} and set(batch["image"]) == {"optical", "radar"}
+    assert set(batch) == {"image", "mask", "filename"} and set(batch["image"]) == {"optical", "radar"}
     task = S4PretrainTask(widths=SMALL, num_pixels=64, lr=3e-3)
     opt = task.configure_optimizers()["optimizer"]
     first = {k: v.item() for k, v in task.compute_losses(batch).items()}
