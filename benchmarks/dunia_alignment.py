@@ -122,7 +122,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
         args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root, *quiet,
                 "--trainer.callbacks", "[]"]
         if path is not None:
-            args += ["--model.init_args.dunia_ckpt_path", str(path)]
+            args += ["--model.init_args.backbone_ckpt_path", str(path)]
         t0 = time.perf_counter()
         cli = _cli(args)
         val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
@@ -135,7 +135,7 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
     if dense_map.is_file() and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
         cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
                     "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",
-                    "--model.init_args.dunia_ckpt_path", str(ckpt), *quiet, "--trainer.callbacks", "[]"])
+                    "--model.init_args.backbone_ckpt_path", str(ckpt), *quiet, "--trainer.callbacks", "[]"])
         val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         rows.append(("zero-shot KNN, pretrained, dense maps", {**_test_metrics(cli), **val}))
     if finetune_epochs > 0 and ckpt is not None:
@@ -248,8 +248,9 @@ def main() -> None:
     val = list(dm.val_dataloader())
     print(f"train chips {len(dm.train_dataset)} ({len(train)} batches), val chips {len(dm.val_dataset)}; "
           f"footprints/batch {np.mean([int(b['footprint_mask'].sum()) for b in train]):.1f}")
-    task = DUNIAPretrainTask(variant="tiny", optimizer="adamw", lr=args.lr, weight_decay=0.05, warmup_steps=20,
-                             max_steps=args.steps, sema_switch_every=100, vicreg_pixels=2048,
+    task = DUNIAPretrainTask(variant="tiny", optimizer="AdamW", lr=args.lr, optimizer_hparams={"weight_decay": 0.05},
+                             scheduler_hparams={"warmup": 20, "total": args.steps}, sema_switch_every=100,
+                             vicreg_pixels=2048,
                              zero_cl_weight=args.zero_cl_weight, vicreg_weight=args.vicreg_weight)
     opt_cfg = task.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]

@@ -96,7 +96,7 @@ def main() -> None:
         world = Path(tempfile.mkdtemp(prefix="dunia_wave_")) / "tiny"
         write_world(world, size="tiny", seed=0, products=["gedi"])
     task = DUNIAWaveformDiffusionTask(
-        dunia_variant=args.dunia_variant, dunia_ckpt_path=args.dunia_ckpt, waveform_length=args.length,
+        dunia_variant=args.dunia_variant, backbone_ckpt_path=args.dunia_ckpt, waveform_length=args.length,
         autoencoder_steps=args.ae_steps, unet_kwargs={"model_channels": args.channels, "channel_mult": [1, 2, 2]},
         lr=args.lr, guidance_scale=args.guidance, num_steps=args.num_steps, predict_output=None, seed=args.seed)
     ae_from_ckpt = bool(task.ae_ready)

@@ -9,12 +9,13 @@ For each seed:
    epochs, optimiser and data: from the pretrained encoder ("pretrained") and from a random encoder that
    shares the pretrained run's tokenizers ("scratch", the paper's "S" rows, which also share TerraMind's
    tokenizers); both with MP and/or MMP pooling, one learning rate end to end with a linear warmup
-   (``--warmup-epochs``) and cosine decay, and the epoch with the best validation (2022) R2 is tested
+   (``--warmup-epochs``) and cosine decay, and the epoch with the best validation (2022) Pearson r^2 is tested
    (appendix A.2: "selected the best model based on validation R^2"; ``--select last`` tests the last epoch);
    with several ``--finetune-lr`` values each arm is fine-tuned at each rate and keeps the rate with the best
-   validation R2 (the same grid and selection rule for both arms; all candidates go to ``<csv>_all_lrs.csv``);
-3. report the protocol's test-year (2020) metrics on yields: RMSE, R2 (Pearson r^2: the paper's tables have
-   R^2 = Corr.^2 in 69 of 72 cells, as MMST-ViT), R2_cod (coefficient of determination), and the calibration of
+   validation Pearson r^2 (the same grid and selection rule for both arms; all candidates go to
+   ``<csv>_all_lrs.csv``);
+3. report the protocol's test-year (2020) metrics on yields: RMSE, r2_pearson (Pearson r^2: the paper's tables have
+   R^2 = Corr.^2 in 69 of 72 cells, as MMST-ViT), R2 (coefficient of determination), and the calibration of
    the predictions (``test_bias``: mean predicted - true yield; ``test_std_ratio``: std of predicted / true yields).
 
 Prints per-run rows and mean +- std over seeds, side by side, and writes them to ``--csv``.
@@ -52,7 +53,8 @@ def _best_callback():  # noqa: ANN202
     import lightning.pytorch as pl
 
     class BestValR2(pl.Callback):
-        """Keep (in memory) the weights of the epoch with the best validation R2 (paper, appendix A.2)."""
+        """Keep (in memory) the weights of the epoch with the best validation Pearson r^2 (the paper's "R^2",
+        appendix A.2)."""
 
         def __init__(self) -> None:
             self.score, self.state, self.metrics, self.epoch = -float("inf"), None, {}, -1
@@ -61,7 +63,7 @@ def _best_callback():  # noqa: ANN202
             if trainer.sanity_checking:
                 return
             m = {k: float(v) for k, v in getattr(pl_module, "last_metrics", {}).items() if k.startswith("val/")}
-            score = m.get("val/R2", float("nan"))
+            score = m.get("val/r2_pearson", float("nan"))
             if np.isfinite(score) and score > self.score:
                 self.score, self.metrics, self.epoch = score, m, trainer.current_epoch
                 self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -73,7 +75,7 @@ def summarize(rows: list[dict], poolings: list[str]) -> None:
     """Print mean +- std over seeds of each metric, scratch vs pretrained side by side, and the win count."""
     print(f"{'pooling':8s} {'metric':12s} {'scratch':>18s} {'pretrained':>18s} {'wins':>6s}")
     for pooling in poolings:
-        for metric in ("test_R2", "test_R2_cod", "test_RMSE", "val_R2", "test_bias", "test_std_ratio"):
+        for metric in ("test_r2_pearson", "test_R2", "test_RMSE", "val_r2_pearson", "test_bias", "test_std_ratio"):
             if any(metric not in r for r in rows):
                 continue
             vals = {arm: np.array([r[metric] for r in rows if r["pooling"] == pooling and r["arm"] == arm])
@@ -111,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-lr", type=float, nargs="+", default=[1e-3],
                    help="fine-tuning learning rate(s); with several, each arm (scratch / pretrained) is fine-tuned "
-                        "at each one and the rate with the best validation R2 is kept for that arm (selection on "
+                        "at each one and the rate with the best validation Pearson r^2 is kept for that arm "
+                        "(selection on "
                         "2022 only, as the paper's protocol; every candidate's test metrics go to <csv>_all_lrs.csv)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="fine-tuning linear warmup (paper: 5 of 200)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="encoder learning rate = finetune-lr * this, both arms (1: one rate, as the paper)")
     p.add_argument("--select", default="best", choices=["best", "last"],
-                   help="test the epoch with the best validation R2 (paper, appendix A.2) or the last epoch")
+                   help="test the epoch with the best validation Pearson r^2 (paper, appendix A.2) or the last "
+                        "epoch")
     p.add_argument("--pretrain-dir", default=None,
                    help="keep pretraining checkpoints here and reuse one made with the same settings")
     p.add_argument("--csv", default="benchmarks/results/tsfusion_pretraining.csv")
@@ -197,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             pl.seed_everything(seed, verbose=False)
             t1 = time.time()
             task = TSFusionCropNetTask(pooling=pooling, lr=lr,
-                                       pretrained_ckpt=str(ckpt) if arm == "pretrained" else None,
+                                       backbone_ckpt_path=str(ckpt) if arm == "pretrained" else None,
                                        tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
-                                       warmup_epochs=args.warmup_epochs, encoder_lr_scale=args.encoder_lr_scale,
+                                       scheduler_hparams={"warmup_epochs": args.warmup_epochs},
+                                       encoder_lr_scale=args.encoder_lr_scale,
                                        **shared)
             best = BestValR2()
             tr = _trainer(args.finetune_epochs, callbacks=[best])
@@ -213,22 +218,26 @@ def main(argv: list[str] | None = None) -> int:
             row = {"seed": seed, "pooling": pooling, "arm": arm, "lr": lr,
                    "gen_r2": res.get("test/gen_r2", float("nan")),
                    "gen_r2_tavg": res.get("test/gen_r2_tavg", float("nan")), "best_epoch": best.epoch,
-                   "val_R2": val.get("val/R2", float("nan")), "val_R2_cod": val.get("val/R2_cod", float("nan")),
-                   "test_RMSE": test.get("test/RMSE", float("nan")), "test_R2": test.get("test/R2", float("nan")),
-                   "test_r": test.get("test/r", float("nan")), "test_R2_cod": test.get("test/R2_cod", float("nan")),
+                   "val_r2_pearson": val.get("val/r2_pearson", float("nan")), "val_R2": val.get("val/R2", float("nan")),
+                   "test_RMSE": test.get("test/RMSE", float("nan")),
+                   "test_r2_pearson": test.get("test/r2_pearson", float("nan")),
+                   "test_r": test.get("test/r", float("nan")), "test_R2": test.get("test/R2", float("nan")),
                    "test_bias": float((task.last_yields["pred"] - task.last_yields["true"]).mean()),
                    "test_std_ratio": float(task.last_yields["pred"].std() / task.last_yields["true"].std()),
                    "seconds": time.time() - t1}
             cands.append(row)
-            print(f"  {pooling:3s} {arm:10s} lr {lr:g} test RMSE {row['test_RMSE']:.2f}  R2 {row['test_R2']:.3f}  "
-                  f"R2_cod {row['test_R2_cod']:.3f}  (val R2 {row['val_R2']:.3f})  {row['seconds']:.0f}s", flush=True)
-        for pooling in [] if args.pretrain_only else args.pooling:  # per arm: the rate with the best val R2
+            print(f"  {pooling:3s} {arm:10s} lr {lr:g} test RMSE {row['test_RMSE']:.2f}  r2_pearson "
+                  f"{row['test_r2_pearson']:.3f}  R2 {row['test_R2']:.3f}  (val r2_pearson {row['val_r2_pearson']:.3f})"
+                  f"  {row['seconds']:.0f}s", flush=True)
+        for pooling in [] if args.pretrain_only else args.pooling:  # per arm: the rate with the best val r2_pearson
             for arm in ("scratch", "pretrained"):
                 mine = [r for r in cands if r["seed"] == seed and r["pooling"] == pooling and r["arm"] == arm]
-                best_row = max(mine, key=lambda r: r["val_R2"] if np.isfinite(r["val_R2"]) else -np.inf)
+                best_row = max(mine, key=lambda r: r["val_r2_pearson"] if np.isfinite(r["val_r2_pearson"])
+                               else -np.inf)
                 rows.append(best_row)
                 if len(args.finetune_lr) > 1:
-                    print(f"  kept {pooling:3s} {arm:10s} lr {best_row['lr']:g} (val R2 {best_row['val_R2']:.3f})")
+                    print(f"  kept {pooling:3s} {arm:10s} lr {best_row['lr']:g} (val r2_pearson "
+                          f"{best_row['val_r2_pearson']:.3f})")
     print(f"\n{args.crop}, {len(args.seeds)} seeds, {args.pretrain_epochs} pretraining / {args.finetune_epochs} "
           f"fine-tuning epochs, learning rate(s) {args.finetune_lr}, total {time.time() - t_all:.0f}s")
     if not rows:

@@ -154,8 +154,10 @@ def cloud_robustness(models: Mapping[str, tuple[Callable[[Tensor], Any], str]], 
 def load_segmentation_checkpoint(path: str | Path) -> nn.Module:
     """A fine-tuned terratorch ``SemanticSegmentationTask`` from ``path`` (in eval mode).
 
-    The backbone's own ``ckpt_path`` (the S4 pretraining checkpoint) is not reloaded: the fine-tuned
-    weights in ``path`` replace it anyway, so the pretraining file need not exist any more.
+    The S4 pretraining checkpoint is not reloaded: checkpoints written with the shipped trainer pieces are
+    self-contained (``backbone_ckpt_path: null``, :mod:`terratorch_eoplugins.models.pretrained`), and in older ones
+    the path is turned into ``backbone_pretrained_from`` (the fine-tuned weights in ``path`` replace the pretrained
+    ones anyway, and S4's architecture is given by the other ``model_args``).
     """
     from terratorch.tasks import SemanticSegmentationTask
 
@@ -166,7 +168,8 @@ def load_segmentation_checkpoint(path: str | Path) -> nn.Module:
         raise ValueError(f"{p}: not a terratorch SemanticSegmentationTask checkpoint "
                          "(no 'model_args' hyper-parameters)")
     model_args = dict(hp["model_args"])
-    if "backbone_ckpt_path" in model_args:
+    if model_args.get("backbone_ckpt_path"):  # written without SelfContainedCheckpoint
+        model_args["backbone_pretrained_from"] = str(model_args["backbone_ckpt_path"])
         model_args["backbone_ckpt_path"] = None
     task = SemanticSegmentationTask.load_from_checkpoint(p, map_location="cpu", model_args=model_args)
     return task.eval()

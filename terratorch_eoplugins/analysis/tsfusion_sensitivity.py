@@ -41,7 +41,7 @@ def load_cropnet_task(ckpt: str | Path) -> Any:
         raise ValueError(f"{path}: expected a Lightning checkpoint of TSFusionCropNetTask "
                          "(state_dict + hyper_parameters)")
     hp = {k: v for k, v in dict(blob["hyper_parameters"]).items() if not k.startswith("_")}
-    hp.update(pretrained_ckpt=None, tokenizer_ckpt=None)  # weights come from this checkpoint
+    hp.update(backbone_ckpt_path=None, tokenizer_ckpt=None)  # weights come from this checkpoint
     task = TSFusionCropNetTask(**hp)
     task.load_state_dict(blob["state_dict"])
     return task.eval()

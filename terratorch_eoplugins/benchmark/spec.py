@@ -48,6 +48,8 @@ from typing import Any
 
 import yaml
 
+from terratorch_eoplugins.models.pretrained import RENAMED_FLAGS
+
 #: the data root prefix that the shipped data pieces use (the demo world)
 DEMO_PREFIX = "data/demo/"
 DELETE = "__delete__"
@@ -232,6 +234,10 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
                 raise SweepSpecError(f"{where}.tasks.{tname}: config piece(s) not found: {', '.join(missing)}")
             pretrain = None
             if pre:
+                old_flag = str(pre.get("ckpt_arg", "")).rsplit(".", 1)[-1]
+                if old_flag in RENAMED_FLAGS:
+                    raise SweepSpecError(f"{where}.tasks.{tname}.pretrain.ckpt_arg: {old_flag} was renamed to "
+                                         f"{RENAMED_FLAGS[old_flag]} (e.g. model.init_args.{RENAMED_FLAGS[old_flag]})")
                 pretrain = PretrainSpec(config=_req(pre, "config", f"{where}.tasks.{tname}.pretrain"),
                                         ckpt_arg=_req(pre, "ckpt_arg", f"{where}.tasks.{tname}.pretrain"),
                                         overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"),

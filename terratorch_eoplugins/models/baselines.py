@@ -21,6 +21,7 @@ from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
 from terratorch_eoplugins.errors import check_model_input
+from terratorch_eoplugins.models.pretrained import check_builder_kwargs
 
 REGISTERED = {"backbone": ["unet_classic", "micro_unet"]}
 
@@ -97,12 +98,17 @@ class EOUNet(nn.Module):
         return [y]
 
 
+#: keyword arguments of the U-Net baseline builders (others are errors)
+_BUILDER_ARGS = ("in_channels", "width", "depth", "time_to_channels", "pretrained")
+
+
 @TERRATORCH_BACKBONE_REGISTRY.register
 def unet_classic(in_channels: int = 12, width: int = 64, depth: int = 4, time_to_channels: bool = False,
                  pretrained: bool = False, **kwargs: Any) -> EOUNet:
     """U-Net baseline (17.3M parameters at 12 bands): width 64, 4 poolings. Trained from scratch only."""
     if pretrained:
         raise ValueError("unet_classic has no pretrained weights; set pretrained=False")
+    check_builder_kwargs("unet_classic", kwargs, _BUILDER_ARGS)
     return EOUNet(in_channels, width, depth, time_to_channels)
 
 
@@ -112,4 +118,5 @@ def micro_unet(in_channels: int = 12, width: int = 22, depth: int = 3, time_to_c
     """Micro U-Net baseline (0.51M parameters at 12 bands, the paper's 0.49M budget): width 22, 3 poolings."""
     if pretrained:
         raise ValueError("micro_unet has no pretrained weights; set pretrained=False")
+    check_builder_kwargs("micro_unet", kwargs, _BUILDER_ARGS)
     return EOUNet(in_channels, width, depth, time_to_channels)

@@ -44,13 +44,21 @@ from torch import Tensor, nn
 
 from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models._checkpoint import read_state_dict
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    check_builder_kwargs,
+    log_restored,
+    resolve_source,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.nn.convlstm import MultiTemporalAE
 from terratorch_eoplugins.nn.dpt import DPTDecoder
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
 
 __all__ = [
     "DUNIA", "DUNIABackbone", "DUNIALowShotHead", "DUNIAPretrainModel", "DUNIA_VARIANTS", "GeGLUFeedForward",
-    "ProjectionHead", "TEMPORAL_REDUCTIONS", "TransformerLayer", "build_dunia", "dunia_base", "dunia_lowshot_head",
+    "ProjectionHead", "TEMPORAL_REDUCTIONS", "TransformerLayer", "architecture_overrides", "build_dunia", "dunia_base",
+    "dunia_lowshot_head",
     "dunia_tiny", "load_dunia_checkpoint", "load_dunia_pretrain_model", "prepare_dunia_input", "sincos_2d",
 ]
 
@@ -459,18 +467,35 @@ class DUNIABackbone(nn.Module):
             composite image, section 3.1: a temporal median composite of a series); ``None`` rejects 5-D input.
         modalities: order in which a dict input ``{modality: [B, C_m, (T_m,) H, W]}`` is concatenated along
             channels after the temporal reduction of each modality (their dates may differ).
-        **kwargs: architecture overrides (must match the checkpoint).
+        pretrained_from: written by self-contained checkpoints (:mod:`terratorch_eoplugins.models.pretrained`):
+            the file the weights came from, never read (they come from the checkpoint being restored).
+        **kwargs: architecture overrides (keys of :data:`DUNIA_VARIANTS`; must match the checkpoint).
     """
 
     def __init__(self, variant: str = "base", ckpt_path: str | Path | None = None, lowshot: bool = False,
                  band_indices: Sequence[int | None] | None = None,
                  temporal_reduce: Literal["median", "mean"] | None = None, modalities: Sequence[str] | None = None,
-                 **kwargs: Any) -> None:
+                 pretrained_from: str | None = None, **kwargs: Any) -> None:
         super().__init__()
+        if variant not in DUNIA_VARIANTS:
+            raise ValueError(f"unknown DUNIA variant {variant!r}: expected one of {list(DUNIA_VARIANTS)}")
+        check_builder_kwargs(f"dunia_{variant}", {k: v for k, v in kwargs.items() if k not in DUNIA_VARIANTS[variant]},
+                             (*_BACKBONE_ARGS, *DUNIA_VARIANTS[variant]))
+        self.variant = variant
+        #: absolute path of the pretraining checkpoint the weights came from (``None``: random init)
+        self.pretrained_source: str | None = pretrained_from
         if ckpt_path is not None:
             self.model = load_dunia_checkpoint(ckpt_path, variant, **kwargs)
+            self.pretrained_source = resolve_source(ckpt_path)
         else:
             self.model = build_dunia(variant, pretraining_heads=False, **kwargs)
+            if pretrained_from:
+                log_restored(f"dunia_{variant}", pretrained_from)
+            else:
+                warn_no_pretrained("DUNIA", f"model_args.{PRETRAINED_FLAG}",
+                                   "the " + ("frozen " if lowshot else "") + f"DUNIA-{variant} encoder is random",
+                                   "pass a DUNIA pretraining checkpoint (configs/dunia_pretrain.yaml) as "
+                                   f"--model.init_args.model_args.{PRETRAINED_FLAG}")
         self.band_indices = None if band_indices is None else [None if i is None else int(i) for i in band_indices]
         if self.band_indices is not None and len(self.band_indices) != self.model.in_channels:
             raise ValueError(f"band_indices must name a source channel (or null) for each of the "
@@ -486,6 +511,14 @@ class DUNIABackbone(nn.Module):
                 p.requires_grad_(False)
             for p in self.model.lowshot_parameters():
                 p.requires_grad_(True)
+
+    def self_contained_args(self) -> dict[str, Any]:
+        """Builder arguments that rebuild this backbone without its pretraining file: the architecture overrides
+        read from it (:func:`architecture_overrides`); ``{}`` when no file was read."""
+        if self.pretrained_source is None:
+            return {}
+        return {"ckpt_path": None, "pretrained_from": self.pretrained_source,
+                **architecture_overrides(self.model, self.variant)}
 
     def train(self, mode: bool = True) -> DUNIABackbone:
         super().train(mode)
@@ -511,13 +544,22 @@ class DUNIABackbone(nn.Module):
         return [out["vertical"], out["horizontal"]]
 
 
+#: keyword arguments of the dunia_* builders besides the architecture keys of :data:`DUNIA_VARIANTS`
+_BACKBONE_ARGS = ("pretrained", "ckpt_path", "lowshot", "band_indices", "temporal_reduce", "modalities",
+                  "pretrained_from")
+
+
+def architecture_overrides(model: DUNIA, variant: str) -> dict[str, Any]:
+    """The architecture keys of ``model`` that differ from the defaults of ``variant`` (:data:`DUNIA_VARIANTS`)."""
+    defaults = DUNIA_VARIANTS[variant]
+    return {k: v for k, v in model.config.items() if defaults.get(k) != v}
+
+
 def _backbone(variant: str, pretrained: bool, ckpt_path: str | None, kwargs: dict[str, Any]) -> DUNIABackbone:
-    if pretrained and ckpt_path is None:
+    if pretrained and ckpt_path is None and not kwargs.get("pretrained_from"):
         raise ValueError(f"dunia_{variant}: pretrained=True needs ckpt_path (a DUNIA pretraining checkpoint from "
                          "configs/dunia_pretrain.yaml); no weights are downloadable")
-    for unused in ("num_frames", "features_only", "out_indices"):
-        kwargs.pop(unused, None)
-    return DUNIABackbone(variant, ckpt_path if pretrained or ckpt_path else None, **kwargs)
+    return DUNIABackbone(variant, ckpt_path or None, **kwargs)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
@@ -569,6 +611,7 @@ class DUNIALowShotHead(nn.Module):
 
 @TERRATORCH_DECODER_REGISTRY.register
 def dunia_lowshot_head(embed_dim: Sequence[int], embedding: str = "horizontal", **kwargs: Any) -> DUNIALowShotHead:
-    """DUNIA's low-shot head (first 1x1 conv) as a terratorch decoder."""
+    """DUNIA's low-shot head (first 1x1 conv) as a terratorch decoder (other keyword arguments are errors)."""
+    check_builder_kwargs("dunia_lowshot_head", kwargs, ("embedding",), prefix="decoder_")
     return DUNIALowShotHead(embed_dim, embedding)  # type: ignore[arg-type]
 

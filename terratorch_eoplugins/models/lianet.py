@@ -35,6 +35,13 @@ from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    check_builder_kwargs,
+    log_restored,
+    resolve_source,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.nn.hash_encoding import HashGridEncoding2D
 from terratorch_eoplugins.nn.time_encoding import TimeEncoding
 from terratorch_eoplugins.runtime import read_checkpoint
@@ -404,13 +411,24 @@ class LIANetBackbone(nn.Module):
     spatial size (the image placeholder of the LIANet datamodules); other batch keys are ignored.
     """
 
-    def __init__(self, generator: LIANetGenerator, freeze: bool = True) -> None:
+    def __init__(self, generator: LIANetGenerator, freeze: bool = True, pretrained_source: str | None = None) -> None:
         super().__init__()
         self.generator = generator
         self.out_channels = [generator.feature_channels]
+        #: absolute path of the pretraining checkpoint the generator came from (``None``: random generator)
+        self.pretrained_source = pretrained_source
         self.frozen = False
         if freeze:
             self.freeze()
+
+    def self_contained_args(self) -> dict[str, Any]:
+        """Builder arguments that rebuild this backbone without its pretraining file: the generator's whole
+        configuration, region metadata included (see :mod:`terratorch_eoplugins.models.pretrained`); ``{}`` for a
+        random generator."""
+        if self.pretrained_source is None:
+            return {}
+        config = {k: copy.deepcopy(v) for k, v in self.generator.config.items() if k != "variant"}
+        return {"ckpt_path": None, "pretrained_from": self.pretrained_source, "generator_args": config}
 
     def freeze(self) -> None:
         """Freeze the whole generator (tables, time encoder, trunk) and keep it in eval mode."""
@@ -447,46 +465,68 @@ class LIANetBackbone(nn.Module):
         return self.generator(origin_px.float(), self.generator.resolve_time(time_days, time_index), size)
 
 
+#: keyword arguments of the lianet_* builders besides the generator configuration keys
+_BUILDER_ARGS = ("ckpt_path", "pretrained", "freeze", "generator_args", "pretrained_from")
+
+
 def _build_backbone(variant: str, ckpt_path: str | None, pretrained: bool, freeze: bool,
-                    generator_args: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> LIANetBackbone:
-    args = dict(generator_args or {})
-    # terratorch passes other backbone_* keys (e.g. model_bands) to every backbone; keep only known ones
+                    generator_args: Mapping[str, Any] | None, kwargs: Mapping[str, Any],
+                    pretrained_from: str | None = None) -> LIANetBackbone:
+    name = f"lianet_{variant}"
     known = set(LIANET_VARIANTS[variant])
-    args.update({k: v for k, v in kwargs.items() if k in known})
-    ignored = sorted(k for k in kwargs if k not in known)
-    if ignored:
-        logger.info("lianet_%s: ignoring backbone arguments %s", variant, ignored)
+    check_builder_kwargs(name, {k: v for k, v in kwargs.items() if k not in known}, (*_BUILDER_ARGS, *sorted(known)))
+    args = dict(generator_args or {})
+    unknown = sorted(set(args) - known - {"variant"})
+    if unknown:
+        raise ValueError(f"{name}: unknown generator_args key(s) {unknown} (model_args backbone_generator_args); "
+                         f"accepted: {sorted(known)}")
+    args.pop("variant", None)
+    args.update(kwargs)  # generator keys given directly (backbone_levels: ...)
     if ckpt_path:
         generator = load_generator(ckpt_path, variant=variant, **args)
+        source: str | None = resolve_source(ckpt_path)
     else:
-        if pretrained:
-            raise ValueError(f"lianet_{variant}: pretrained=True needs ckpt_path (a LIANet pretraining checkpoint of "
+        if pretrained and not pretrained_from:
+            raise ValueError(f"{name}: pretrained=True needs ckpt_path (a LIANet pretraining checkpoint of "
                              "the same region; no weights can be downloaded)")
-        logger.warning("lianet_%s: no ckpt_path given, using a randomly initialised generator (pretrain with "
-                       "configs/lianet_pretrain_*.yaml and pass its checkpoint)", variant)
         generator = LIANetGenerator(variant, **args)
-    return LIANetBackbone(generator, freeze=freeze)
+        source = pretrained_from
+        if source:
+            log_restored(name, source)
+        else:
+            warn_no_pretrained(name, f"model_args.{PRETRAINED_FLAG}", "the frozen generator is random",
+                               "pretrain with configs/lianet_pretrain_*.yaml and pass its checkpoint as "
+                               f"--model.init_args.model_args.{PRETRAINED_FLAG}")
+    return LIANetBackbone(generator, freeze=freeze, pretrained_source=source)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def lianet_base(ckpt_path: str | None = None, pretrained: bool = False, freeze: bool = True,
-                generator_args: Mapping[str, Any] | None = None, **kwargs: Any) -> LIANetBackbone:
-    """LIANet-Base backbone (ResNet50 U-Net trunk); ``ckpt_path`` = pretraining checkpoint of the region."""
-    return _build_backbone("base", ckpt_path, pretrained, freeze, generator_args, kwargs)
+                generator_args: Mapping[str, Any] | None = None, pretrained_from: str | None = None,
+                **kwargs: Any) -> LIANetBackbone:
+    """LIANet-Base backbone (ResNet50 U-Net trunk); ``ckpt_path`` = pretraining checkpoint of the region.
+
+    ``generator_args`` (or generator keys given directly) set the generator configuration (checked against the
+    checkpoint); ``pretrained_from`` is written by self-contained checkpoints and never read
+    (:mod:`terratorch_eoplugins.models.pretrained`). Other keyword arguments are errors.
+    """
+    return _build_backbone("base", ckpt_path, pretrained, freeze, generator_args, kwargs, pretrained_from)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def lianet_large(ckpt_path: str | None = None, pretrained: bool = False, freeze: bool = True,
-                 generator_args: Mapping[str, Any] | None = None, **kwargs: Any) -> LIANetBackbone:
-    """LIANet-Large backbone (ResNet101 U-Net trunk); ``ckpt_path`` = pretraining checkpoint of the region."""
-    return _build_backbone("large", ckpt_path, pretrained, freeze, generator_args, kwargs)
+                 generator_args: Mapping[str, Any] | None = None, pretrained_from: str | None = None,
+                 **kwargs: Any) -> LIANetBackbone:
+    """LIANet-Large backbone (ResNet101 U-Net trunk); arguments as :func:`lianet_base`."""
+    return _build_backbone("large", ckpt_path, pretrained, freeze, generator_args, kwargs, pretrained_from)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def lianet_modified(ckpt_path: str | None = None, pretrained: bool = False, freeze: bool = True,
-                    generator_args: Mapping[str, Any] | None = None, **kwargs: Any) -> LIANetBackbone:
-    """LIANet-Modified backbone (shared 2**19 table, 13 levels, light trunk); ``ckpt_path`` = pretraining checkpoint."""
-    return _build_backbone("modified", ckpt_path, pretrained, freeze, generator_args, kwargs)
+                    generator_args: Mapping[str, Any] | None = None, pretrained_from: str | None = None,
+                    **kwargs: Any) -> LIANetBackbone:
+    """LIANet-Modified backbone (shared 2**19 table, 13 levels, light trunk); arguments as :func:`lianet_base`."""
+    return _build_backbone("modified", ckpt_path, pretrained, freeze, generator_args, kwargs, pretrained_from)
 
 
 class LIANetHead(nn.Module):
@@ -526,5 +566,6 @@ class LIANetHead(nn.Module):
 @TERRATORCH_DECODER_REGISTRY.register
 def lianet_head(embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                 in_index: int = -1, **kwargs: Any) -> LIANetHead:
-    """The LIANet fine-tuning conv head as a terratorch decoder."""
+    """The LIANet fine-tuning conv head as a terratorch decoder (other keyword arguments are errors)."""
+    check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index"), prefix="decoder_")
     return LIANetHead(embed_dim, channels, in_index)

@@ -35,6 +35,13 @@ from torch import Tensor, nn
 
 from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models._checkpoint import read_state_dict
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    check_builder_kwargs,
+    log_restored,
+    resolve_source,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.nn.unet3d import UNet3DDecoder, UNet3DEncoder, crop_to, pad_to_multiple
 
 __all__ = ["S4Model", "S4ProjectionHead", "S4UNet3DBackbone", "s4_unet3d", "load_s4_pretrained", "S4_MODALITIES"]
@@ -144,14 +151,17 @@ class S4UNet3DBackbone(nn.Module):
         band_indices: input channels to keep (e.g. ``[2, 1, 0]`` for PASTIS S2 RGB, the paper's setting).
         ckpt_path: S4 pretraining checkpoint (Lightning ``.ckpt`` of
             :class:`~terratorch_eoplugins.tasks.s4_pretrain.S4PretrainTask` or a state dict with the same keys);
-            ``None`` trains from scratch.
+            ``None`` trains from scratch (a warning is logged unless ``pretrained_from`` is set).
+        pretrained_from: written by self-contained checkpoints (:mod:`terratorch_eoplugins.models.pretrained`):
+            the file the weights came from, never read (they come from the checkpoint being restored).
     """
 
     def __init__(self, modality: str = "optical", in_channels: int | None = None,
                  widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = False,
                  output: Literal["decoder", "pyramid"] = "decoder",
                  temporal_pooling: Literal["mean", "max"] = "mean", band_indices: Sequence[int] | None = None,
-                 ckpt_path: str | Path | None = None, negative_slope: float = 0.01) -> None:
+                 ckpt_path: str | Path | None = None, negative_slope: float = 0.01,
+                 pretrained_from: str | None = None) -> None:
         super().__init__()
         self.modality = _check_modality(modality)
         if band_indices is not None:
@@ -174,10 +184,25 @@ class S4UNet3DBackbone(nn.Module):
         self.encoder = UNet3DEncoder({modality: self.in_channels}, self.widths, n_specific, pool_time, negative_slope)
         self.decoder = UNet3DDecoder(self.widths, None, pool_time, negative_slope) if output == "decoder" else None
         self.out_channels: list[int] = [self.widths[0]] if output == "decoder" else list(self.widths)
+        #: absolute path of the pretraining checkpoint the weights came from (``None``: from scratch)
+        self.pretrained_source: str | None = pretrained_from
         if ckpt_path is not None:
             load_s4_pretrained(self, ckpt_path)
+            self.pretrained_source = resolve_source(ckpt_path)
+        elif pretrained_from:
+            log_restored(f"s4_unet3d ({modality})", pretrained_from)
         else:
-            logger.info("s4_unet3d (%s): no ckpt_path, training from scratch", modality)
+            warn_no_pretrained(f"S4 ({modality})", f"model_args.{PRETRAINED_FLAG}",
+                               "the encoder and decoder start from a random initialisation (from scratch)",
+                               "pass an S4 pretraining checkpoint (configs/s4_pretrain_pastis.yaml) as "
+                               f"--model.init_args.model_args.{PRETRAINED_FLAG}")
+
+    def self_contained_args(self) -> dict[str, Any]:
+        """Builder arguments that rebuild this backbone without its pretraining file (the architecture is given by
+        the builder's own arguments, checked against the file when it was read); ``{}`` when none was read."""
+        if self.pretrained_source is None:
+            return {}
+        return {"ckpt_path": None, "pretrained_from": self.pretrained_source}
 
     def _pool_time(self, x: Tensor) -> Tensor:
         return x.mean(2) if self.temporal_pooling == "mean" else x.amax(2)
@@ -264,15 +289,18 @@ def load_s4_pretrained(backbone: S4UNet3DBackbone, path: str | Path) -> None:
 def s4_unet3d(modality: str = "optical", in_channels: int | None = None, widths: Sequence[int] = DEFAULT_WIDTHS,
               n_specific: int = 2, pool_time: bool = False, output: Literal["decoder", "pyramid"] = "decoder",
               temporal_pooling: Literal["mean", "max"] = "mean", band_indices: Sequence[int] | None = None,
-              ckpt_path: str | None = None, pretrained: bool = False, **kwargs: Any) -> S4UNet3DBackbone:
+              ckpt_path: str | None = None, pretrained: bool = False, negative_slope: float = 0.01,
+              pretrained_from: str | None = None, **kwargs: Any) -> S4UNet3DBackbone:
     """S4 3-D U-Net backbone for one modality; ``ckpt_path`` = S4 pretraining checkpoint (``None``: scratch).
 
-    ``pretrained=True`` without ``ckpt_path`` is an error (no weights can be downloaded).
+    ``pretrained=True`` without ``ckpt_path`` is an error (no weights can be downloaded); other keyword arguments
+    are errors. ``pretrained_from``: see :class:`S4UNet3DBackbone`.
     """
-    if pretrained and ckpt_path is None:
+    if pretrained and ckpt_path is None and not pretrained_from:
         raise ValueError("s4_unet3d: pretrained=True needs ckpt_path (an S4 pretraining checkpoint); no weights "
                          "are downloadable")
-    if kwargs:
-        logger.warning("s4_unet3d: ignoring unused arguments %s", sorted(kwargs))
+    check_builder_kwargs("s4_unet3d", kwargs, ("modality", "in_channels", "widths", "n_specific", "pool_time",
+                                               "output", "temporal_pooling", "band_indices", "ckpt_path",
+                                               "pretrained", "negative_slope", "pretrained_from"))
     return S4UNet3DBackbone(modality, in_channels, widths, n_specific, pool_time, output, temporal_pooling,
-                            band_indices, ckpt_path)
+                            band_indices, ckpt_path, negative_slope, pretrained_from)

@@ -50,6 +50,13 @@ from terratorch.models.backbones.terramind.model.tm_utils import Block, DecoderB
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
 
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    check_builder_kwargs,
+    log_restored,
+    resolve_source,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.runtime import read_checkpoint
 
 __all__ = [
@@ -267,7 +274,16 @@ class TSFusionModel(nn.Module):
             self.decoder = nn.ModuleList([DecoderBlock(dim, **block) for _ in range(decoder_depth)])
             self.dec_norm = norm(dim)
             self.heads = nn.ModuleDict({s.name: nn.Linear(dim, s.vocab_size) for s in self.specs})
+        #: absolute path of the pretraining checkpoint loaded by the registered builders (``None``: none)
+        self.pretrained_source: str | None = None
         self._init_weights()
+
+    def self_contained_args(self) -> dict[str, Any]:
+        """Builder arguments of :func:`tsfusion_base` / :func:`tsfusion_tiny` that rebuild this model without its
+        pretraining file (:mod:`terratorch_eoplugins.models.pretrained`); ``{}`` when none was read."""
+        if self.pretrained_source is None:
+            return {}
+        return {"ckpt_path": None, "pretrained_from": self.pretrained_source}
 
     def _init_weights(self) -> None:
         """MAE-style init (appendix A.1): xavier-uniform linears, N(0, 0.02) embeddings."""
@@ -602,16 +618,30 @@ class TSFusionRegressor(nn.Module):
 
 
 # -------------------------------------------------------------------------------- registration
-def _build(dim: int, encoder_depth: int, decoder_depth: int, num_heads: int, modalities: Any, pretrained: bool,
-           ckpt_path: str | None, **kwargs: Any) -> TSFusionModel:
+#: keyword arguments of the tsfusion_* builders
+_BUILDER_ARGS = ("modalities", "pretrained", "ckpt_path", "pretrained_from", "mlp_ratio", "with_decoder", "drop_path")
+
+
+def _build(name: str, modalities: Any, pretrained: bool, ckpt_path: str | None, pretrained_from: str | None,
+           **kwargs: Any) -> TSFusionModel:
+    check_builder_kwargs(name, {k: v for k, v in kwargs.items() if k not in _BUILDER_ARGS}, _BUILDER_ARGS)
+    if pretrained and not ckpt_path and not pretrained_from:
+        raise ValueError("no public TS-fusion weights exist: pass ckpt_path to a tsfusion pretraining checkpoint "
+                         "(or pretrained: false)")
+    dim, encoder_depth, decoder_depth, num_heads = MODEL_SIZES[name]
     mods = default_modalities() if modalities is None else modalities
     model = TSFusionModel(mods, dim=dim, encoder_depth=encoder_depth, decoder_depth=decoder_depth,
                           num_heads=num_heads, **kwargs)
-    if pretrained and not ckpt_path:
-        raise ValueError("no public TS-fusion weights exist: pass ckpt_path to a tsfusion pretraining checkpoint "
-                         "(or pretrained: false)")
     if ckpt_path:
         load_tsfusion_weights(model, ckpt_path)
+        model.pretrained_source = resolve_source(ckpt_path)
+    elif pretrained_from:
+        model.pretrained_source = pretrained_from
+        log_restored(name, pretrained_from)
+    else:
+        warn_no_pretrained("TS fusion", f"model_args.{PRETRAINED_FLAG}", f"the {name} encoder is random",
+                           "pass a TS-fusion pretraining checkpoint (configs/tsfusion_pretrain.yaml) as "
+                           f"--model.init_args.model_args.{PRETRAINED_FLAG}")
     return model
 
 
@@ -645,22 +675,29 @@ def load_tsfusion_weights(model: TSFusionModel, path: str, strict_encoder: bool 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def tsfusion_base(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
-                  **kwargs: Any) -> TSFusionModel:
-    """Paper size (appendix A.1): 12 encoder + 12 decoder layers, dim 768, 12 heads, SwiGLU."""
-    return _build(*MODEL_SIZES["tsfusion_base"], modalities, pretrained, ckpt_path, **kwargs)
+                  pretrained_from: str | None = None, **kwargs: Any) -> TSFusionModel:
+    """Paper size (appendix A.1): 12 encoder + 12 decoder layers, dim 768, 12 heads, SwiGLU.
+
+    ``ckpt_path``: TS-fusion pretraining checkpoint; ``pretrained_from`` is written by self-contained checkpoints
+    and never read; ``kwargs``: ``mlp_ratio``, ``with_decoder``, ``drop_path`` (others are errors).
+    """
+    return _build("tsfusion_base", modalities, pretrained, ckpt_path, pretrained_from, **kwargs)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def tsfusion_tiny(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
-                  **kwargs: Any) -> TSFusionModel:
-    """Tiny variant for tests and CPU runs: 2 + 2 layers, dim 64, 4 heads."""
-    return _build(*MODEL_SIZES["tsfusion_tiny"], modalities, pretrained, ckpt_path, **kwargs)
+                  pretrained_from: str | None = None, **kwargs: Any) -> TSFusionModel:
+    """Tiny variant for tests and CPU runs: 2 + 2 layers, dim 64, 4 heads; arguments as :func:`tsfusion_base`."""
+    return _build("tsfusion_tiny", modalities, pretrained, ckpt_path, pretrained_from, **kwargs)
 
 
 @TERRATORCH_DECODER_REGISTRY.register
 def tsfusion_head(embed_dim: Sequence[int], num_outputs: int = 1, hidden_dim: int = 256, dropout: float = 0.25,
-                  residual_scale: float = 0.1) -> nn.Module:
-    """CropNet head as a terratorch decoder: mean over tokens of the last feature, then :class:`TSFusionHead`."""
+                  residual_scale: float = 0.1, **kwargs: Any) -> nn.Module:
+    """CropNet head as a terratorch decoder: mean over tokens of the last feature, then :class:`TSFusionHead`
+    (other keyword arguments are errors)."""
+    check_builder_kwargs("tsfusion_head", kwargs, ("num_outputs", "hidden_dim", "dropout", "residual_scale"),
+                         prefix="decoder_")
     return _PooledHead(int(list(embed_dim)[-1]), num_outputs, hidden_dim, dropout, residual_scale)
 
 

@@ -14,12 +14,12 @@ Pipeline per GEDI footprint of a :class:`~terratorch_eoplugins.datamodules.gedi.
    Karras ODE sampler (Heun, 30 steps) with classifier-free guidance ``s = 3`` (eq. 14); ``D_w(z_0)`` is the
    generated waveform.
 
-Weights: ``dunia_ckpt_path`` is a DUNIA pretraining checkpoint (:mod:`terratorch_eoplugins.models.dunia`); it
+Weights: ``backbone_ckpt_path`` is a DUNIA pretraining checkpoint (:mod:`terratorch_eoplugins.models.dunia`); it
 gives the image model and, when it holds them (``model.waveform.*``), the waveform autoencoder trained with it, as
 in the paper. ``autoencoder_ckpt_path`` loads the autoencoder from another checkpoint (any state dict whose keys
 end in the autoencoder's names, e.g. this task's own checkpoint). Without autoencoder weights, the task first
 trains the autoencoder for ``autoencoder_steps`` optimisation steps (reconstruction MSE + RVQ commitment,
-section 3.4.3), then freezes it and trains the diffusion model. Without ``dunia_ckpt_path`` the image model is
+section 3.4.3), then freezes it and trains the diffusion model. Without ``backbone_ckpt_path`` the image model is
 randomly initialised (a warning is logged): the pipeline runs, but the condition carries only what a random
 network extracts from the image.
 
@@ -51,14 +51,31 @@ from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.metrics import pearson_r
-from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, build_dunia, load_dunia_checkpoint
+from terratorch_eoplugins.models.dunia import (
+    DUNIA_VARIANTS,
+    architecture_overrides,
+    build_dunia,
+    load_dunia_checkpoint,
+)
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    log_restored,
+    reject_renamed_flags,
+    resolve_source,
+    self_contained_hparams,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLatentDiffusion
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
 from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
 from terratorch_eoplugins.runtime import read_checkpoint
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import train_split_batches
 
-__all__ = ["DUNIAWaveformDiffusionTask", "build_conditioning_encoder"]
+__all__ = ["OPTIMIZATION", "DUNIAWaveformDiffusionTask", "build_conditioning_encoder"]
+
+#: AdamW without weight decay at a constant rate (paper: lr 1e-4)
+OPTIMIZATION = OptimizerDefaults("AdamW", {"weight_decay": 0.0}, None)
 
 logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_diffusion")
 
@@ -66,14 +83,22 @@ REQUIRED_KEYS = ("image", "footprints", "footprint_mask", "waveform")
 
 
 def build_conditioning_encoder(variant: str = "tiny", ckpt_path: str | None = None,
-                               kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """DUNIA image model giving ``O^V``: loaded from ``ckpt_path`` or randomly initialised (:func:`build_dunia`)."""
+                               kwargs: Mapping[str, Any] | None = None,
+                               pretrained_from: str | None = None) -> nn.Module:
+    """DUNIA image model giving ``O^V``: loaded from ``ckpt_path`` or randomly initialised (:func:`build_dunia`).
+
+    Without ``ckpt_path`` one warning names the flag, unless ``pretrained_from`` says that the weights come from a
+    self-contained checkpoint being restored (:mod:`terratorch_eoplugins.models.pretrained`).
+    """
     if ckpt_path is not None:
         return load_dunia_checkpoint(ckpt_path, variant=variant, **dict(kwargs or {}))
     if variant not in DUNIA_VARIANTS:
         raise ValueError(f"dunia_variant={variant!r}: expected one of {list(DUNIA_VARIANTS)}")
-    logger.warning("DUNIA waveform diffusion: no dunia_ckpt_path given; the conditioning DUNIA-%s is randomly "
-                   "initialised (pass --model.init_args.dunia_ckpt_path=<pretraining checkpoint>)", variant)
+    if pretrained_from:
+        log_restored(f"DUNIA waveform diffusion (DUNIA-{variant})", pretrained_from)
+    else:
+        warn_no_pretrained("DUNIA", PRETRAINED_FLAG, f"the frozen conditioning DUNIA-{variant} is random",
+                           f"pass --model.init_args.{PRETRAINED_FLAG}=<DUNIA pretraining checkpoint>")
     # built with its pretraining heads, then dropped: the seeded initialisation of the task's other modules (drawn
     # after this one) depends on the heads' draws
     return build_dunia(variant, **dict(kwargs or {})).drop_pretraining_heads()
@@ -100,11 +125,14 @@ class DUNIAWaveformDiffusionTask(BaseTask):
 
     Args:
         dunia_variant: DUNIA image model (``"tiny"`` for CPU/synthetic runs, ``"base"`` = the paper).
-        dunia_ckpt_path: DUNIA pretraining checkpoint (image model + waveform AE); ``None``: random image model.
+        backbone_ckpt_path: DUNIA pretraining checkpoint (image model + waveform AE); ``None``: random image model
+            (one warning). Checkpoints of this task are self-contained (:mod:`terratorch_eoplugins.models.pretrained`):
+            they store ``backbone_ckpt_path: null``, ``autoencoder_ckpt_path: null`` and ``backbone_pretrained_from``.
         dunia_kwargs: architecture overrides of the image model.
         waveform_length: ``L`` (paper: 256; the datamodule's ``waveform_length`` must match).
         autoencoder_kwargs: extra :class:`WaveformAutoencoder` arguments.
-        autoencoder_ckpt_path: checkpoint holding the waveform autoencoder (overrides the one in ``dunia_ckpt_path``).
+        autoencoder_ckpt_path: checkpoint holding the waveform autoencoder (overrides the one in
+            ``backbone_ckpt_path``).
         autoencoder_steps: optimisation steps that train the autoencoder first when no weights are loaded.
         autoencoder_lr: learning rate of that phase.
         unet_kwargs: :class:`CrossAttentionUNet1D` arguments (``model_channels`` 128 = the paper's projection).
@@ -112,7 +140,10 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         p_uncond: probability of dropping the condition in training (paper: 0.5).
         guidance_scale: CFG scale ``s`` (paper: 3).
         num_steps: sampler steps (paper: 30). solver: ``"heun"`` (Karras' ODE solver) or ``"euler"``.
-        lr, weight_decay: AdamW for the diffusion model (paper: 1e-4).
+        lr, optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks
+            (:mod:`~terratorch_eoplugins.tasks.optimization`) for the diffusion model; defaults: ``AdamW`` (paper:
+            lr 1e-4) with ``{weight_decay: 0}``, constant rate. The autoencoder phase's group has ``autoencoder_lr``
+            and no weight decay.
         normalize_condition: L2-normalise ``O^V`` (the embeddings are compared by cosine in DUNIA).
         database_max_items: cap of the training-split retrieval database (seeded subsample).
         val_generate_batches: validation batches on which waveforms are generated (sampling is costly).
@@ -128,35 +159,47 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         latent_stats_batches: training batches whose footprints set the per-channel mean/std that standardise the
             latents (``sigma_data = 1``), read once when the diffusion phase starts (:meth:`fit_latent_stats`);
             ``0``: the first diffusion batch alone.
+        backbone_pretrained_from: written by self-contained checkpoints: the file the weights came from, never read.
+        dunia_ckpt_path: former name of ``backbone_ckpt_path``; an error naming it.
     """
 
-    ignore = ()
+    ignore = ("dunia_ckpt_path",)
     monitor = "val/loss"
 
-    def __init__(self, dunia_variant: str = "tiny", dunia_ckpt_path: str | None = None,
+    def __init__(self, dunia_variant: str = "tiny", backbone_ckpt_path: str | None = None,
                  dunia_kwargs: dict[str, Any] | None = None, waveform_length: int = 256,
                  autoencoder_kwargs: dict[str, Any] | None = None, autoencoder_ckpt_path: str | None = None,
                  autoencoder_steps: int = 300, autoencoder_lr: float = 3e-3, unet_kwargs: dict[str, Any] | None = None,
                  sigma_data: float = 1.0, loss_weighting: Literal["none", "edm"] = "none",
                  null_condition: Literal["random", "learned"] = "random", p_uncond: float = 0.5,
                  guidance_scale: float = 3.0, num_steps: int = 30, solver: Literal["heun", "euler"] = "heun",
-                 lr: float = 1e-4, weight_decay: float = 0.0, normalize_condition: bool = True,
+                 lr: float = 1e-4, optimizer: str = OPTIMIZATION.optimizer,
+                 optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
+                 scheduler_hparams: dict[str, Any] | None = None,
+                 normalize_condition: bool = True,
                  database_max_items: int = 100_000, val_generate_batches: int = 1, val_generate_max: int = 32,
                  predict_output: str | None = None, seed: int = 0,
                  na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True,
-                 latent_stats_batches: int = 64) -> None:
+                 latent_stats_batches: int = 64, backbone_pretrained_from: str | None = None,
+                 dunia_ckpt_path: str | None = None) -> None:
+        reject_renamed_flags("DUNIAWaveformDiffusionTask", dunia_ckpt_path=dunia_ckpt_path)
         if latent_stats_batches < 0:
             raise ValueError(f"latent_stats_batches must be >= 0, got {latent_stats_batches}")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         super().__init__()
 
     # ------------------------------------------------------------------------------------- models
     def configure_models(self) -> None:
         hp = self.hparams
-        self.dunia = build_conditioning_encoder(hp["dunia_variant"], hp["dunia_ckpt_path"], hp["dunia_kwargs"])
+        self.dunia = build_conditioning_encoder(hp["dunia_variant"], hp["backbone_ckpt_path"], hp["dunia_kwargs"],
+                                                hp.get("backbone_pretrained_from"))
+        #: absolute path of the pretraining checkpoint the image model came from (``None``: random init)
+        self.pretrained_source: str | None = (resolve_source(hp["backbone_ckpt_path"]) if hp["backbone_ckpt_path"]
+                                              else hp.get("backbone_pretrained_from"))
         for p in self.dunia.parameters():
             p.requires_grad_(False)
         self.dunia.eval()
@@ -170,7 +213,7 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         ae_kwargs = {"embed_dim": self.cond_dim, **dict(hp["autoencoder_kwargs"] or {})}
         self.autoencoder = WaveformAutoencoder(length=hp["waveform_length"], **ae_kwargs)
         loaded = None
-        for path in (hp["autoencoder_ckpt_path"], hp["dunia_ckpt_path"]):
+        for path in (hp["autoencoder_ckpt_path"], hp["backbone_ckpt_path"]):
             if path is not None:
                 loaded = _autoencoder_state(path, self.autoencoder)
                 if loaded is not None:
@@ -202,12 +245,14 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         return self
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The ``optimizer`` and ``scheduler`` arguments (default: AdamW, constant rate) on the diffusion model, plus
+        the waveform autoencoder (``autoencoder_lr``, no weight decay) while it still has to be trained."""
         hp = self.hparams
-        groups = [{"params": list(self.diffusion.parameters()), "lr": hp["lr"], "weight_decay": hp["weight_decay"]}]
+        groups: list[dict[str, Any]] = [{"params": list(self.diffusion.parameters())}]
         if not bool(self.ae_ready):
             groups.append({"params": list(self.autoencoder.parameters()), "lr": hp["autoencoder_lr"],
                            "weight_decay": 0.0})
-        return {"optimizer": torch.optim.AdamW(groups)}
+        return OPTIMIZATION.configure(self, groups)
 
     # ------------------------------------------------------------------------------------ batches
     def footprint_samples(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -420,6 +465,22 @@ class DUNIAWaveformDiffusionTask(BaseTask):
 
     def on_test_epoch_end(self) -> None:
         self._log_correlations("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Self-contained hyper-parameters: no pretraining or autoencoder file is read when the task is rebuilt
+        (the weights and ``ae_ready`` are in the ``state_dict``; :mod:`terratorch_eoplugins.models.pretrained`)."""
+        hp = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if not isinstance(hp, Mapping):
+            return
+        updates: dict[str, Any] = {}
+        if hp.get("autoencoder_ckpt_path"):
+            updates["autoencoder_ckpt_path"] = None
+        if self.pretrained_source is not None:
+            kwargs = {**dict(hp.get("dunia_kwargs") or {}), **architecture_overrides(self.dunia, hp["dunia_variant"])}
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = self_contained_hparams(
+                hp, self.pretrained_source, dunia_kwargs=kwargs or None, **updates)
+        elif updates:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hp, **updates}
 
     # ------------------------------------------------------------------------------------ predict
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from terratorch_eoplugins.benchmark.callbacks import count_parameters
-from terratorch_eoplugins.benchmark.leaderboard import render_markdown, top3
+from terratorch_eoplugins.benchmark.leaderboard import best_values, format_value, render_markdown
 from terratorch_eoplugins.benchmark.runner import (
     COLUMNS,
     append_row,
@@ -98,7 +98,7 @@ def test_sweep_matrix_expands_and_skips_optional_missing(tmp_path: Path) -> None
 def test_shared_pretraining_has_one_id_and_must_be_identical(tmp_path: Path) -> None:
     pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
            "share": "dunia", "overrides": ["--trainer.max_epochs=1"]}
-    knn_arg = "model.init_args.dunia_ckpt_path"
+    knn_arg = "model.init_args.backbone_ckpt_path"
     models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
               {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
                                                        "pretrain": pre | {"ckpt_arg": knn_arg}}}},
@@ -162,17 +162,55 @@ def test_leaderboard_layout_top3_bold_and_seed_means(tmp_path: Path) -> None:
         append_row(path, r)
     md = render_markdown(path, command="eoplugins sweep t.yaml")
     lines = md.splitlines()
-    assert "| Task | Model / Setting | # Tunable Params (M) | IoU | Acc | F1 | train s | peak RSS GB |" in lines
+    assert ("| Task | Model / Setting | # Tunable Params (M) | IoU (%) | Acc (%) | F1 (%) | train s | peak RSS GB |"
+            in lines)
     b = next(ln for ln in lines if "| B (Full/Frozen) | 102/15.5 |" in ln)
-    assert "0.100 / **0.300**" in b  # 0.10 is fourth of {0.5, 0.3, 0.3 (c's mean), 0.1}: not bold
+    # IoU in %: 10.0 ties with nothing and is fourth of {50, 30, 30 (c's mean), 10}: not bold; the tied 30s are the
+    # second and third best, so bold together (three bold values in all)
+    assert "| 10.0 / **30.0** |" in b
     c = next(ln for ln in lines if ln.startswith("|  | C† |"))
-    assert "**0.300±0.141**" in c  # mean ± sample std over the two seeds
+    assert "**30.0±14.1**" in c  # mean ± sample std over the two seeds, in %
+    assert "### 100% labels, regression: Gedi" in lines
     a_gedi = next(ln for ln in lines if "| Gedi | A† |" in ln)
     b_gedi = next(ln for ln in lines if ln.startswith("|  | B | 1 |"))
-    assert "**3.000**" in a_gedi and "**1.000**" in b_gedi  # only two regressors: both in the top three
+    # two regressors: only the better one is bold, lower RMSE/MAE and higher r
+    assert "| 3.000 | 2.000 | 0.500 |" in a_gedi and "| **1.000** | **1.000** | **0.900** |" in b_gedi
     assert "### Failed runs (1)" in lines and any("d__gedi__full" in ln for ln in lines)
-    assert top3([0.1, 0.5, 0.3, 0.2], higher_is_better=False) == {0.1, 0.2, 0.3}
+    assert best_values([0.1, 0.5, 0.3, 0.2], higher_is_better=False) == {0.1, 0.2, 0.3}
     assert set(COLUMNS) >= {"tunable_params", "total_params", "train_s", "peak_rss_mb", "cuda_peak_mb", "status"}
+
+
+def test_bolding_follows_each_metrics_direction_and_never_exceeds_three_or_the_whole_column() -> None:
+    iou = [0.40, 0.10, 0.30, 0.20, 0.50]
+    rmse = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert best_values(iou, higher_is_better=True) == {0.50, 0.40, 0.30}  # mIoU: highest
+    assert best_values(rmse, higher_is_better=False) == {1.0, 2.0, 3.0}  # RMSE: lowest
+    assert best_values([0.3, 0.1, 0.2], True) == {0.3, 0.2}  # three rows: two bold, not the whole column
+    assert best_values([0.3, 0.1], True) == {0.3} and best_values([0.3], True) == set()
+    assert best_values([0.3, float("nan"), 0.1], True) == {0.3}  # NaN (not logged) is not a row
+    assert best_values([0.9, 0.5, 0.5, 0.5, 0.1], True) == {0.9}  # a three-way tie for second does not fit in 3
+    assert best_values([0.9, 0.8, 0.5, 0.5, 0.1], True) == {0.9, 0.8}
+    assert format_value(0.18728, "IoU") == "18.7" and format_value(0.952, "Acc") == "95.2"
+    assert format_value(24.54815, "RMSE") == "24.548" and format_value(0.7060, "r") == "0.706"
+
+
+def test_one_regression_table_per_task_so_units_never_share_a_column(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    for r in (_row("cropnet", "regression", "prithvi", "frozen", [1.14, 0.69, 0.77]),
+              _row("cropnet", "regression", "unet", "full", [1.30, 0.80, 0.60]),
+              _row("cropnet_yield", "regression", "tsfusion", "native", [24.5, 19.0, 0.71])):
+        append_row(path, {**r, "task_label": {"cropnet": "CropNet (std. log yield)",
+                                              "cropnet_yield": "CropNet (yield)"}[r["task"]]})
+    lines = render_markdown(path).splitlines()
+    heads = [ln for ln in lines if ln.startswith("### ")]
+    assert heads == ["### 100% labels, regression: CropNet (std. log yield)",
+                     "### 100% labels, regression: CropNet (yield)"]
+    i, j = (lines.index(h) for h in heads)
+    first, second = lines[i:j], lines[j:]
+    assert sum("CropNet (std. log yield)" in ln for ln in first) == 2 and not any("TSFUSION" in ln for ln in first)
+    assert sum(ln.startswith("|") and "|---|" not in ln for ln in second) == 2  # header + the one TS-fusion row
+    assert any("| CropNet (yield) | TSFUSION† (Native) | 1 | 24.500 | 19.000 | 0.710 |" in ln for ln in second)
+    assert any("| **1.140** | **0.690** | **0.770** |" in ln for ln in first)
 
 
 def test_error_tail_keeps_the_exception_line() -> None:
@@ -243,7 +281,7 @@ def test_eoplugins_sweep_command_lists_and_renders(tmp_path: Path, capsys: pytes
     assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--list"]) == 0
     assert capsys.readouterr().out.splitlines() == ["done  micro__pastis__full__lf100__s0"]
     assert main(["sweep", str(path), "--repo", str(REPO), "--results-dir", str(results), "--render"]) == 0
-    assert "| Pastis | MICRO† | 1 | **0.200** | **0.300** | **0.400** |" in (results / "t.md").read_text()
+    assert "| Pastis | MICRO† | 1 | 20.0 | 30.0 | 40.0 |" in (results / "t.md").read_text()  # %; one row: no bold
     assert (results / "t.png").stat().st_size > 1000
 
 
@@ -253,7 +291,7 @@ def test_runner_runs_a_shared_pretraining_once(tmp_path: Path, monkeypatch: pyte
 
     pre = {"config": "configs/dunia_pretrain.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path",
            "share": "dunia"}
-    knn_arg = "model.init_args.dunia_ckpt_path"
+    knn_arg = "model.init_args.backbone_ckpt_path"
     models = [{"name": "dunia", "tasks": {"gedi": {"model": "configs/models/gedi/dunia.yaml", "pretrain": pre}}},
               {"name": "dunia_knn", "tasks": {"gedi": {"model": "configs/models/gedi/dunia_zeroshot.yaml",
                                                        "pretrain": pre | {"ckpt_arg": knn_arg}}}}]
@@ -276,4 +314,4 @@ def test_runner_runs_a_shared_pretraining_once(tmp_path: Path, monkeypatch: pyte
     assert got[0] == got[1] and got[0][0].name == "last.ckpt" and got[0][1:] == (12.5, "")
     args = [runner.run_args(r, got[0][0]) for r in sweep.runs]
     assert f"--model.init_args.model_args.backbone_ckpt_path={got[0][0]}" in args[0]
-    assert f"--model.init_args.dunia_ckpt_path={got[0][0]}" in args[1]
+    assert f"--model.init_args.backbone_ckpt_path={got[0][0]}" in args[1]

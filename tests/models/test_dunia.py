@@ -21,8 +21,8 @@ from terratorch_eoplugins.models.dunia import (
 from terratorch_eoplugins.tasks.dunia_pretrain import (
     DUNIAPretrainTask,
     gather_footprints,
-    warmup_cosine,
 )
+from terratorch_eoplugins.tasks.optimization import warmup_cosine_factor as warmup_cosine
 
 #: an even smaller image model for task tests (NA head dim 8 = out_dim / na_heads)
 MICRO = dict(embed_dim=32, ffn_dim=64, num_heads=2, out_dim=8, na_kernel=5, na_heads=1)
@@ -175,8 +175,8 @@ def _batch(b: int = 2, size: int = 16, k: int = 6, footprints: bool = True) -> d
 
 def _task(**kw: object) -> DUNIAPretrainTask:
     return DUNIAPretrainTask(variant="tiny", image_kwargs=MICRO, lstm_layers=1, waveform_length=64,
-                             waveform_kwargs=WAVE, optimizer="adamw", lr=2e-3, weight_decay=0.0, warmup_steps=2,
-                             max_steps=100, vicreg_pixels=256, **kw)
+                             waveform_kwargs=WAVE, optimizer="AdamW", lr=2e-3, optimizer_hparams={"weight_decay": 0.0},
+                             scheduler_hparams={"warmup": 2, "total": 100}, vicreg_pixels=256, **kw)
 
 
 def test_gather_footprints_and_similarities() -> None:

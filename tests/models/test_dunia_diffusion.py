@@ -167,7 +167,7 @@ def test_pretraining_checkpoint_gives_conditioning_model_and_autoencoder(tmp_pat
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"variant": "tiny", "image_kwargs": micro, "lstm_layers": 1, "waveform_length": 64,
                                      "waveform_kwargs": wave}}, ckpt)
-    task = DUNIAWaveformDiffusionTask(dunia_ckpt_path=str(ckpt), dunia_kwargs=micro,
+    task = DUNIAWaveformDiffusionTask(backbone_ckpt_path=str(ckpt), dunia_kwargs=micro,
                                       **{k: v for k, v in TINY.items() if k != "autoencoder_steps"})
     assert bool(task.ae_ready) and task.cond_dim == 8 and task.autoencoder.to_embedding.out_features == 8
     for k, v in model.waveform.state_dict().items():
