@@ -1,7 +1,10 @@
 """Every evaluation metric of the package in one place.
 
 - Regression: :func:`pearson_r` (row-wise), :func:`pearson_from_sums` (from running sums), :func:`r2_score`
-  (coefficient of determination), :func:`cropnet_metrics` (CropNet yields, table 2 of the TS-fusion paper).
+  (coefficient of determination), :func:`cropnet_metrics` (CropNet yields, table 2 of the TS-fusion paper). These
+  are the formulas for analyses and tests; the tasks' per-epoch regression metrics are torchmetrics'
+  (``PearsonCorrCoef``, ``R2Score``, ``MeanSquaredError(squared=False)``, ``MeanAbsoluteError``), synchronised
+  over DDP ranks. Names: ``R2`` is always the coefficient of determination; squared Pearson r is ``r2_pearson``.
 - Classification: :func:`weighted_f1` (DUNIA's classification metric, support-weighted F1).
 - Generation and representation: :func:`generation_scores` (TS fusion weather from images),
   :func:`alignment_similarities` (DUNIA table H1), :func:`reconstruction_metrics` (time-series tokenizers).
@@ -74,10 +77,11 @@ def r2_score(pred: Tensor, true: Tensor) -> float:
 
 
 def cropnet_metrics(pred_log: Any, true_log: Any) -> dict[str, float]:
-    """RMSE, ``R2`` (= Pearson r², as MMST-ViT), Pearson ``r`` and ``R2_cod`` (1 - SS_res/SS_tot).
+    """``RMSE``, ``MAE``, Pearson ``r``, ``r2_pearson`` (= r², what MMST-ViT and the TS-fusion tables call R^2) and
+    ``R2`` (the coefficient of determination 1 - SS_res/SS_tot).
 
     Computed on ``exp`` of the predicted and true log yields (or log productions), pooled over
-    all county-years given.
+    all county-years given. (The TS-fusion task computes the same values with torchmetrics during training.)
     """
     p = np.exp(np.asarray(_np(pred_log), np.float64).ravel())
     t = np.exp(np.asarray(_np(true_log), np.float64).ravel())
@@ -88,12 +92,13 @@ def cropnet_metrics(pred_log: Any, true_log: Any) -> dict[str, float]:
     if not (np.isfinite(p).all() and np.isfinite(t).all()):
         raise ValueError("pred_log and true_log must be finite")
     rmse = float(np.sqrt(np.mean((p - t) ** 2)))
+    mae = float(np.mean(np.abs(p - t)))
     pc, tc = p - p.mean(), t - t.mean()
     denom = float(np.sqrt((pc**2).sum() * (tc**2).sum()))
     r = float((pc * tc).sum() / denom) if denom > 0 else float("nan")
     ss_tot = float((tc**2).sum())
-    r2_cod = 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-    return {"RMSE": rmse, "R2": r * r, "r": r, "R2_cod": r2_cod}
+    r2 = 1.0 - float(((t - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    return {"RMSE": rmse, "MAE": mae, "r": r, "r2_pearson": r * r, "R2": r2}
 
 
 def generation_scores(pred: Tensor, true: Tensor, names: Sequence[str]) -> dict[str, float]:

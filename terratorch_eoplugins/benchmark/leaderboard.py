@@ -1,11 +1,18 @@
 """Render a sweep's results CSV as a Markdown leaderboard (LIANet supplement, table 3 layout) and a PNG plot.
 
 Layout of table 3 ("Task | Model / Setting | # Tunable Params (M) | IoU | ACC | F1", all macro): one table per
-label fraction and task kind, rows grouped by task; one row per model whose settings are joined with ``/`` as in
-"TerraMind-base (Full/Frozen/Embedding) | 102/15.5/0.39 | 0.26/0.23/0.24 | ...". Regression tasks use
-RMSE/MAE/r. Values are means over seeds (``mean±std`` when there are several). In each task and metric column
-the **top three** values are bold (lowest RMSE/MAE, highest IoU/Acc/F1/r). Models trained from a random
-initialisation (``pretrained: false`` in the sweep) are marked with a dagger.
+label fraction for segmentation, rows grouped by task; one row per model whose settings are joined with ``/`` as in
+"TerraMind-base (Full/Frozen/Embedding) | 102/15.5/0.39 | 26.1/23.0/24.2 | ...". IoU, Acc and F1 are shown in
+percent with one decimal, as PANGAEA reports them (the CSV keeps fractions). Regression tasks use RMSE/MAE (in the
+task's own target units) and Pearson r, **one table per regression task**: two tasks on the same dataset in other
+units (CropNet's standardised log yield of terratorch's scalar regression vs the TS-fusion task's yields) are
+never put in one column. Values are means over seeds (``mean±std`` when there are several).
+
+Bolding (:func:`best_values`): in each task and metric column the best values in the metric's own direction
+(lowest RMSE/MAE, highest IoU/Acc/F1/r) are bold, **at most min(3, n - 1)** of the ``n`` values, so a column is
+never bold throughout (a task with one entry has none, two entries one, three entries two); tied values are bold
+together only when all of them fit within that limit. Models trained from a random initialisation
+(``pretrained: false`` in the sweep) are marked with a dagger.
 """
 
 from __future__ import annotations
@@ -98,21 +105,75 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def top3(values: list[float], higher_is_better: bool) -> set[float]:
-    """The (up to) three best distinct values."""
-    clean = sorted({v for v in values if not math.isnan(v)}, reverse=higher_is_better)
-    return set(clean[:3])
+#: leaderboard columns shown in percent (fractions in the CSV), as PANGAEA reports them
+PERCENT_COLUMNS = frozenset({"IoU", "Acc", "F1"})
+#: most values bold per task and column
+MAX_BOLD = 3
 
 
-def _cell(mean: float, std: float, bold: bool) -> str:
+def best_values(values: list[float], higher_is_better: bool, limit: int = MAX_BOLD) -> set[float]:
+    """The values to bold in one column: a value is bold when at most ``min(limit, n - 1)`` of the ``n`` (non-NaN)
+    values are at least as good as it (ties are bold together or not at all), so never more than ``limit`` and
+    never the whole column."""
+    clean = [v for v in values if not math.isnan(v)]
+    k = min(limit, len(clean) - 1)
+    out = set()
+    for v in clean:
+        as_good = sum(1 for w in clean if (w >= v if higher_is_better else w <= v))
+        if as_good <= k:
+            out.add(v)
+    return out
+
+
+def format_value(value: float, column: str) -> str:
+    """A leaderboard number: percent with one decimal for IoU/Acc/F1, else three decimals (target units, r)."""
+    if math.isnan(value):
+        return "nan"
+    return f"{100 * value:.1f}" if column in PERCENT_COLUMNS else f"{value:.3f}"
+
+
+def _cell(mean: float, std: float, bold: bool, column: str = "") -> str:
     if math.isnan(mean):
         return "–"
-    s = f"{mean:.3f}" + (f"±{std:.3f}" if not math.isnan(std) else "")
+    s = format_value(mean, column) + (f"±{format_value(std, column)}" if not math.isnan(std) else "")
     return f"**{s}**" if bold else s
+
+
+def _header(column: str) -> str:
+    return f"{column} (%)" if column in PERCENT_COLUMNS else column
 
 
 def _rows(csv_path: Path, run_ids: set[str] | None) -> list[dict]:
     return [r for r in latest_rows(csv_path).values() if run_ids is None or r["run_id"] in run_ids]
+
+
+def _table(task_names: list[str], kind: str, lf: float, agg: dict[tuple, dict], rows: list[dict],
+           model_order: list[str]) -> list[str]:
+    """Markdown lines of one table: the header and one row per model of each task in ``task_names``."""
+    cols = METRICS[kind]
+    first = {r["model"]: r for r in rows}
+    tasks = {r["task"]: r for r in rows}
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    lines = ["| Task | Model / Setting | # Tunable Params (M) | " + " | ".join(_header(c) for c, _, _ in cols)
+             + " | train s | peak RSS GB |", "|---|---|---|" + "---|" * len(cols) + "---|---|"]
+    for t in task_names:
+        cells = {k: v for k, v in agg.items() if k[0] == lf and k[1] == t}
+        best = [best_values([v["mean"][i] for v in cells.values()], cols[i][2]) for i in range(3)]
+        label = tasks[t]["task_label"]
+        for m in [m for m in model_order if any(k[2] == m for k in cells)]:
+            ms = sorted(((k, v) for k, v in cells.items() if k[2] == m), key=lambda kv: settings.index(kv[0][3]))
+            mrow = first[m]
+            name = mrow["model_label"] + ("" if mrow["pretrained"] in ("True", "true", True) else DAGGER)
+            if len(ms) > 1 or ms[0][0][3] != "full":
+                name += " (" + "/".join(v["rows"][0]["setting_label"] for _, v in ms) + ")"
+            params = "/".join(_params_m(v["tunable"]) for _, v in ms)
+            vals = [" / ".join(_cell(v["mean"][i], v["std"][i], v["mean"][i] in best[i], cols[i][0]) for _, v in ms)
+                    for i in range(3)]
+            train = "/".join(f"{v['train_s']:.0f}" for _, v in ms)
+            rss = "/".join(f"{v['peak_rss_mb'] / 1024:.1f}" for _, v in ms)
+            lines.append(f"| {label} | {name} | {params} | " + " | ".join(vals) + f" | {train} | {rss} |")
+            label = ""
+    return [*lines, ""]
 
 
 def render_markdown(csv_path: str | Path, title: str | None = None, command: str | None = None,
@@ -127,17 +188,18 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
     csv_path = Path(csv_path)
     rows = _rows(csv_path, run_ids)
     agg = aggregate(rows)
-    first = {r["model"]: r for r in rows}
     tasks = {r["task"]: r for r in rows}
     lines = [f"## {title or 'Leaderboard: ' + csv_path.stem}", ""]
     if produced_by:
         lines += [produced_by, ""]
     elif command:
         lines += [f"Produced by `{command}`; raw rows: `{csv_path.name}` (one per run, command included).", ""]
-    lines += ["Metrics on the test split, macro-averaged (IoU, Acc = macro accuracy, F1) for segmentation; RMSE, MAE "
-              "and Pearson r for regression. Mean over seeds (±std with several). **Top three** per task and column in "
-              f"bold. {DAGGER} random initialisation (`pretrained: false`): no pretrained weights are loaded, so "
-              "foundation models are compared as architectures, not as pretrained encoders.", ""]
+    lines += ["Metrics on the test split, macro-averaged (IoU, Acc = macro accuracy, F1; in %) for segmentation; "
+              "RMSE and MAE in the task's target units and Pearson r for regression, one table per regression task. "
+              "Mean over seeds (±std with several). Per task and column the best values are in bold, at most three "
+              f"and never the whole column (at most n - 1 of n). {DAGGER} random initialisation (`pretrained: "
+              "false`): no pretrained weights are loaded, so foundation models are compared as architectures, not as "
+              "pretrained encoders.", ""]
     model_order = order or list(dict.fromkeys(r["model"] for r in rows))
     for lf in sorted({k[0] for k in agg}, reverse=True):
         for kind in METRICS:
@@ -145,30 +207,12 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
                           if tasks[t]["kind"] == kind and any(k[0] == lf and k[1] == t for k in agg)]
             if not task_names:
                 continue
-            cols = [c for c, _, _ in METRICS[kind]]
-            lines += [f"### {round(lf * 100)}% labels, {kind}", "",
-                      "| Task | Model / Setting | # Tunable Params (M) | " + " | ".join(cols)
-                      + " | train s | peak RSS GB |",
-                      "|---|---|---|" + "---|" * len(cols) + "---|---|"]
-            for t in task_names:
-                cells = {k: v for k, v in agg.items() if k[0] == lf and k[1] == t}
-                best = [top3([v["mean"][i] for v in cells.values()], METRICS[kind][i][2]) for i in range(3)]
-                label = tasks[t]["task_label"]
-                for m in [m for m in model_order if any(k[2] == m for k in cells)]:
-                    ms = [(k, v) for k, v in cells.items() if k[2] == m]
-                    ms.sort(key=lambda kv: list(dict.fromkeys(r["setting"] for r in rows)).index(kv[0][3]))
-                    mrow = first[m]
-                    name = mrow["model_label"] + ("" if mrow["pretrained"] in ("True", "true", True) else DAGGER)
-                    if len(ms) > 1 or ms[0][0][3] != "full":
-                        name += " (" + "/".join(v["rows"][0]["setting_label"] for _, v in ms) + ")"
-                    params = "/".join(_params_m(v["tunable"]) for _, v in ms)
-                    vals = [" / ".join(_cell(v["mean"][i], v["std"][i], v["mean"][i] in best[i]) for _, v in ms)
-                            for i in range(3)]
-                    train = "/".join(f"{v['train_s']:.0f}" for _, v in ms)
-                    rss = "/".join(f"{v['peak_rss_mb'] / 1024:.1f}" for _, v in ms)
-                    lines.append(f"| {label} | {name} | {params} | " + " | ".join(vals) + f" | {train} | {rss} |")
-                    label = ""
-            lines.append("")
+            # segmentation metrics share one scale (%): one table; regression units differ by task: one table each
+            groups = [task_names] if kind == "segmentation" else [[t] for t in task_names]
+            for group in groups:
+                title = kind if kind == "segmentation" else f"{kind}: {tasks[group[0]]['task_label']}"
+                lines += [f"### {round(lf * 100)}% labels, {title}", ""]
+                lines += _table(group, kind, lf, agg, rows, model_order)
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += [f"### Failed runs ({len(failed)})", ""]

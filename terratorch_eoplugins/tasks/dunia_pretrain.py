@@ -18,12 +18,13 @@ reconstruction (those terms are 0 and ``footprints`` is logged as 0); the pixel-
 reconstructions are still trained, as the paper's objective implies (the waveform terms only exist where
 waveforms do). ``on_missing_footprints="error"`` raises a ``ValueError`` instead.
 
-**Optimiser** (documented choice): ``optimizer="lion"`` is the paper's (appendix E.2: Lion, lr 5e-5, weight
-decay 0.4, 5K warmup steps + cosine; ``timm.optim.Lion``). The CPU configs on the synthetic world use
-``optimizer="adamw"`` (lr 1e-3, weight decay 0.05): Lion's sign updates need the paper's small learning rate
-and long schedule, while a few hundred AdamW steps suffice to see the losses fall on the tiny world.
-Schedule: linear warmup over ``warmup_steps`` then cosine to 0 at ``max_steps`` (default: the trainer's
-estimated number of steps).
+**Optimiser** (documented choice; terratorch's ``optimizer`` / ``optimizer_hparams`` / ``scheduler`` /
+``scheduler_hparams`` arguments, :mod:`~terratorch_eoplugins.tasks.optimization`): the defaults are the paper's
+(appendix E.2: ``optimizer: timm.optim.Lion``, lr 5e-5, weight decay 0.4; ``scheduler: WarmupCosine`` with 5K
+warmup steps, cosine to 0 at ``scheduler_hparams.total``, default the trainer's estimated number of steps). The
+CPU configs on the synthetic world use ``optimizer: AdamW`` (lr 1e-3, weight decay 0.05): Lion's sign updates
+need the paper's small learning rate and long schedule, while a few hundred AdamW steps suffice to see the
+losses fall on the tiny world.
 
 **Switch EMA** (appendix E.2; Li et al., 2024): every ``sema_every`` (5) optimiser steps the EMA of the
 parameters is updated with decay ``sema_decay`` (0.9); every ``sema_switch_every`` (1000) steps the online
@@ -33,7 +34,6 @@ switch). Buffers (BatchNorm statistics, codebooks) are not averaged. The EMA is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -44,18 +44,13 @@ from torchgeo.trainers import BaseTask
 from terratorch_eoplugins.losses import dunia_reconstruction_losses, hierarchical_vicreg, zero_cl_loss
 from terratorch_eoplugins.metrics import alignment_similarities
 from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, DUNIAPretrainModel
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 
-__all__ = ["DUNIAPretrainTask", "gather_footprints", "warmup_cosine"]
+__all__ = ["OPTIMIZATION", "DUNIAPretrainTask", "gather_footprints"]
 
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
-    """LR multiplier: linear warmup from ``1/warmup`` to 1, then cosine decay to 0 at ``max_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if max_steps <= warmup_steps:
-        return 1.0
-    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * t))
+#: the paper's optimiser and schedule (appendix E.2): Lion, weight decay 0.4, 5K warmup steps + cosine, per step
+OPTIMIZATION = OptimizerDefaults("timm.optim.Lion", {"weight_decay": 0.4}, "WarmupCosine",
+                                 {"warmup": 5000, "interval": "step"})
 
 
 def gather_footprints(embedding: Tensor, footprints: Tensor, footprint_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,8 +84,9 @@ class DUNIAPretrainTask(BaseTask):
         vicreg_pixels: pixels sampled per level for VICReg (``None``: all).
         min_footprints: fewest footprints per batch for the pixel-waveform terms (>= 2).
         on_missing_footprints: ``"skip"`` or ``"error"`` (see the module docstring).
-        optimizer: ``"lion"`` (paper) or ``"adamw"``.
-        lr, weight_decay, warmup_steps, max_steps: optimisation (``max_steps=None``: trainer's estimate).
+        lr, optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks (module
+            docstring); defaults: ``timm.optim.Lion`` with ``{weight_decay: 0.4}``, ``WarmupCosine`` with
+            ``{warmup: 5000, interval: step}`` (``total``: the trainer's estimated steps).
         sema_decay, sema_every, sema_switch_every, sema_coefficient: Switch EMA (``sema_every=0`` disables).
     """
 
@@ -102,13 +98,13 @@ class DUNIAPretrainTask(BaseTask):
                  vicreg_weight: float = 1.0, reconstruction_weight: float = 1.0, commit_weight: float = 1.0,
                  zero_cl_shrinkage: float = 0.1, vicreg_pixels: int | None = 4096, min_footprints: int = 2,
                  on_missing_footprints: Literal["skip", "error"] = "skip",
-                 optimizer: Literal["lion", "adamw"] = "lion", lr: float = 5e-5, weight_decay: float = 0.4,
-                 warmup_steps: int = 5000, max_steps: int | None = None, sema_decay: float = 0.9, sema_every: int = 5,
+                 lr: float = 5e-5, optimizer: str = OPTIMIZATION.optimizer,
+                 optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
+                 scheduler_hparams: dict[str, Any] | None = None, sema_decay: float = 0.9, sema_every: int = 5,
                  sema_switch_every: int = 1000, sema_coefficient: float = 0.9) -> None:
         if variant not in DUNIA_VARIANTS:
             raise ValueError(f"unknown DUNIA variant {variant!r}: expected one of {list(DUNIA_VARIANTS)}")
-        if optimizer not in ("lion", "adamw"):
-            raise ValueError(f"optimizer must be 'lion' or 'adamw', got {optimizer!r}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         if on_missing_footprints not in ("skip", "error"):
             raise ValueError(f"on_missing_footprints must be 'skip' or 'error', got {on_missing_footprints!r}")
         if min_footprints < 2:
@@ -128,22 +124,8 @@ class DUNIAPretrainTask(BaseTask):
                                         hp["waveform_length"], hp["waveform_kwargs"])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Lion or AdamW with linear warmup + cosine annealing, stepped every optimiser step."""
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp["optimizer"] == "lion":
-            from timm.optim import Lion
-
-            opt: torch.optim.Optimizer = Lion(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-        else:
-            opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-        total = hp["max_steps"]
-        if total is None:
-            est = getattr(self.trainer, "estimated_stepping_batches", None) if self._trainer is not None else None
-            total = int(est) if est is not None and math.isfinite(est) else hp["warmup_steps"] + 1
-        warm = int(hp["warmup_steps"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, int(total)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        """The ``optimizer`` and ``scheduler`` arguments (default: Lion, linear warmup + cosine, per step)."""
+        return OPTIMIZATION.configure(self, [p for p in self.parameters() if p.requires_grad])
 
     # ------------------------------------------------------------------ inputs
     @staticmethod

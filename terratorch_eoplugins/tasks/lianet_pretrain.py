@@ -1,7 +1,8 @@
 """LIANet pretraining: regress Sentinel-2 patches from (patch origin, time) alone.
 
 L1 loss on ``clip((DN - 1000) / 10000, 0, 1)``, AdamW (lr 5e-4, no weight decay) with linear warmup and
-cosine decay (stepped per epoch by default, 5 warmup epochs, as in the reference), gradient clipping
+cosine decay (stepped per epoch by default, 5 warmup epochs, as in the reference; the defaults of the
+``optimizer`` / ``scheduler`` arguments, :mod:`~terratorch_eoplugins.tasks.optimization`), gradient clipping
 through the trainer (``gradient_clip_val: 1.0``) and mixed precision through ``trainer.precision``
 where a GPU is available. Validation logs MAE, PSNR and SSIM (data range 1) and saves reconstruction
 plots. The generator's region (grid shape, acquisitions, CRS) is what the datamodule publishes as
@@ -15,13 +16,11 @@ with ``torch.load(..., weights_only=True)``. At the end of ``fit`` the generator
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchgeo.trainers import BaseTask
@@ -29,18 +28,14 @@ from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from terratorch_eoplugins.models.lianet import CKPT_KEY, LIANetGenerator, generator_config, save_generator
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import train_split_info
 
-__all__ = ["LIANetPretrainTask", "warmup_cosine"]
+__all__ = ["OPTIMIZATION", "LIANetPretrainTask"]
 
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR factor: linear warmup ``(step + 1) / warmup`` then cosine from 1 to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+#: the reference's optimiser and schedule: AdamW without weight decay, 5 warmup epochs + cosine, per epoch
+OPTIMIZATION = OptimizerDefaults("AdamW", {"weight_decay": 0.0}, "WarmupCosine",
+                                 {"warmup": 5, "min_lr_ratio": 0.0, "interval": "epoch"})
 
 
 class LIANetPretrainTask(BaseTask):
@@ -51,11 +46,11 @@ class LIANetPretrainTask(BaseTask):
         generator_args: overrides of the variant's hyper-parameters (see :class:`LIANetGenerator`); region
             entries (``region_size``, ``region_shape``, ``acquisitions``, ``region_crs``, ``region_transform``)
             are filled from the datamodule when absent.
-        lr: AdamW base learning rate.
-        weight_decay: AdamW weight decay.
-        warmup: warmup length in scheduler intervals.
-        scheduler_interval: ``"epoch"`` (reference) or ``"step"``.
-        min_lr_ratio: final LR as a fraction of ``lr``.
+        lr: base learning rate.
+        optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks
+            (:mod:`~terratorch_eoplugins.tasks.optimization`); defaults: ``AdamW`` with ``{weight_decay: 0}``,
+            ``WarmupCosine`` with ``{warmup: 5, min_lr_ratio: 0, interval: epoch}`` (given hparams of the default
+            class are merged over these).
         plot_every_n_epochs: reconstruction plots of the first validation batch (0 = never).
         export_generator: write ``lianet_generator.pt`` into the log directory at the end of ``fit``.
         table_lr: base learning rate of the hash tables (``None``: ``lr``, as the reference). Adam moves a
@@ -65,13 +60,13 @@ class LIANetPretrainTask(BaseTask):
     """
 
     def __init__(self, variant: str = "modified", generator_args: Mapping[str, Any] | None = None, lr: float = 5e-4,
-                 weight_decay: float = 0.0, warmup: int = 5, scheduler_interval: str = "epoch",
-                 min_lr_ratio: float = 0.0, plot_every_n_epochs: int = 1, export_generator: bool = True,
+                 optimizer: str = OPTIMIZATION.optimizer, optimizer_hparams: dict[str, Any] | None = None,
+                 scheduler: str | None = OPTIMIZATION.scheduler, scheduler_hparams: dict[str, Any] | None = None,
+                 plot_every_n_epochs: int = 1, export_generator: bool = True,
                  table_lr: float | None = None) -> None:
         if table_lr is not None and not table_lr > 0:
             raise ValueError(f"table_lr must be a positive learning rate or None, got {table_lr!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         generator_config(variant, **dict(generator_args or {}))  # validate early
         self.variant = variant
         self.generator_args = dict(generator_args or {})
@@ -204,12 +199,4 @@ class LIANetPretrainTask(BaseTask):
             tables = [p for n, p in self.generator.named_parameters() if n.startswith("encoder.")]
             rest = [p for n, p in self.generator.named_parameters() if not n.startswith("encoder.")]
             groups = [{"params": rest}, {"params": tables, "lr": float(table_lr)}]
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
-        interval = self.hparams.scheduler_interval
-        if interval == "epoch":
-            total = int(self.trainer.max_epochs or 1)
-        else:
-            total = int(self.trainer.estimated_stepping_batches)
-        warmup, min_ratio = int(self.hparams.warmup), float(self.hparams.min_lr_ratio)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, min_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+        return OPTIMIZATION.configure(self, groups)

@@ -29,8 +29,12 @@ from torchgeo.trainers import BaseTask
 
 from terratorch_eoplugins.losses import s4_pixel_infonce, s4_reconstruction_l1
 from terratorch_eoplugins.models.s4 import DEFAULT_WIDTHS, S4Model
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 
-__all__ = ["S4PretrainTask", "augment_series"]
+__all__ = ["OPTIMIZATION", "S4PretrainTask", "augment_series"]
+
+#: Adam without weight decay and a constant rate (the paper gives no optimizer details in the main text)
+OPTIMIZATION = OptimizerDefaults("Adam", {"weight_decay": 0.0}, None)
 
 
 def augment_series(x: Tensor, gain_std: float = 0.1, offset_std: float = 0.1, noise_std: float = 0.1,
@@ -86,8 +90,9 @@ class S4PretrainTask(BaseTask):
         mode: ``"multimodal"`` (S4) or ``"single_modal"`` (augmentation-based ablation).
         single_modal_modality: modality used when ``mode="single_modal"``.
         augment: keyword arguments of :func:`augment_series` (single-modal mode).
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
+        lr, optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks
+            (:mod:`~terratorch_eoplugins.tasks.optimization`); defaults: ``Adam`` with ``{weight_decay: 0}``, no
+            scheduler (the paper gives no optimizer details in the main text).
     """
 
     monitor = "val/loss"
@@ -99,7 +104,9 @@ class S4PretrainTask(BaseTask):
                  reconstruct_from: Sequence[str] = ("optical", "radar"),
                  mode: Literal["multimodal", "single_modal"] = "multimodal",
                  single_modal_modality: Literal["optical", "radar"] = "optical",
-                 augment: Mapping[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 augment: Mapping[str, float] | None = None, lr: float = 1e-3, optimizer: str = OPTIMIZATION.optimizer,
+                 optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
+                 scheduler_hparams: dict[str, Any] | None = None) -> None:
         if mode not in ("multimodal", "single_modal"):
             raise ValueError(f"mode must be 'multimodal' or 'single_modal', got {mode!r}")
         if contrastive_weight < 0 or reconstruction_weight < 0 or contrastive_weight + reconstruction_weight == 0:
@@ -115,6 +122,7 @@ class S4PretrainTask(BaseTask):
                              f"optical_channels={optical_channels}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         super().__init__()
         self.augment_kwargs = dict(augment or {})
 
@@ -126,9 +134,8 @@ class S4PretrainTask(BaseTask):
                              hp["n_specific"], hp["proj_dim"], recon, hp["pool_time"])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam (the paper gives no optimizer details in the main text)."""
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-        return {"optimizer": opt}
+        """The ``optimizer`` and ``scheduler`` arguments (default: Adam, constant rate)."""
+        return OPTIMIZATION.configure(self, self.parameters())
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

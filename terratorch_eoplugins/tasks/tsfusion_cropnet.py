@@ -8,16 +8,23 @@ grid's daily weather window around the date, as the pretraining pairs of
 The decoder of pretraining is dropped.
 
 Initialisation: from scratch (random encoder) or from a pretraining checkpoint
-(``pretrained_ckpt``: a ``TSFusionPretrainTask`` Lightning checkpoint read with
-``torch.load(weights_only=True)``; it also provides the fitted tokenizers). Without a checkpoint the
-tokenizers are fitted on the train split's pairs before the first step, through the train-split preparation
-mechanism (:class:`~terratorch_eoplugins.tasks.preparation.TrainSplitPreparation`; ``tokenizer_ckpt`` can
-supply the tokenizers of a pretraining run while keeping a random encoder: the "from scratch" arm of
-the paper, which shares TerraMind's tokenizers).
+(``backbone_ckpt_path``: a ``TSFusionPretrainTask`` Lightning checkpoint read with
+``torch.load(weights_only=True)``; it also provides the fitted tokenizers; without it one warning is logged).
+Without a checkpoint the tokenizers are fitted on the train split's pairs before the first step, through the
+train-split preparation mechanism (:class:`~terratorch_eoplugins.tasks.preparation.TrainSplitPreparation`;
+``tokenizer_ckpt`` can supply the tokenizers of a pretraining run while keeping a random encoder: the "from
+scratch" arm of the paper, which shares TerraMind's tokenizers). Checkpoints of this task are self-contained
+(:mod:`terratorch_eoplugins.models.pretrained`): encoder and tokenizers are in the ``state_dict``, so they store
+``backbone_ckpt_path: null``, ``tokenizer_ckpt: null`` and ``backbone_pretrained_from``.
 
-Metrics (validation and test epochs): ``RMSE``, ``R2`` (squared Pearson r, MMST-ViT protocol),
-``r`` and ``R2_cod`` (coefficient of determination) on yields, i.e. ``exp`` of the log-yield predictions,
-destandardised with the batch's ``label_mean`` / ``label_std`` (:func:`~terratorch_eoplugins.metrics.cropnet_metrics`).
+Metrics (validation and test epochs, torchmetrics, synchronised over DDP ranks): ``RMSE``, ``MAE``, Pearson ``r``,
+``r2_pearson`` (squared Pearson r, the MMST-ViT protocol's "R^2") and ``R2`` (the coefficient of determination
+``1 - SS_res / SS_tot``) on yields, i.e. ``exp`` of the log-yield predictions, destandardised with the batch's
+``label_mean`` / ``label_std`` (the same values as :func:`~terratorch_eoplugins.metrics.cropnet_metrics`).
+
+Optimiser: terratorch's ``optimizer`` / ``optimizer_hparams`` / ``scheduler`` / ``scheduler_hparams`` arguments
+(:mod:`~terratorch_eoplugins.tasks.optimization`); default AdamW (weight decay 0.01) with a linear warmup of
+``scheduler_hparams.warmup_epochs`` and cosine decay, stepped per optimiser step (appendix A.2).
 
 The task reads only its batches. They come from :class:`~terratorch_eoplugins.datamodules.cropnet.CropNetDataModule`
 with ``grid_aggregation: none``, ``normalize: false`` (the tokenizers see raw values), the daily weather windows cut
@@ -28,7 +35,6 @@ on the data side (``window_weather``, ``window_before``, ``window_after``: the t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,9 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchgeo.trainers import BaseTask
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, PearsonCorrCoef, R2Score
 
 from terratorch_eoplugins.errors import EODataError
-from terratorch_eoplugins.metrics import cropnet_metrics
+from terratorch_eoplugins.models.pretrained import (
+    PRETRAINED_FLAG,
+    log_restored,
+    reject_renamed_flags,
+    resolve_source,
+    self_contained_hparams,
+    warn_no_pretrained,
+)
 from terratorch_eoplugins.models.tsfusion import (
     MODEL_SIZES,
     TSFusionModel,
@@ -48,9 +62,22 @@ from terratorch_eoplugins.models.tsfusion import (
 )
 from terratorch_eoplugins.models.tsfusion_tokenizers import TSFusionTokenizers
 from terratorch_eoplugins.runtime import read_checkpoint
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
-__all__ = ["PAIR_KEYS", "REQUIRED_KEYS", "TSFusionCropNetTask", "county_pairs"]
+__all__ = ["OPTIMIZATION", "PAIR_KEYS", "REQUIRED_KEYS", "TSFusionCropNetTask", "county_pairs", "cropnet_yield_metrics"]
+
+#: appendix A.2: AdamW, weight decay 0.01, linear warmup (``warmup_epochs``, in epochs) + cosine decay, per step
+OPTIMIZATION = OptimizerDefaults("AdamW", {"weight_decay": 0.01}, "WarmupCosine",
+                                 {"warmup_epochs": 0.0, "interval": "step"})
+
+
+def cropnet_yield_metrics() -> MetricCollection:
+    """The CropNet yield metrics as torchmetrics (DDP-synchronised): ``RMSE``, ``MAE``, ``r`` and ``R2`` (coefficient
+    of determination); ``r2_pearson`` is ``r ** 2`` (logged by the task). States in float64."""
+    metrics = MetricCollection({"RMSE": MeanSquaredError(squared=False), "MAE": MeanAbsoluteError(),
+                                "r": PearsonCorrCoef(), "R2": R2Score()})
+    return metrics.set_dtype(torch.float64)
 
 #: batch keys (besides ``image``) from which :func:`county_pairs` cuts the (grid, date) pairs
 PAIR_KEYS = ("weather_windows", "grid_mask", "time_mask", "grid_coords")
@@ -104,42 +131,49 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
 
     Args:
         model, model_kwargs: encoder size preset (``tsfusion_tiny`` / ``tsfusion_base``) and overrides; must
-            match the pretraining run when ``pretrained_ckpt`` is set.
+            match the pretraining run when ``backbone_ckpt_path`` is set.
         pooling: ``mp`` (mean pooling) or ``mmp`` (modality mean pooling).
-        pretrained_ckpt: pretraining checkpoint (encoder + tokenizers); ``None`` trains from scratch.
+        backbone_ckpt_path: pretraining checkpoint (encoder + tokenizers); ``None`` trains from scratch.
         tokenizer_ckpt: checkpoint to take only the tokenizers from (random encoder).
         weather, before, after, image_size, image_channels, ts_tokenizer, ts_tokenizer_kwargs,
             image_tokenizer_kwargs, tokenizer_steps: tokenizer settings (as in pretraining).
         use_modalities: modalities fed to the encoder (default image + weather, as the paper's downstream model).
         hidden_dim, dropout, residual_scale: head (appendix A.2: dropout 0.25, residual 0.1).
-        lr, weight_decay: AdamW (paper: 5e-5, 0.01; larger rates for short CPU runs); cosine decay.
-        warmup_epochs: linear warmup epochs before the cosine decay (appendix A.2: 5 of 200 epochs); it keeps the
-            first, large gradients of the random head from overwriting a pretrained encoder.
+        lr: base learning rate (paper: 5e-5; larger rates for short CPU runs).
+        optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks; defaults: ``AdamW``
+            with ``{weight_decay: 0.01}``, ``WarmupCosine`` with ``{warmup_epochs: 0, interval: step}``.
+            ``scheduler_hparams.warmup_epochs`` is the linear warmup before the cosine decay (appendix A.2: 5 of 200
+            epochs); it keeps the first, large gradients of the random head from overwriting a pretrained encoder.
         encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale`` (1: one rate, as the paper).
         train_samples_per_county: during training, pool a random subset of this many (grid, date) samples per
             county (compute saving and augmentation; ``None`` = all). Validation and test always use all.
+        backbone_pretrained_from: written by self-contained checkpoints: the file the weights came from, never read.
+        pretrained_ckpt: former name of ``backbone_ckpt_path``; an error naming it.
     """
 
     monitor = "val/loss"
+    ignore = ("weights", "pretrained_ckpt")
 
     def __init__(self, model: str = "tsfusion_tiny", model_kwargs: Mapping[str, Any] | None = None,
-                 pooling: Literal["mp", "mmp"] = "mmp", pretrained_ckpt: str | None = None,
+                 pooling: Literal["mp", "mmp"] = "mmp", backbone_ckpt_path: str | None = None,
                  tokenizer_ckpt: str | None = None, weather: Sequence[str] = ("tavg", "tmax", "tmin", "precip"),
                  before: int = 29, after: int = 10, image_size: int = 32, image_channels: int = 3,
                  ts_tokenizer: str = "uniform", ts_tokenizer_kwargs: Mapping[str, Any] | None = None,
                  image_tokenizer_kwargs: Mapping[str, Any] | None = None, tokenizer_steps: int = 200,
                  use_modalities: Sequence[str] | None = None, hidden_dim: int = 128, dropout: float = 0.25,
-                 residual_scale: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
-                 train_samples_per_county: int | None = None, warmup_epochs: float = 0.0,
-                 encoder_lr_scale: float = 1.0) -> None:
+                 residual_scale: float = 0.1, lr: float = 1e-3, optimizer: str = OPTIMIZATION.optimizer,
+                 optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
+                 scheduler_hparams: dict[str, Any] | None = None, train_samples_per_county: int | None = None,
+                 encoder_lr_scale: float = 1.0, backbone_pretrained_from: str | None = None,
+                 pretrained_ckpt: str | None = None) -> None:
+        reject_renamed_flags("TSFusionCropNetTask", pretrained_ckpt=pretrained_ckpt)
         if pooling not in ("mp", "mmp"):
             raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
         if model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {model!r}")
         if train_samples_per_county is not None and train_samples_per_county < 1:
             raise ValueError(f"train_samples_per_county must be >= 1 or None, got {train_samples_per_county}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         if encoder_lr_scale < 0:
             raise ValueError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
         super().__init__()
@@ -158,12 +192,26 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         use = hp["use_modalities"] or ["image", *[f"weather_{v}" for v in hp["weather"]]]
         self.model = TSFusionRegressor(encoder, hp["pooling"], 1, hp["hidden_dim"], hp["dropout"],
                                        hp["residual_scale"], modalities=use)
-        ckpt = hp["pretrained_ckpt"] or hp["tokenizer_ckpt"]
+        ckpt = hp["backbone_ckpt_path"] or hp["tokenizer_ckpt"]
         if ckpt:
             self._load_tokenizers(ckpt)
-        if hp["pretrained_ckpt"]:
-            load_tsfusion_weights(self.model.encoder, hp["pretrained_ckpt"])
+        #: absolute path of the pretraining checkpoint the encoder came from (``None``: from scratch)
+        self.pretrained_source: str | None = hp.get("backbone_pretrained_from")
+        if hp["backbone_ckpt_path"]:
+            load_tsfusion_weights(self.model.encoder, hp["backbone_ckpt_path"])
+            self.pretrained_source = resolve_source(hp["backbone_ckpt_path"])
+        elif self.pretrained_source:
+            log_restored(f"TSFusionCropNetTask ({hp['model']})", self.pretrained_source)
+        else:
+            warn_no_pretrained("TS fusion", PRETRAINED_FLAG, f"the {hp['model']} encoder is random (from scratch)",
+                               "pass a TS-fusion pretraining checkpoint (configs/tsfusion_pretrain.yaml) as "
+                               f"--model.init_args.{PRETRAINED_FLAG}")
         self._outs: dict[str, list[Tensor]] = {"pred": [], "true": []}
+
+    def configure_metrics(self) -> None:
+        """Yield metrics of the validation and test epochs (:func:`cropnet_yield_metrics`)."""
+        self.val_yield_metrics = cropnet_yield_metrics()
+        self.test_yield_metrics = cropnet_yield_metrics()
 
     def _load_tokenizers(self, path: str) -> None:
         blob = read_checkpoint(path, "TS-fusion pretraining or tokenizer")
@@ -180,7 +228,8 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         self.tokenizers.load_state_dict(sub)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with linear warmup (``warmup_epochs``) and cosine decay over the run (appendix A.2)."""
+        """The ``optimizer`` and ``scheduler`` arguments (default: AdamW, warmup + cosine per step, appendix A.2)
+        on two parameter groups: the head at ``lr`` and the encoder at ``lr * encoder_lr_scale``."""
         hp = self.hparams
         lr, scale = hp["lr"], hp.get("encoder_lr_scale", 1.0)
         enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
@@ -189,22 +238,11 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         if scale == 0:
             for p in enc:
                 p.requires_grad_(False)
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=hp["weight_decay"])
-        total = max(1, int(getattr(self.trainer, "estimated_stepping_batches", 1) or 1)) if self._trainer else 1
-        epochs = max(1, int(getattr(self.trainer, "max_epochs", 1) or 1)) if self._trainer else 1
-        warm = min(int(round(hp.get("warmup_epochs", 0.0) * total / epochs)), max(total - 1, 0))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return OPTIMIZATION.configure(self, groups)
 
     # ------------------------------------------------------------------ tokenizers
     def needs_preparation(self) -> bool:
-        """Tokenizers not fitted yet (no ``pretrained_ckpt`` / ``tokenizer_ckpt`` and not restored)."""
+        """Tokenizers not fitted yet (no ``backbone_ckpt_path`` / ``tokenizer_ckpt`` and not restored)."""
         return not self.tokenizers.fitted
 
     def prepare_from_train_split(self, batches: Iterable[Mapping[str, Any]]) -> None:
@@ -275,8 +313,11 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         self.log(f"{stage}/loss", loss, batch_size=pred.shape[0], prog_bar=stage == "train", on_epoch=True,
                  on_step=stage == "train")
         if stage != "train":
-            self._outs["pred"].append(self.destandardize(pred.detach().cpu(), batch))
-            self._outs["true"].append(self.destandardize(label.detach().cpu(), batch))
+            log_pred, log_true = self.destandardize(pred.detach(), batch), self.destandardize(label.detach(), batch)
+            getattr(self, f"{stage}_yield_metrics").update(torch.exp(log_pred.double()).ravel(),
+                                                          torch.exp(log_true.double()).ravel())
+            self._outs["pred"].append(log_pred.cpu())
+            self._outs["true"].append(log_true.cpu())
         return loss
 
     def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -298,25 +339,43 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
                            f"CropNetDataModule's batch_keys ({list(REQUIRED_KEYS)})")
         return x * batch["label_std"].to(x).reshape(x.shape) + batch["label_mean"].to(x).reshape(x.shape)
 
-    def yield_metrics(self) -> dict[str, float]:
-        """CropNet metrics of the collected (log-unit) predictions (clears them)."""
-        if not self._outs["pred"]:
-            return {}
-        pred = torch.cat(self._outs["pred"])
-        true = torch.cat(self._outs["true"])
+    def yield_metrics(self, stage: str) -> dict[str, float]:
+        """CropNet metrics of the ``stage``'s epoch on yields, over all DDP ranks (resets them): ``RMSE``, ``MAE``,
+        ``r``, ``r2_pearson`` (= r^2) and ``R2`` (coefficient of determination); empty before two county-years."""
+        metrics = getattr(self, f"{stage}_yield_metrics")
+        if self._outs["pred"]:
+            pred, true = torch.cat(self._outs["pred"]), torch.cat(self._outs["true"])
+            #: yields (exp of the log predictions / labels) of this rank's last validation or test epoch, for analyses
+            self.last_yields = {"pred": torch.exp(pred.double()).ravel(), "true": torch.exp(true.double()).ravel()}
         self._outs = {"pred": [], "true": []}
-        #: yields (exp of the log predictions / labels) of the last validation or test epoch, for analyses
-        self.last_yields = {"pred": torch.exp(pred.double()).ravel(), "true": torch.exp(true.double()).ravel()}
-        if pred.numel() < 2:
-            return {}
-        return cropnet_metrics(pred, true)
+        n = int(metrics["MAE"].total)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            n = int(self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="sum"))
+        out: dict[str, float] = {}
+        if n >= 2:
+            out = {k: float(v) for k, v in metrics.compute().items()}
+            out["r2_pearson"] = out["r"] ** 2
+        metrics.reset()
+        return out
 
     def _epoch_end(self, stage: str) -> None:
-        metrics = self.yield_metrics()
+        metrics = self.yield_metrics(stage)
         for k, v in metrics.items():
             if np.isfinite(v):
                 self.log(f"{stage}/{k}", v)
         self.last_metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Self-contained hyper-parameters: encoder and tokenizers are in the ``state_dict``, so no pretraining or
+        tokenizer file is read when the task is rebuilt (:mod:`terratorch_eoplugins.models.pretrained`)."""
+        hp = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if not isinstance(hp, Mapping):
+            return
+        updates = {"tokenizer_ckpt": None} if hp.get("tokenizer_ckpt") else {}
+        if self.pretrained_source is not None:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = self_contained_hparams(hp, self.pretrained_source, **updates)
+        elif updates:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hp, **updates}
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

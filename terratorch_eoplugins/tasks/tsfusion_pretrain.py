@@ -7,7 +7,8 @@ token budgets are split over the modalities by independent Dirichlet draws
 (:func:`~terratorch_eoplugins.models.tsfusion.sample_token_budgets`, ``alpha = 0.5``, budgets ``N_in`` / ``N_tgt``),
 and the encoder-decoder minimises the modality-averaged cross-entropy of the target tokens. Optimiser: AdamW
 ``(0.9, 0.95)``, weight decay 0.05, linear warmup + cosine decay (appendix A.1; gradient clipping 1.0 comes from the
-trainer config).
+trainer config): the defaults of terratorch's ``optimizer`` / ``optimizer_hparams`` / ``scheduler`` /
+``scheduler_hparams`` arguments (:mod:`~terratorch_eoplugins.tasks.optimization`).
 
 Validation also *generates* each weather variable from the image alone (autoregressive, greedy),
 decodes the tokens back to physical units and logs the coefficient of determination against the true
@@ -21,7 +22,6 @@ them to fine-tuning (:class:`~terratorch_eoplugins.tasks.tsfusion_cropnet.TSFusi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,9 +38,14 @@ from terratorch_eoplugins.models.tsfusion import (
     sample_token_masks,
 )
 from terratorch_eoplugins.models.tsfusion_tokenizers import TSFusionTokenizers
+from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
-__all__ = ["TSFusionPretrainTask"]
+__all__ = ["OPTIMIZATION", "TSFusionPretrainTask"]
+
+#: appendix A.1: AdamW (0.9, 0.95), weight decay 0.05, linear warmup + cosine decay, per step
+OPTIMIZATION = OptimizerDefaults("AdamW", {"weight_decay": 0.05, "betas": (0.9, 0.95)}, "WarmupCosine",
+                                 {"warmup": 20, "interval": "step"})
 
 
 class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
@@ -58,7 +63,9 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
             trains the image and FSQ tokenizers).
         alpha: Dirichlet concentration per modality (a float for all, or ``{modality: alpha}``; 0.5 in the paper).
         input_budget, target_budget: ``N_in`` and ``N_tgt`` (128 / 128 in the paper).
-        lr, weight_decay, betas, warmup_steps: AdamW + warmup/cosine schedule (``total_steps`` from the trainer).
+        lr, optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks; defaults:
+            ``AdamW`` with ``{weight_decay: 0.05, betas: [0.9, 0.95]}``, ``WarmupCosine`` with
+            ``{warmup: 20, interval: step}`` (``total``: the trainer's estimated steps).
         generate_batches: validation batches on which weather is generated from images (0: off).
         emd_weight: weight of the ordinal EMD loss on uniform/quantile weather tokens (appendix A.1; 0: CE only).
     """
@@ -71,13 +78,15 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
                  ts_tokenizer_kwargs: Mapping[str, Any] | None = None,
                  image_tokenizer_kwargs: Mapping[str, Any] | None = None, coords: bool = True,
                  tokenizer_steps: int = 200, alpha: float | Mapping[str, float] = 0.5, input_budget: int = 64,
-                 target_budget: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
-                 betas: Sequence[float] = (0.9, 0.95), warmup_steps: int = 20, generate_batches: int = 1,
+                 target_budget: int = 64, lr: float = 1e-3, optimizer: str = OPTIMIZATION.optimizer,
+                 optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
+                 scheduler_hparams: dict[str, Any] | None = None, generate_batches: int = 1,
                  emd_weight: float = 1.0) -> None:
         if model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {model!r}")
         if input_budget < 1 or target_budget < 1:
             raise ValueError(f"input_budget and target_budget must be >= 1, got {input_budget}, {target_budget}")
+        OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         super().__init__()
 
     def configure_models(self) -> None:
@@ -105,21 +114,8 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
         self._gen: dict[str, list[Tensor]] = {"pred": [], "true": []}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (betas 0.9/0.95, weight decay 0.05) with linear warmup and cosine decay (appendix A.1)."""
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"],
-                                betas=tuple(hp["betas"]))
-        total = max(1, int(getattr(self.trainer, "estimated_stepping_batches", 1) or 1)) if self._trainer else 1
-        warm = min(hp["warmup_steps"], max(total - 1, 0))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        """The ``optimizer`` and ``scheduler`` arguments (default: AdamW (0.9, 0.95), warmup + cosine, appendix A.1)."""
+        return OPTIMIZATION.configure(self, self.model.parameters())
 
     # ------------------------------------------------------------------ tokenizers
     def fit_tokenizers(self, images: Tensor, weather: Tensor, max_steps: int | None = None) -> dict[str, float]:

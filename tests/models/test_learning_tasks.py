@@ -117,5 +117,5 @@ def test_cropnet_yield_regression_correlates_with_truth(tiny_world_dir: Path, tm
     m = cropnet_metrics(torch.stack(preds), torch.stack(truth))
     print(f"\nCropNet Corn 2022 (val) n={len(truth)}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
     # the protocol's R^2 is Pearson r^2 (MMST-ViT); require a clearly positive correlation
-    assert m["r"] > 0.4 and m["R2"] > 0.16, m
-    assert m["R2_cod"] > 0, m  # and it beats predicting the mean yield
+    assert m["r"] > 0.4 and m["r2_pearson"] > 0.16, m
+    assert m["R2"] > 0, m  # and it beats predicting the mean yield (coefficient of determination)

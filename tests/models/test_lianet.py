@@ -21,7 +21,8 @@ from terratorch_eoplugins.models.lianet import (
     parameter_counts,
     save_generator,
 )
-from terratorch_eoplugins.tasks.lianet_pretrain import LIANetPretrainTask, warmup_cosine
+from terratorch_eoplugins.tasks.lianet_pretrain import LIANetPretrainTask
+from terratorch_eoplugins.tasks.optimization import warmup_cosine_factor as warmup_cosine
 from terratorch_eoplugins.tasks.preparation import train_split_info
 
 SMALL = dict(levels=6, features_per_level=4, log2_table_size=12, base_resolution=8, growth=2.0, preproj_channels=16,
@@ -135,7 +136,8 @@ def test_pretraining_psnr_rises(tiny_world_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     dm = LIANetPretrainDataModule(root=str(tiny_world_dir / "S2_TILES"), patch_size=24, samples_per_epoch=480,
                                   val_samples=32, batch_size=16)
-    task = LIANetPretrainTask("modified", SMALL, lr=1e-2, warmup=0, scheduler_interval="step", plot_every_n_epochs=1)
+    task = LIANetPretrainTask("modified", SMALL, lr=1e-2, scheduler_hparams={"warmup": 0, "interval": "step"},
+                              plot_every_n_epochs=1)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, gradient_clip_val=1.0,
                          inference_mode=False)

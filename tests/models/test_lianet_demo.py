@@ -63,7 +63,7 @@ def test_lianet_demo_is_a_cli_command_and_checks_its_configs(tmp_path: Path, cap
 
 
 def test_table_learning_rate_gets_its_own_group() -> None:
-    task = LIANetPretrainTask("modified", SMALL, lr=1e-3, table_lr=2e-2, warmup=0)
+    task = LIANetPretrainTask("modified", SMALL, lr=1e-3, table_lr=2e-2, scheduler_hparams={"warmup": 0})
     task._trainer = types.SimpleNamespace(max_epochs=4, estimated_stepping_batches=8)  # what configure_optimizers reads
     task.generator = task.build_generator()
     opt = task.configure_optimizers()["optimizer"]
@@ -71,7 +71,7 @@ def test_table_learning_rate_gets_its_own_group() -> None:
     assert tables["lr"] == pytest.approx(2e-2) and rest["lr"] == pytest.approx(1e-3)
     assert tables["params"] == [task.generator.encoder.table]
     assert len(rest["params"]) == len(list(task.generator.parameters())) - 1
-    single = LIANetPretrainTask("modified", SMALL, lr=1e-3, warmup=0)
+    single = LIANetPretrainTask("modified", SMALL, lr=1e-3, scheduler_hparams={"warmup": 0})
     single._trainer = task._trainer
     single.generator = single.build_generator()
     assert len(single.configure_optimizers()["optimizer"].param_groups) == 1
