@@ -12,6 +12,10 @@
   them in :func:`exact_matmul`, which sets ``"highest"`` for the block only and restores the caller's setting
   (the legacy global and the per-backend ``fp32_precision`` values) afterwards.
 
+* **progress of long steps**: :class:`Progress` reports a loop outside Lightning's progress bar (tokenizer
+  training, reading a split to fit statistics or fill a database) as INFO lines with counts, elapsed time and ETA,
+  and :func:`visible_info` shows them on stderr when nothing else displays the package's logs (``terratorch fit``).
+
 * **checkpoint files**: :func:`read_checkpoint` loads with ``weights_only=True`` and turns torch's errors into
   messages naming the file (without torch's advice to unpickle anyway).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import pickle
 import re
@@ -39,8 +44,8 @@ from typing import Any
 from terratorch_eoplugins.errors import require_file
 
 __all__ = [
-    "MATMUL_PRECISIONS", "ProcResult", "TerratorchError", "exact_matmul", "float32_matmul_precision",
-    "read_checkpoint", "read_last_metrics", "run_process", "run_terratorch", "terratorch_command",
+    "MATMUL_PRECISIONS", "ProcResult", "Progress", "TerratorchError", "exact_matmul", "float32_matmul_precision",
+    "read_checkpoint", "read_last_metrics", "run_process", "run_terratorch", "terratorch_command", "visible_info",
 ]
 
 #: the values ``torch.set_float32_matmul_precision`` accepts
@@ -253,3 +258,91 @@ def read_last_metrics(metrics_csv: str | Path) -> dict[str, float]:
                     except ValueError:
                         pass
     return out
+
+
+# ============================================================================================ progress
+class Progress:
+    """INFO lines for a long loop: ``<what>: <done>/<total> <unit> (<pct>), <elapsed> elapsed, ETA <eta>``.
+
+    A line when the loop starts, then at most one every ``every_s`` seconds, and one when it ends (:meth:`close`,
+    or leaving the ``with`` block); ``total=None`` (unknown length) reports counts and elapsed time only.
+
+    Args:
+        logger: where the lines go (the package's loggers: ``terratorch_eoplugins.<layer>``).
+        what: the step, as the user should read it (``"TSFusionCropNetTask: training the image tokenizer"``).
+        total: the number of units, if known.
+        unit: what is counted (``"steps"``, ``"batches"``).
+        every_s: the least number of seconds between two lines.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, total: int | None = None, unit: str = "steps",
+                 every_s: float = 10.0) -> None:
+        self.logger, self.what, self.total, self.unit, self.every_s = logger, what, total, unit, float(every_s)
+        self.done = 0
+        self._start = time.monotonic()
+        self._last = self._start
+        self._closed = False
+        self.logger.info("%s: started (%s %s)", what, "?" if total is None else total, unit)
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        """``n`` more units done; ``note`` (e.g. the current loss) is appended to a line when one is due."""
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s and (self.total is None or self.done < self.total):
+            self._last = now
+            self.logger.info("%s", self._line(now, note))
+
+    def close(self, note: str = "") -> None:
+        """Report the end (once)."""
+        if not self._closed:
+            self._closed = True
+            self.logger.info("%s", self._line(time.monotonic(), note, final=True))
+
+    def _line(self, now: float, note: str, final: bool = False) -> str:
+        elapsed = now - self._start
+        count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+        text = f"{self.what}: {count} {self.unit}"
+        if self.total and not final:
+            text += f" ({100.0 * self.done / self.total:.0f} %)"
+        text += f", {_duration(elapsed)} elapsed"
+        if self.total and self.done and not final:
+            text += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        if final:
+            text += ", done"
+        return text + (f", {note}" if note else "")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+@contextlib.contextmanager
+def visible_info(logger: logging.Logger) -> Iterator[None]:
+    """Show ``logger``'s INFO lines on stderr inside the block when no handler would display them.
+
+    Under ``terratorch fit`` nothing configures Python logging, so the package's INFO lines would be dropped; with
+    a handler already in place (``eoplugins`` commands, pytest's ``caplog``, a user's ``logging`` setup) nothing
+    changes. Only on the global rank 0 (``$RANK`` / ``$LOCAL_RANK`` unset or 0), like Lightning's own messages.
+    """
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    if logger.hasHandlers() or rank != "0":
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -7,8 +7,11 @@ things stop a plain setup from resuming where it stopped:
   logger's ``<save_dir>/<name>/version_<N>/checkpoints``, and every invocation opens a new ``version_<N>``, so
   ``--ckpt_path last`` looks in an empty folder and silently trains from scratch. This subclass gives an experiment
   one checkpoint folder, ``<save_dir>/<experiment>/checkpoints``, whatever the version: the experiment is the
-  logger's name, or, when that is Lightning's default ``lightning_logs``, the name of the config file the run was
-  started with (``terratorch fit -c configs/unet_pastis.yaml`` -> ``runs/unet_pastis/checkpoints``). A logger version
+  logger's name (the shipped loggers, :mod:`terratorch_eoplugins.tasks.loggers`, take the config's; for MLflow,
+  whose names are store ids, ``<default_root_dir>/<experiment name>``), or, when that is Lightning's default
+  ``lightning_logs``, the name of the config file the run was started with
+  (``terratorch fit -c configs/unet_pastis.yaml`` -> ``runs/unet_pastis/checkpoints``, beside the logs'
+  ``runs/unet_pastis/version_<N>``). A logger version
   given by name (``--trainer.logger.init_args.version=fit``) keeps Lightning's ``<save_dir>/<name>/<version>/
   checkpoints``. It also writes ``last.ckpt`` at every epoch end (Lightning 2.6 only does when the monitored metric
   improved), and a ``fit`` that does not resume refuses to start in a folder that holds another run's checkpoints
@@ -27,14 +30,19 @@ import logging
 import os
 import random
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import SaveConfigCallback
+
+from terratorch_eoplugins.tasks.loggers import (
+    DEFAULT_LOGGER_NAME,
+    ConfigNamedMLFlowLogger,
+    bind_run_name,
+    run_config_name,
+)
 
 logger = logging.getLogger("terratorch_eoplugins.tasks")
 
@@ -42,22 +50,6 @@ __all__ = ["RANDOM_STATE_KEY", "RandomStateCallback", "ResumableModelCheckpoint"
 
 #: the checkpoint key :class:`RandomStateCallback` writes (one entry per training process)
 RANDOM_STATE_KEY = "eoplugins_random_state"
-#: the experiment name Lightning's loggers use when given none
-DEFAULT_LOGGER_NAME = "lightning_logs"
-
-
-def run_config_name(trainer: Trainer) -> str | None:
-    """The stem of the config file a LightningCLI run was started with (its first ``-c``), or ``None``.
-
-    Read from the CLI's ``SaveConfigCallback`` (which holds the parsed configuration); absent when the trainer was
-    not built by a LightningCLI from a config file, or under ``fast_dev_run``.
-    """
-    for callback in trainer.callbacks:
-        if isinstance(callback, SaveConfigCallback):
-            files = callback.config.get("config") if callback.config is not None else None
-            if files:
-                return Path(os.fspath(files[0])).stem
-    return None
 
 
 class ResumableModelCheckpoint(ModelCheckpoint):
@@ -80,8 +72,12 @@ class ResumableModelCheckpoint(ModelCheckpoint):
         """The experiment's checkpoint folder, or ``None`` to use Lightning's folder."""
         if self._dirpath_given:
             return None
+        bind_run_name(trainer)  # the config-named loggers (tasks/loggers.py) learn their name here at the latest
         save_dir, name = trainer.default_root_dir, None
-        if trainer.loggers:
+        if trainer.loggers and isinstance(trainer.loggers[0], ConfigNamedMLFlowLogger):
+            # MLflow's name / version are ids inside its store: the checkpoints go beside it, by experiment name
+            name = trainer.loggers[0].experiment_name
+        elif trainer.loggers:
             run_logger = trainer.loggers[0]
             if isinstance(run_logger.version, str):  # a named version is a run folder of its own
                 return None

@@ -22,6 +22,7 @@ database, a regression head's bias (:class:`TargetMeanBiasInit`). All of them go
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
+
+from terratorch_eoplugins.runtime import Progress, visible_info
 
 logger = logging.getLogger("terratorch_eoplugins.tasks")
 
@@ -45,7 +48,8 @@ def _ordered(loader: DataLoader) -> DataLoader:
 
 
 def train_split_batches(trainer: Trainer | None, module: LightningModule | None = None,
-                        max_batches: int | None = None, what: str = "this task") -> Iterator[dict[str, Any]]:
+                        max_batches: int | None = None, what: str = "this task",
+                        progress: str | None = None) -> Iterator[dict[str, Any]]:
     """The training split's batches, in order, as the model's training steps would receive them; reading them
     leaves the global torch random state unchanged.
 
@@ -55,6 +59,8 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
             trainer's LightningModule).
         max_batches: stop after this many batches (``None``: the whole split).
         what: named in the error when there is no datamodule.
+        progress: report the reading as INFO lines (:class:`~terratorch_eoplugins.runtime.Progress`) under this
+            title: batches read of the split's total, elapsed time, ETA.
     """
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     if dm is None or not hasattr(dm, "train_dataloader"):
@@ -67,7 +73,12 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
     # Reading leaves the global torch RNG as it was (a DataLoader iterator draws its base seed from it, a dataset
     # may draw too), so training after a preparation draws what it would have drawn without one.
     with torch.random.fork_rng(devices=[]):
-        batches = iter(_ordered(dm.train_dataloader()))
+        loader = _ordered(dm.train_dataloader())
+        batches = iter(loader)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    report = Progress(logger, progress, total, "batches") if progress else None
     i = 0
     while max_batches is None or i < max_batches:
         with torch.random.fork_rng(devices=[]):
@@ -75,6 +86,8 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
         if batch is None:
             break
         i += 1
+        if report is not None:
+            report.update()
         if hasattr(dm, "on_before_batch_transfer"):
             batch = dm.on_before_batch_transfer(batch, 0)
         if hasattr(module, "transfer_batch_to_device"):
@@ -82,6 +95,8 @@ def train_split_batches(trainer: Trainer | None, module: LightningModule | None 
         if hasattr(dm, "on_after_batch_transfer"):
             batch = dm.on_after_batch_transfer(batch, 0)
         yield batch
+    if report is not None:
+        report.close()
 
 
 def train_split_info(trainer: Trainer | None, name: str, default: Any = None) -> Any:
@@ -128,8 +143,13 @@ class TrainSplitPreparation:
             return
         trainer = getattr(self, "_trainer", None)
         name = type(self).__name__
-        logger.info("%s: preparing from the training split", name)
-        self.prepare_from_train_split(train_split_batches(trainer, self, self.preparation_max_batches, name))
+        # minutes for some tasks (TS-fusion tokenizers): progress lines on stderr even under `terratorch fit`
+        with visible_info(logging.getLogger("terratorch_eoplugins")):
+            start = time.monotonic()
+            logger.info("%s: preparing from the training split", name)
+            self.prepare_from_train_split(train_split_batches(trainer, self, self.preparation_max_batches, name,
+                                                             progress=f"{name}: reading the training split"))
+            logger.info("%s: prepared in %.1f s", name, time.monotonic() - start)
 
     def on_fit_start(self) -> None:
         self._prepare_if_needed()

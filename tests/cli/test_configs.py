@@ -150,6 +150,9 @@ def _composed_configs() -> list[tuple[str, list[str]]]:
         kind = piece.relative_to(REPO / "configs").parts[0]
         if kind not in ("trainer", "data", "models") or piece.parent.name == "callbacks":
             continue  # callback lists are loaded by the trainer pieces
+        if kind == "trainer" and piece.parent.name == "logger":  # logger pieces replace a trainer piece's logger
+            out.append((str(piece.relative_to(REPO)), ["-c", str(default), "--trainer.logger", str(piece)]))
+            continue
         host = host_of.get(piece.resolve())
         if host is None and kind == "models":
             relatives = [c for c, cfg in used.items() if (c.parent / cfg["model"]).parent.resolve() == piece.parent
@@ -216,12 +219,13 @@ def test_every_piece_composes_into_a_config_the_cli_accepts(cli_env: dict[str, s
 
 
 def test_every_referenced_config_file_exists() -> None:
-    """Piece paths (``trainer:``, ``data:``, ``model:``, ``callbacks:``) and every ``configs/...yaml`` named in the
-    tree, in the sweeps, the README files and the Python sources (comments and docstrings included) exist."""
+    """Piece paths (``trainer:``, ``data:``, ``model:``, ``callbacks:``, ``logger:``) and every ``configs/...yaml``
+    named in the tree, in the sweeps, the README files and the Python sources (comments, docstrings) exist."""
     missing = []
     for f in [*CONFIGS, *PIECES]:
         cfg = yaml.safe_load(f.read_text())
-        refs = [cfg.get(k) for k in ("trainer", "data", "model", "callbacks")] if isinstance(cfg, dict) else []
+        keys = ("trainer", "data", "model", "callbacks", "logger")
+        refs = [cfg.get(k) for k in keys] if isinstance(cfg, dict) else []
         missing += [f"{f.relative_to(REPO)}: {r}" for r in refs
                     if isinstance(r, str) and r.endswith(".yaml") and not (f.parent / r).is_file()]
     texts = [*CONFIGS, *PIECES, *(REPO / "benchmarks").rglob("*.yaml"), *(REPO / "benchmarks").rglob("*.py"),

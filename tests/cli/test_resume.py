@@ -85,10 +85,10 @@ def test_fit_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_fit(tiny_wor
         torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=0, atol=1e-6)
 
     # the resumed invocation logged epoch 1 only (it did not train again from scratch), with the same val/loss
-    logs = stopped / "lightning_logs"
+    logs = stopped / CONFIG.stem  # logs and checkpoints of a config share runs/<config name>/
     resumed = [_val_loss_by_epoch(p) for p in sorted(logs.glob("version_*/metrics.csv"))]
     assert [sorted(m) for m in resumed] == [[0], [1]]  # the stopped run, the resumed run (the refused one logged none)
-    straight_losses = _val_loss_by_epoch(straight / "lightning_logs" / "version_0" / "metrics.csv")
+    straight_losses = _val_loss_by_epoch(straight / CONFIG.stem / "version_0" / "metrics.csv")
     assert resumed[1][1] == pytest.approx(straight_losses[1], abs=1e-6)
     assert resumed[0][0] == pytest.approx(straight_losses[0], abs=1e-6)
 
@@ -144,7 +144,7 @@ def test_sigkilled_terratorch_fit_resumes_with_ckpt_path_last(tiny_world_dir: Pa
     final = _assert_same_final_checkpoint(straight / CONFIG.stem / "checkpoints" / "last.ckpt", last)
     assert final["epoch"] == epochs - 1
     # the resumed process trained only the epochs after the kill (it did not start again from scratch)
-    logged = [_val_loss_by_epoch(p) for p in sorted((killed / "lightning_logs").glob("version_*/metrics.csv"))]
+    logged = [_val_loss_by_epoch(p) for p in sorted((killed / CONFIG.stem).glob("version_*/metrics.csv"))]
     assert sorted(logged[-1]) == list(range(killed_at + 1, epochs))
 
 
