@@ -72,6 +72,10 @@ _DELEGATED: dict[str, tuple[str, str]] = {
         "terratorch_eoplugins.analysis.tsfusion_tokenizers",
         "TS fusion: train the image FSQ and time-series tokenizers on a CropNet tree",
     ),
+    "embed": (
+        "terratorch_eoplugins.analysis.embed",
+        "per-pixel embeddings (DUNIA O^V/O^H, LIANet trunk features) as a tiled, georeferenced GeoTIFF stack",
+    ),
 }
 
 
