@@ -14,7 +14,8 @@ search (:class:`~terratorch_eoplugins.nn.knn.KNNDatabase`), and log:
   the database. mIoU averages the classes that occur in the target or the prediction of the split.
 
 The un-suffixed ``{stage}/rmse``, ``{stage}/r`` (first target), ``{stage}/accuracy``, ``{stage}/mIoU`` are the
-values at the primary ``k``.
+values at the primary ``k``. The metrics are torchmetrics in float64 (``MeanSquaredError``, ``MeanAbsoluteError``,
+``PearsonCorrCoef``, ``MulticlassConfusionMatrix``), so under DDP they cover the pixels of every rank.
 
 Database lifecycle: emptied at the start of every training epoch (so several epochs give the same database),
 saved in Lightning checkpoints (``terratorch test -c ... --ckpt_path last.ckpt`` restores it) and, when
@@ -48,6 +49,9 @@ import torch.nn.functional as F
 from terratorch.tasks.tiled_inference import tiled_inference
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, PearsonCorrCoef
 
 from terratorch_eoplugins.errors import check_model_input
 from terratorch_eoplugins.models.dunia import (
@@ -437,7 +441,36 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
 
     # ------------------------------------------------------------------ metrics
     def _reset_metrics(self) -> None:
+        # created before any batch, on every rank: torchmetrics' compute() syncs over DDP ranks collectively,
+        # so a rank without labelled pixels must still hold (empty) metrics
         self._acc = {}
+        self._metrics()
+
+    def _metrics(self) -> dict[Any, Any]:
+        """The epoch's torchmetrics (float64, summed over batches and DDP ranks at ``compute``), made on first use.
+
+        Regression, per ``k``: RMSE, MAE and Pearson r per target (``num_outputs`` = targets), plus the RMSE of the
+        mean predictor and the pixel count; classification, per ``k`` and for the majority class: the confusion
+        matrix (accuracy and mIoU follow from it).
+        """
+        if self._acc:
+            return self._acc
+        v = len(self.target_names)
+        made: dict[Any, Any] = {}
+        if self.hparams["task"] == "regression":
+            made["n"] = SumMetric()
+            made["rmse_mean"] = MeanSquaredError(squared=False, num_outputs=v)
+            for kk in self.k_values:
+                made[("rmse", kk)] = MeanSquaredError(squared=False, num_outputs=v)
+                made[("mae", kk)] = MeanAbsoluteError(num_outputs=v)
+                made[("r", kk)] = PearsonCorrCoef(num_outputs=v)
+        else:
+            for kk in [*self.k_values, "majority"]:
+                made[("cm", kk)] = MulticlassConfusionMatrix(self.hparams["num_classes"], validate_args=False)
+        for key, metric in made.items():
+            made[key] = metric.set_dtype(torch.float64).to(self.device)
+        self._acc = made
+        return made
 
     def _eval_batch(self, batch: Mapping[str, Any]) -> None:
         y, valid = self._labels(batch)
@@ -454,29 +487,33 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             self._acc_classification(preds, lab)
 
     def _acc_regression(self, preds: dict[int, Tensor], y: Tensor) -> None:
-        y = y.double().cpu()
-        mean = self.database.label_mean().double()
-        acc = self._acc.setdefault("reg", {"n": 0.0, "sse_mean": torch.zeros(y.shape[1], dtype=torch.float64)})
-        acc["n"] += y.shape[0]
-        acc["sse_mean"] += ((y - mean) ** 2).sum(0)
+        m = self._metrics()
+        dev = m["n"].device
+        y = y.to(dev, torch.float64)
+        one = y.shape[1] == 1  # torchmetrics takes [N] (not [N, 1]) for a single output
+
+        def shaped(t: Tensor) -> Tensor:
+            return t[:, 0] if one else t
+
+        m["n"].update(torch.tensor(float(y.shape[0]), dtype=torch.float64, device=dev))
+        mean = self.database.label_mean().to(dev, torch.float64).expand_as(y)
+        m["rmse_mean"].update(shaped(mean), shaped(y))
         for kk, p in preds.items():
-            p = p.double().cpu()
-            s = acc.setdefault(kk, torch.zeros(6, y.shape[1], dtype=torch.float64))
-            s += torch.stack([y.sum(0), p.sum(0), (y * y).sum(0), (p * p).sum(0), (y * p).sum(0),
-                              ((y - p) ** 2).sum(0)])
-            acc[f"sae_k{kk}"] = acc.get(f"sae_k{kk}", 0) + (y - p).abs().sum(0)  # for the MAE
+            p = p.to(dev, torch.float64)
+            m[("rmse", kk)].update(shaped(p), shaped(y))
+            m[("mae", kk)].update(shaped(p), shaped(y))
+            m[("r", kk)].update(shaped(p), shaped(y))
 
     def _acc_classification(self, preds: dict[int, Tensor], y: Tensor) -> None:
         c = self.hparams["num_classes"]
-        y = y.long().cpu()
+        m = self._metrics()
+        y = y.long().to(self.device)
         if y.numel() and (y.min() < 0 or y.max() >= c):
             raise ValueError(f"target class ids must be in [0, {c}) or ignore_index, got [{int(y.min())}, "
                              f"{int(y.max())}]")
-        acc = self._acc.setdefault("cls", {})
         maj = torch.full_like(y, self.database.majority_class())
         for kk, p in [*preds.items(), ("majority", maj)]:
-            cm = torch.bincount(y * c + p.long().cpu(), minlength=c * c).view(c, c)
-            acc[kk] = acc.get(kk, 0) + cm
+            m[("cm", kk)].update(p.long().to(y.device), y)
 
     @staticmethod
     def regression_scores(sums: Tensor, n: float) -> tuple[Tensor, Tensor]:
@@ -501,13 +538,17 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
 
     def _log_metrics(self, stage: str) -> dict[str, float]:
         out: dict[str, float] = {}
-        if "reg" in self._acc:
-            acc = self._acc["reg"]
-            n = acc["n"]
-            rmse_mean = torch.sqrt(acc["sse_mean"] / n)
+        m = self._metrics()
+
+        def per_target(t: Tensor) -> Tensor:
+            return t.reshape(-1).double().cpu()
+
+        if "n" in m and float(m["n"].compute()) > 0:
+            n = float(m["n"].compute())
+            rmse_mean = per_target(m["rmse_mean"].compute())
             for kk in self.k_values:
-                rmse, r = self.regression_scores(acc[kk], n)
-                mae = acc[f"sae_k{kk}"] / n
+                rmse, mae = per_target(m[("rmse", kk)].compute()), per_target(m[("mae", kk)].compute())
+                r = per_target(m[("r", kk)].compute())
                 for vi, name in enumerate(self.target_names):
                     out[f"{stage}/{name}_rmse_k{kk}"] = float(rmse[vi])
                     out[f"{stage}/{name}_mae_k{kk}"] = float(mae[vi])
@@ -522,16 +563,17 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             for vi, name in enumerate(self.target_names):
                 out[f"{stage}/{name}_rmse_mean_predictor"] = float(rmse_mean[vi])
             out[f"{stage}/rmse_mean_predictor"] = float(rmse_mean[0])
-            out[f"{stage}/num_pixels"] = float(n)
-        if "cls" in self._acc:
-            acc = self._acc["cls"]
-            for kk in [*self.k_values, "majority"]:
-                a, m = self.classification_scores(acc[kk])
-                suffix = f"k{kk}" if kk != "majority" else "majority"
-                out[f"{stage}/accuracy_{suffix}"], out[f"{stage}/mIoU_{suffix}"] = a, m
-                if kk == self.k:
-                    out[f"{stage}/accuracy"], out[f"{stage}/mIoU"] = a, m
-            out[f"{stage}/num_pixels"] = float(acc["majority"].sum())
+            out[f"{stage}/num_pixels"] = n
+        if ("cm", "majority") in m:
+            cm_majority = m[("cm", "majority")].compute()
+            if float(cm_majority.sum()) > 0:
+                for kk in [*self.k_values, "majority"]:
+                    a, mi = self.classification_scores(m[("cm", kk)].compute().cpu())
+                    suffix = f"k{kk}" if kk != "majority" else "majority"
+                    out[f"{stage}/accuracy_{suffix}"], out[f"{stage}/mIoU_{suffix}"] = a, mi
+                    if kk == self.k:
+                        out[f"{stage}/accuracy"], out[f"{stage}/mIoU"] = a, mi
+                out[f"{stage}/num_pixels"] = float(cm_majority.sum())
         for key, value in out.items():
             self.log(key, value, batch_size=1)
         self.last_metrics = out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -261,3 +262,46 @@ def test_pastis_zero_shot_with_dunia_tiny_runs_through_lightning(tiny_world_dir:
     m = task.last_metrics
     for key in ("test/accuracy_k1", "test/accuracy_k50", "test/mIoU_k5", "test/accuracy_majority"):
         assert 0.0 <= m[key] <= 1.0
+
+
+def _ddp_rank_metrics(rank: int, world: int, port: int, y: np.ndarray, p: np.ndarray, out: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        task = DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[5], k=5)
+        task.database = KNNDatabase(3, "regression")
+        task.database.add(torch.eye(3)[:2], torch.tensor([[9.0], [11.0]]))
+        task._reset_metrics()
+        part = np.array_split(np.arange(len(y)), world)[rank]
+        if rank == 0:  # rank 0 sees two batches, rank 1 one: sums, not per-rank means, must be combined
+            for chunk in np.array_split(part, 2):
+                task._acc_regression({5: torch.from_numpy(p[chunk])[:, None]}, torch.from_numpy(y[chunk])[:, None])
+        else:
+            task._acc_regression({5: torch.from_numpy(p[part])[:, None]}, torch.from_numpy(y[part])[:, None])
+        out[rank] = task._log_metrics("test")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_regression_metrics_are_combined_over_ddp_ranks() -> None:
+    """Two gloo processes holding different shares of the pixels log the metrics of all pixels."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    rng = np.random.default_rng(4)
+    y = rng.normal(10, 3, 301)
+    p = 0.6 * y + rng.normal(4, 1, 301)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp.Manager().dict()
+    tmp.spawn(_ddp_rank_metrics, args=(2, port, y, p, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        m = out[rank]
+        assert m["test/num_pixels"] == 301
+        assert m["test/rmse"] == pytest.approx(np.sqrt(np.mean((y - p) ** 2)), rel=1e-9)
+        assert m["test/mae"] == pytest.approx(np.mean(np.abs(y - p)), rel=1e-9)
+        assert m["test/r"] == pytest.approx(np.corrcoef(y, p)[0, 1], rel=1e-9)
+        assert m["test/rmse_mean_predictor"] == pytest.approx(np.sqrt(np.mean((y - 10.0) ** 2)), rel=1e-9)
