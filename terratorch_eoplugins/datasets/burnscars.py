@@ -322,9 +322,13 @@ class HLSBurnScars(NonGeoDataset):
                 raise EODataError(f"{ipath}: every pixel is no data (image value {self.no_data_value:g}, NaN or the "
                                   "file's nodata in some band), so the scene has no labelled pixel (its loss would be "
                                   "NaN); expected reflectance data: remove the scene pair from the split folder")
-        self._check_scale(image[:, ~invalid.any(axis=0)], ipath)
-        image[invalid] = self.no_data_replace
-        image = image[self.band_indices]
+        valid = ~invalid.any(axis=0)
+        all_valid = bool(valid.all())
+        self._check_scale(image if all_valid else image[:, valid], ipath)
+        if not all_valid:
+            image[invalid] = self.no_data_replace
+        if self.band_indices != list(range(image.shape[0])):
+            image = image[self.band_indices]
         if self.normalize:
             image = (image - self.means[:, None, None]) / self.stds[:, None, None]
         if window is not None:  # the crop's top-left corner becomes the origin
@@ -342,6 +346,8 @@ class HLSBurnScars(NonGeoDataset):
         if values.size == 0:
             return
         lo, hi = self.reflectance_range
+        if lo <= values.min() and values.max() <= hi:  # nothing outside: the share is 0
+            return
         share = float(np.mean((values < lo) | (values > hi)))
         if share > 0.01:
             raise EODataError(f"{ipath}: {share:.0%} of the valid pixel values lie outside [{lo:g}, {hi:g}] (median "
@@ -366,8 +372,12 @@ class HLSBurnScars(NonGeoDataset):
             mask = _read_tif(src, mpath, "a mask band of -1/0/1", 1)
         if mask.dtype.kind == "f":
             mask = np.where(np.isnan(mask), -1, mask)
-        values = np.unique(mask)
-        bad = values[~np.isin(values, (-1, 0, 1))]
+        # integers between -1 and 1 can only be -1, 0 or 1: np.unique (a sort) only when that does not settle it
+        if not (mask.dtype.kind in "iu" and mask.size and mask.min() >= -1 and mask.max() <= 1):
+            values = np.unique(mask)
+            bad = values[~np.isin(values, (-1, 0, 1))]
+        else:
+            bad = np.empty(0, mask.dtype)
         if bad.size:
             raise EODataError(f"{mpath}: mask values must be -1 (no data), 0 (not burned) or 1 (burn scar), "
                               f"found {bad[:10].tolist()}")
