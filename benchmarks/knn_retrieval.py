@@ -3,24 +3,30 @@
 DUNIA's zero-shot classifier (appendix H.6, Table H6) classifies every pixel of a map by exact cosine
 top-k retrieval in a database of L2-normalised pixel embeddings followed by distance-weighted voting. This
 script times classifying ``--queries`` pixels (default 1M) against a ``--database``-entry database (default
-256K = 2^18) with ``--k`` neighbours (default 50) and ``D = --dim`` (64, DUNIA's ``D_p``) on the CPU, in one
-process on the same data and thread count:
+256K = 2^18) with ``--k`` neighbours (default 50) and ``D = --dim`` (64, DUNIA's ``D_p``), in one process on the
+same data and thread count:
 
-* ``ours``: ``KNNDatabase.predict`` (L2 normalisation and NaN checks of the queries, chunked float32 matmul +
-  group-maximum top-k prefilter, distance-weighted voting);
-* ``faiss``: ``faiss.IndexFlatIP.search`` (exact inner-product search, its BLAS + heap path) on the same
-  normalised vectors, followed by the same voting.
+* ``ours``: ``KNNDatabase.search`` + voting on ``--device`` (default ``cpu``): a bfloat16 candidate pass (one
+  ``[keys, queries]`` matrix product per tile, two-level group maxima in the integer order of the bit patterns)
+  whose candidate threshold comes from a proven bound on the bfloat16 error, then an exact float64 re-rank of
+  the candidates (module docstring of :mod:`terratorch_eoplugins.nn.knn`: why no neighbour is missed); the
+  result is the exact top-k whatever ``torch.get_float32_matmul_precision()`` says, which this script sets to
+  ``--matmul-precision`` (default ``medium``, what ``import terratorch`` sets);
+* ``faiss``: ``faiss.IndexFlatIP.search`` on the CPU (exact float32 inner-product search, its BLAS + heap path) on
+  the same normalised vectors, followed by the same voting.
 
-Both implementations receive the same already-normalised float32 data. Each pass is timed ``--repeats``
-times alternately (best time reported). Printed: search and total wall-clock seconds per implementation
-and the process CPU seconds they used (all threads; on a shared machine CPU time is the steadier measure),
-the ratios faiss / ours (> 1 means ours is faster), and neighbour agreement: the share of queries whose K-neighbour
-*sets* are identical, the share of identical ordered index lists, and for every differing query whether
-the difference is a tie (the float64 similarities of the differing neighbours all lie within ``--tie-tol``
-of the K-th similarity, so both answers are correct top-K lists).
+Both implementations receive the same already-normalised float32 data; the database's rounded keys are prepared
+outside the timed search (faiss's ``index.add`` too). Each pass is timed ``--repeats`` times alternately (best
+time reported). Printed: search and total wall-clock seconds per implementation and the process CPU seconds they
+used (all threads; on a shared machine CPU time is the steadier measure), the ratios faiss / ours (> 1 means ours
+is faster), and neighbour agreement: the share of queries whose K-neighbour *sets* are identical, the share of
+identical ordered index lists, and for every differing query whether the difference is a tie (the float64
+similarities of the differing neighbours all lie within ``--tie-tol`` of the K-th similarity, so both answers are
+correct top-K lists; faiss ranks by float32 similarities, ours by float64 ones).
 
-    python benchmarks/knn_retrieval.py --queries 65536          # quick run (~1-2 min on 2 cores)
-    python benchmarks/knn_retrieval.py                          # 1M queries x 256K database, K = 50
+    python benchmarks/knn_retrieval.py --queries 65536 --threads 2   # quick run (~3 min on 2 busy cores)
+    python benchmarks/knn_retrieval.py                               # 1M queries x 256K database, K = 50
+    python benchmarks/knn_retrieval.py --device cuda                 # ours on the GPU, faiss on the CPU
 """
 
 from __future__ import annotations
@@ -55,12 +61,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", choices=["gaussian", "clustered"], default="gaussian")
     ap.add_argument("--tie-tol", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="device of our search (faiss always runs on the CPU)")
+    ap.add_argument("--matmul-precision", default="medium", choices=["highest", "high", "medium"],
+                    help="torch float32 matmul precision in force (the result must not depend on it)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
     import faiss
 
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    device = torch.device(args.device)
     faiss.omp_set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     keys = _unit(args.database, args.dim, gen, args.data == "clustered")
@@ -71,15 +82,24 @@ def main(argv: list[str] | None = None) -> dict:
     index = faiss.IndexFlatIP(args.dim)
     index.add(keys.numpy())
     chunk_bytes = int(args.chunk_mb * 2**20)
+    q_dev, labels_dev = queries.to(device), db.labels.to(device)
+    db.search(q_dev[:1], args.k, max_chunk_bytes=chunk_bytes)  # prepares (and caches) the rounded keys
     print(f"queries={args.queries} database={args.database} dim={args.dim} k={args.k} threads={args.threads} "
-          f"data={args.data} torch={torch.__version__} faiss={faiss.__version__}", flush=True)
+          f"data={args.data} device={device} matmul_precision={args.matmul_precision} torch={torch.__version__} "
+          f"faiss={faiss.__version__}", flush=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     best = {f"{impl}_{what}": float("inf") for impl in ("ours", "faiss") for what in ("search", "total", "cpu")}
     for rep in range(args.repeats):
         c0, t0 = time.process_time(), time.perf_counter()
-        sims_o, idx_o = db.search(queries, args.k, max_chunk_bytes=chunk_bytes)
+        sims_o, idx_o = db.search(q_dev, args.k, max_chunk_bytes=chunk_bytes)
+        sync()
         t1 = time.perf_counter()
-        pred_o = weighted_vote(sims_o, db.labels[idx_o], args.classes, db.eps, db.weight_power)[0]
+        pred_o = weighted_vote(sims_o, labels_dev[idx_o], args.classes, db.eps, db.weight_power)[0]
+        sims_o, idx_o, pred_o = sims_o.cpu(), idx_o.cpu(), pred_o.cpu()
         t2, c2 = time.perf_counter(), time.process_time()
         best["ours_cpu"] = min(best["ours_cpu"], c2 - c0)
         best["ours_search"] = min(best["ours_search"], t1 - t0)
@@ -112,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         ties += bool(((s_only - kth).abs() <= args.tie_tol).all())
     res = {
         "queries": args.queries, "database": args.database, "dim": args.dim, "k": args.k, "threads": args.threads,
-        "data": args.data, **{k: round(v, 3) for k, v in best.items()},
+        "data": args.data, "device": str(device), "matmul_precision": args.matmul_precision,
+        **{k: round(v, 3) for k, v in best.items()},
         "ratio_search_faiss_over_ours": round(best["faiss_search"] / best["ours_search"], 2),
         "ratio_total_faiss_over_ours": round(best["faiss_total"] / best["ours_total"], 2),
         "ratio_cpu_faiss_over_ours": round(best["faiss_cpu"] / best["ours_cpu"], 2),

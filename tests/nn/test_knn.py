@@ -251,3 +251,143 @@ def test_near_ties_keep_their_float64_order_under_medium_precision(medium_precis
     assert matmul_spy.precisions() == {"highest"}
     assert db.labels[idx[0]].tolist() == list(range(10))  # label = rank by construction
     assert torch.get_float32_matmul_precision() == "medium"
+
+
+# ----------------------------------------------------------------------------------------------- candidate pass
+def _unit32(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=1)
+
+
+def _adversarial_sets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Float32 unit keys and queries on which a reduced-precision ranking alone would go wrong."""
+    g = torch.Generator().manual_seed(11)
+    out = {"gaussian": (_unit32(torch.randn(4000, 32, generator=g)), _unit32(torch.randn(48, 32, generator=g)))}
+    base = torch.randn(150, 32, generator=g)  # near-duplicates: 20 copies of each vector, 1e-5 apart
+    keys = base.repeat(20, 1) + 1e-5 * torch.randn(3000, 32, generator=g)
+    out["near_duplicates"] = (_unit32(keys), _unit32(base[:48] + 1e-3 * torch.randn(48, 32, generator=g)))
+    base = torch.randn(10, 16, generator=g)  # exact ties: 10 vectors repeated 300 times
+    out["ties"] = (_unit32(base.repeat(300, 1)), _unit32(torch.randn(32, 16, generator=g)))
+    centres = torch.randn(8, 32, generator=g)  # tight clusters: dense similarities near the top
+    pick = torch.randint(0, 8, (4000,), generator=g)
+    out["clustered"] = (_unit32(centres[pick] + 0.05 * torch.randn(4000, 32, generator=g)),
+                        _unit32(centres[torch.arange(40) % 8] + 0.05 * torch.randn(40, 32, generator=g)))
+    out["k_close_to_n"] = (_unit32(torch.randn(60, 8, generator=g)), _unit32(torch.randn(20, 8, generator=g)))
+    out["tiny_database"] = (_unit32(torch.randn(7, 8, generator=g)), _unit32(torch.randn(20, 8, generator=g)))
+    v = torch.randn(1, 16, generator=g)  # 2500 identical keys: more tied candidates than the cap
+    keys = torch.cat([v.repeat(2500, 1), torch.randn(500, 16, generator=g)])
+    out["all_equal"] = (_unit32(keys), _unit32(v + 0.3 * torch.randn(16, 16, generator=g)))
+    c = torch.randn(1, 32, generator=g)  # every similarity negative: thresholds <= 0
+    out["negative"] = (_unit32(c + 0.2 * torch.randn(500, 32, generator=g)),
+                       _unit32(-c + 0.2 * torch.randn(16, 32, generator=g)))
+    return out
+
+
+def _assert_exact_top_k(v: torch.Tensor, i: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, k: int) -> None:
+    """Identical to a float64 brute force up to ties: the returned neighbours' float64 similarities are the k largest
+    (as a multiset), in descending order, distinct, and the returned values are those similarities."""
+    s = queries.double() @ keys.double().T  # float64 reference of the same float32 vectors
+    ref = torch.sort(s, dim=1, descending=True).values[:, :k]
+    got = s.gather(1, i)
+    assert all(len(set(row)) == k for row in i.tolist()), "repeated neighbours"
+    torch.testing.assert_close(torch.sort(got, dim=1, descending=True).values, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)  # sorted like the reference (ties: equal values)
+    torch.testing.assert_close(v.double(), got, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(params=["medium", "highest"])
+def float32_precision(request):
+    """Each float32 matmul precision in turn; the caller's setting is restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.float32], ids=["auto", "float16", "float32"])
+def test_candidate_pass_returns_the_exact_top_k_on_adversarial_data(float32_precision, dtype, monkeypatch) -> None:
+    """Whatever the candidate format and matmul precision: exact sets on near-duplicates, ties, clusters, k ~ N,
+    N below the group and candidate counts, negative similarities, one or many database blocks."""
+    import terratorch_eoplugins.nn.knn as knn
+
+    fallbacks = []
+    exact = knn._exact_topk
+    monkeypatch.setattr(knn, "_exact_topk", lambda q, *a: fallbacks.append(q.shape[0]) or exact(q, *a))
+    for name, (keys, queries) in _adversarial_sets().items():
+        for k in sorted({1, 5, min(50, keys.shape[0] - 3), keys.shape[0]}):
+            for max_bytes in (1 << 26, 1 << 14):  # one database block / several blocks and query chunks
+                fallbacks.clear()
+                v, i = cosine_topk(queries, keys, k, max_chunk_bytes=max_bytes, normalized=True,
+                                   candidate_dtype=dtype)
+                _assert_exact_top_k(v, i, keys, queries, k)
+                if name in ("gaussian", "near_duplicates", "clustered") and k <= 50 and max_bytes > 1 << 14:
+                    assert not fallbacks, (name, k)  # the candidate pass did the work, not the exact fallback
+                if name == "negative":  # thresholds <= 0: every row searched exactly in every database block
+                    assert sum(fallbacks) and sum(fallbacks) % queries.shape[0] == 0
+                if name == "all_equal" and max_bytes > 1 << 14:  # 2500 tied candidates: exact search
+                    assert sum(fallbacks) == queries.shape[0]
+                    for group in (1, 8):  # the cap met at the group / sub-group levels
+                        v, i = cosine_topk(queries, keys, k, normalized=True, candidate_dtype=dtype, group=group)
+                        _assert_exact_top_k(v, i, keys, queries, k)
+        assert torch.get_float32_matmul_precision() == float32_precision
+
+
+def test_unnormalized_inputs_match_the_float64_reference_under_medium_precision(medium_precision) -> None:
+    g = torch.Generator().manual_seed(4)
+    keys, queries = torch.randn(5000, 64, generator=g) * 7, torch.randn(300, 64, generator=g)
+    v, i = cosine_topk(queries, keys, 50)
+    rv, ri = _brute_force(keys.double().numpy(), queries.double().numpy(), 50)
+    np.testing.assert_array_equal(np.sort(i.numpy(), 1), np.sort(ri, 1))
+    np.testing.assert_allclose(v.numpy(), rv, atol=1e-6)
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_candidate_similarity_error_bound_holds_and_is_tight(dtype) -> None:
+    """|s - s~| <= c1 |s~| + c0 for every pair, the bound the candidate threshold is derived from."""
+    import terratorch_eoplugins.nn.knn as knn
+
+    g = torch.Generator().manual_seed(9)
+    keys, queries = _unit32(torch.randn(3000, 64, generator=g)), _unit32(torch.randn(200, 64, generator=g))
+    queries[0] = keys[0]  # an exact match: s = 1
+    blk, bound = knn._KeyBlock(keys, 0, dtype), knn._Bound(dtype, 64)
+    qa, q_err = knn._round_inputs(queries, dtype)
+    from terratorch_eoplugins.runtime import exact_matmul
+
+    with exact_matmul():  # as in the search: a float32 pass must not drop to bf16 under "medium"
+        approx = torch.mm(blk.approx, qa.t()).t().double()  # the product of the search, [keys, queries] layout
+    s = queries.double() @ keys.double().T
+    c0 = bound.c0(knn._norm_bound(queries), q_err, knn._norm_bound(qa), blk)
+    err_bound = bound.c1 * approx.abs() + c0[:, None]
+    ratio = (s - approx).abs() / err_bound
+    assert float(ratio.max()) <= 1.0
+    if dtype != torch.float32:
+        assert float(ratio.max()) > 0.2  # not vacuous: the observed error reaches a fair share of the bound
+
+
+def test_database_search_reuses_and_refreshes_its_rounded_keys() -> None:
+    keys, queries = _data(3000, 40, 16, seed=8)
+    db = KNNDatabase(16, "classification", num_classes=3)
+    db.add(keys, torch.arange(3000) % 3)
+    first = db.search(queries, 10)
+    assert len(db._search_cache["cpu"]) == 1
+    torch.testing.assert_close(db.search(queries, 10), first)  # second search: cached key blocks
+    db.add(queries[:5] * 2.0, torch.zeros(5, dtype=torch.long))  # the queries themselves join the database
+    sims, idx = db.search(queries[:5], 1)
+    assert idx.flatten().tolist() == list(range(3000, 3005))
+    torch.testing.assert_close(sims.flatten(), torch.ones(5))
+    with torch.inference_mode():  # keys added during validation are inference tensors (no version counter)
+        inf = KNNDatabase(16, "classification", num_classes=3)
+        inf.add(keys, torch.arange(3000) % 3)
+        torch.testing.assert_close(inf.search(queries, 10), first)
+        torch.testing.assert_close(inf.search(queries, 10), first)
+
+
+def test_key_cache_notices_keys_changed_in_place() -> None:
+    keys, queries = _data(2000, 20, 16, seed=12)
+    keys, queries, cache = _unit32(keys), _unit32(queries), {}
+    before = cosine_topk(queries, keys, 5, normalized=True, key_cache=cache)
+    assert len(cache) == 1
+    keys.neg_()  # same storage, new content
+    v, i = cosine_topk(queries, keys, 5, normalized=True, key_cache=cache)
+    _assert_exact_top_k(v, i, keys, queries, 5)
+    assert not torch.equal(i, before[1])
