@@ -14,7 +14,8 @@ Resume semantics (re-running the same command):
   run reports the total time it cost; ``resumed`` says whether it was continued.
 
 Rows are appended atomically (one ``write`` of the whole line under an exclusive ``flock``), so several sweep
-processes (``--shard i/n`` on several machines with a shared results folder) can write to the same CSV.
+processes or Ray tasks (:mod:`~terratorch_eoplugins.benchmark.engine`; ``--shard i/n`` on several machines with a
+shared results folder) can write to the same CSV.
 Peak memory: ``ru_maxrss`` of the fit process from ``os.wait4`` (the largest resident set of that process and of
 any descendants it waited for, e.g. DDP workers), and ``torch.cuda.max_memory_allocated`` of rank 0 on GPU.
 """
@@ -205,13 +206,25 @@ class SweepRunner:
 
     def run_args(self, run: RunSpec, pretrain_ckpt: Path | None = None) -> list[str]:
         """Everything after the subcommand, shared by ``fit`` and ``test`` (logger/ckpt options excluded)."""
-        args = ["-c", str(self.write_run_config(run)), *self._world(run.data)]
+        return ["-c", str(self.write_run_config(run)), *self.override_args(run, pretrain_ckpt)]
+
+    def override_args(self, run: RunSpec, pretrain_ckpt: Path | None = None) -> list[str]:
+        """The overrides after ``-c run.yaml``: world roots, label fraction, model patch, pretrained checkpoint,
+        the run's overrides and the sweep-wide extra arguments (nothing is written)."""
+        args = self._world(run.data)
         if run.label_fraction != 1.0:
             args.append(f"--data.init_args.label_fraction={run.label_fraction}")
         args += model_overrides(self.repo / run.model_piece, run.model_patch)
         if run.pretrain is not None and pretrain_ckpt is not None:
             args.append(f"--{run.pretrain.ckpt_arg}={pretrain_ckpt}")
         return [*args, *run.overrides, *self.extra]
+
+    def pretrain_ckpt(self, run: RunSpec) -> Path | None:
+        """The checkpoint of ``run``'s finished pretraining stage (``None``: none, or not finished yet)."""
+        if run.pretrain is None:
+            return None
+        done = self.runs_dir / "_pretrain" / run.pretrain_id / "pretrain.done"
+        return Path(json.loads(done.read_text())["ckpt"]) if done.is_file() else None
 
     def _logger_args(self, save_dir: Path, name: str, version: str) -> list[str]:
         return [f"--trainer.default_root_dir={save_dir}", f"--trainer.logger.init_args.save_dir={save_dir}",
@@ -249,8 +262,12 @@ class SweepRunner:
         done.write_text(json.dumps({"ckpt": str(ckpt), "wall_s": res.wall_s}))
         return ckpt, res.wall_s, ""
 
-    def execute(self, run: RunSpec) -> dict:
-        """Fit (resuming if possible) and test one run; returns the result row (also appended to the CSV)."""
+    def execute(self, run: RunSpec, pretrained: tuple[Path | None, float, str] | None = None) -> dict:
+        """Fit (resuming if possible) and test one run; returns the result row (also appended to the CSV).
+
+        ``pretrained``: the ``(ckpt, seconds, error)`` of the run's pretraining stage when it already ran (the Ray
+        engine runs each pretraining once, as a task the fine-tuning tasks depend on); ``None``: run or reuse it here.
+        """
         rdir = self.runs_dir / run.run_id
         rdir.mkdir(parents=True, exist_ok=True)
         row: dict = {k: getattr(run, k) for k in ("sweep", "model", "model_label", "pretrained", "task", "task_label",
@@ -259,7 +276,7 @@ class SweepRunner:
                    metric_names="/".join(c for c, _, _ in METRICS[run.kind]))
         pre_ckpt, pre_s, err = None, 0.0, ""
         if run.pretrain is not None:
-            pre_ckpt, pre_s, err = self._pretrain(run)
+            pre_ckpt, pre_s, err = self._pretrain(run) if pretrained is None else pretrained
         row["pretrain_s"] = round(pre_s, 2)
         base = self.run_args(run, pre_ckpt)
         fit_cmd = [*terratorch_command(), "fit", *base, *self._logger_args(rdir.parent, rdir.name, "fit")]
@@ -327,14 +344,22 @@ class SweepRunner:
         row["error"] = error
         row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         append_row(self.csv_path, row)
-        msg = f"{row['status']:6s} {row['run_id']}"
-        if row["status"] == "ok":
-            msg += f"  {row['metric_names']} = " + "/".join(f"{row[k]:.3f}" for k in ("m1", "m2", "m3"))
-            msg += f"  tunable {row.get('tunable_params')}  train {row.get('train_s')} s"
-        else:
-            msg += f"  {error[:300]}  (log: {rdir})"
-        self.log(msg)
+        self.log(row_message(row, rdir))
         return row
+
+    def record_failure(self, run: RunSpec, error: str) -> dict:
+        """Append a ``failed`` row for ``run`` whose execution raised (``error`` names where and why); returns it."""
+        row = {k: getattr(run, k) for k in ("sweep", "model", "model_label", "pretrained", "task", "task_label",
+                                            "kind", "setting", "setting_label", "label_fraction", "seed")}
+        row.update(run_id=run.run_id, status="failed")
+        return self._finish(row, self.runs_dir / run.run_id, error)
+
+    def execute_recorded(self, run: RunSpec, pretrained: tuple[Path | None, float, str] | None = None) -> dict:
+        """:meth:`execute`, with an exception in the run's setup recorded as a ``failed`` row instead of raised."""
+        try:
+            return self.execute(run) if pretrained is None else self.execute(run, pretrained)
+        except Exception as e:  # a bug in one run's setup (bad piece, unreadable YAML) must not stop the sweep
+            return self.record_failure(run, f"runner: {type(e).__name__}: {e}")
 
     def pending(self, runs: Iterable[RunSpec] | None = None) -> list[RunSpec]:
         """Runs without a final row (failed ones too with ``retry_failed``)."""
@@ -346,22 +371,40 @@ class SweepRunner:
                 out.append(r)
         return out
 
-    def run(self, runs: Iterable[RunSpec] | None = None) -> list[dict]:
-        """Execute every pending run (never stops on a failed one)."""
+    def run(self, runs: Iterable[RunSpec] | None = None, retries: int = 0,
+            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+        """Execute every pending run, one after the other (the local engine); never stops on a failed one.
+
+        Args:
+            runs: the runs to consider (default: the sweep's); those with a final row are skipped (:meth:`pending`).
+            retries: run a run that failed in this call again, up to this many times (each attempt leaves a row;
+                the last one counts, and a retry resumes from what the failed attempt left, as a re-run does).
+            on_row: called with every row as it is recorded (e.g. MLflow tracking).
+        """
         todo = self.pending(runs)
         self.log(f"sweep {self.sweep.name}: {len(todo)} run(s) to do -> {self.csv_path}")
         rows = []
         for i, r in enumerate(todo, 1):
-            self.log(f"[{i}/{len(todo)}] {r.run_id}")
-            try:
-                rows.append(self.execute(r))
-            except Exception as e:  # a bug in one run's setup (bad piece, unreadable YAML) must not stop the sweep
-                row = {k: getattr(r, k) for k in ("sweep", "model", "model_label", "pretrained", "task",
-                                                  "task_label", "kind", "setting", "setting_label", "label_fraction",
-                                                  "seed")}
-                row.update(run_id=r.run_id, status="failed")
-                rows.append(self._finish(row, self.runs_dir / r.run_id, f"runner: {type(e).__name__}: {e}"))
+            for attempt in range(retries + 1):
+                self.log(f"[{i}/{len(todo)}] {r.run_id}" + (f" (retry {attempt}/{retries})" if attempt else ""))
+                row = self.execute_recorded(r)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                if row.get("status") == "ok":
+                    break
         return rows
+
+
+def row_message(row: dict, rdir: Path) -> str:
+    """The progress line of a recorded row (status, run id, metrics or the error and the run folder)."""
+    msg = f"{row['status']:6s} {row['run_id']}"
+    if row["status"] == "ok":
+        msg += f"  {row['metric_names']} = " + "/".join(f"{row[k]:.3f}" for k in ("m1", "m2", "m3"))
+        msg += f"  tunable {row.get('tunable_params')}  train {row.get('train_s')} s"
+    else:
+        msg += f"  {str(row.get('error', ''))[:300]}  (log: {rdir})"
+    return msg
 
 
 def _failure(res: ProcResult) -> str:
