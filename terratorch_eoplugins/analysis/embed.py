@@ -32,7 +32,8 @@ next multiple of the patch size; LIANet tiles never leave the region.
 overviews averaged) with one band per embedding dimension, band descriptions ``OV_00..``, ``OH_00..`` (DUNIA)
 or ``trunk_000..`` (LIANet), the CRS and transform of the input raster / region (shifted to the bbox), and tags
 recording the model, checkpoint, date, tiling and normalisation. ``dtype="float16"`` stores IEEE half floats
-(GDAL ``NBITS=16`` on a Float32 band: readers get float32 arrays holding the float16-rounded values). The file
+(GDAL < 3.11, rasterio 1.4: ``NBITS=16`` on a Float32 band, read as float32 arrays holding the float16-rounded
+values; GDAL >= 3.11, rasterio 1.5: a native Float16 band, read as float16 arrays). The file
 is written through temporary files beside ``out`` and moved into place at the end; an existing ``out`` is only
 replaced with ``overwrite=True``.
 """
