@@ -21,6 +21,7 @@ import json
 import os
 import re
 import threading
+import tokenize
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -153,7 +154,8 @@ def _npy_layout(f: BinaryIO, path: Path, size: int, what: str) -> tuple[tuple[in
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
         shape, fortran_order, dtype = read_header(f)
-    except (ValueError, EOFError, SyntaxError, TypeError) as err:
+    # Python 3.12+ raises tokenize.TokenError on some garbled headers
+    except (ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as err:
         raise EODataError(f"{path}: corrupt .npy header ({err}); {expected}") from None
     offset = f.tell()
     if dtype.hasobject:
@@ -606,16 +608,21 @@ class PASTIS(NonGeoDataset):
                 n += 1
             block = out[:, j:j + n]
             start = offset + int(idx[j]) * date_bytes
+            src: np.ndarray = block
             if not (direct and _scatter_read(f, block, start)):
                 raw = _scratch(n * date_bytes).view(dtype).reshape(n, c, h, w)
                 _read_exact(f, raw, start, path)
-                np.copyto(block, raw.transpose(1, 0, 2, 3))
-            if need_range:
-                lows.append(block.min())
-                highs.append(block.max())
+                src = raw.transpose(1, 0, 2, 3)
+            if need_range:  # raw extremes; the cast to float32 is monotone, so these are the float32 block's
+                lows.append(np.float32(src.min()))
+                highs.append(np.float32(src.max()))
             if norm is not None:
-                np.subtract(block, mean, out=block)
+                # the cast to float32 runs inside the subtraction (one pass less): the same float32 values as
+                # casting first, then (x - mean) / std
+                np.subtract(src, mean, out=block, dtype=np.float32)
                 np.divide(block, std, out=block)
+            elif src is not block:
+                np.copyto(block, src)
             j += n
         if not need_range or not lows:
             return out, None, None
