@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="build every selected run's model offline (no data, no training) and print the CSV "
                         "run_id,tunable,total on stdout")
     p.add_argument("--render", action="store_true", help="only render the leaderboard from the CSV")
+    p.add_argument("--show", action="store_true", help="also print the leaderboard (Markdown) at the end")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep fine-tuning checkpoints after the test")
     p.add_argument("--timeout", type=float, default=None, help="seconds per terratorch subprocess")
@@ -255,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         md += "\nNot in this sweep (configs not present when it ran): " + "; ".join(sweep.skipped) + "\n"
     out_md.write_text(md)
     png = render_plot(runner.csv_path, out_png, run_ids={r.run_id for r in sweep.runs})
+    if a.show:
+        print(md)
     print(f"results: {runner.csv_path}\nleaderboard: {out_md}" + (f"\nplot: {png}" if png else ""))
     if tracker is not None:
         selected = {r.run_id for r in runs}

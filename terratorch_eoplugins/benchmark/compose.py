@@ -125,6 +125,37 @@ def apply_override(cfg: dict, path: list[str], value: Any, append: bool = False)
         node = child
 
 
+def apply_profile(cfg: dict, profile: Path) -> None:
+    """Overlay a profile file (a second ``-c``) on ``cfg`` as jsonargparse does: a piece path replaces the piece, a
+    ``trainer`` mapping is merged key by key, a ``data``/``model`` mapping merges its ``init_args`` key by key into
+    the same class (a value that is itself a mapping, e.g. ``model_args``, is replaced whole)."""
+    over = load_piece(profile) or {}
+    if not isinstance(over, dict):
+        raise ComposeError(f"{profile}: expected a mapping (an overlay of a runnable config)")
+    for key, value in over.items():
+        if key == "trainer":
+            if isinstance(value, str):
+                cfg["trainer"] = load_trainer_piece(profile.parent / value)
+            elif isinstance(value, dict):
+                cfg["trainer"] = {**cfg["trainer"], **value}
+            continue
+        if key in ("data", "model"):
+            if isinstance(value, str):
+                cfg[key] = load_piece(profile.parent / value)
+                continue
+            if not isinstance(value, dict):
+                raise ComposeError(f"{profile}: {key}: expected a piece path or a mapping, got {value!r}")
+            base = cfg.get(key) or {}
+            if value.get("class_path") not in (None, base.get("class_path")):
+                cfg[key] = copy.deepcopy(value)
+                continue
+            merged = copy.deepcopy(base)
+            merged.setdefault("init_args", {}).update(copy.deepcopy(value.get("init_args") or {}))
+            cfg[key] = merged
+            continue
+        cfg[key] = copy.deepcopy(value)
+
+
 def compose_run_config(runner: SweepRunner, run: RunSpec, pretrain_ckpt: Path | None = None) -> dict:
     """The run's full config (``seed_everything``, ``trainer``, ``data``, ``model``) with every override applied.
 
@@ -137,6 +168,8 @@ def compose_run_config(runner: SweepRunner, run: RunSpec, pretrain_ckpt: Path | 
         "data": load_piece(repo / run.data),
         "model": load_piece(repo / run.model_piece),
     }
+    if run.profile:
+        apply_profile(cfg, repo / run.profile)
     ckpt = pretrain_ckpt if pretrain_ckpt is not None else runner.pretrain_ckpt(run)
     for path, value, append in parse_overrides(runner.override_args(run, ckpt)):
         if path[0] not in cfg:

@@ -84,7 +84,8 @@ def _params_m(v: float) -> str:
 
 
 def aggregate(rows: list[dict]) -> dict[tuple, dict]:
-    """Group ok rows by (label_fraction, task, model, setting): mean/std of the three metrics over seeds."""
+    """Group ok rows by (label_fraction, task, model, setting): mean/std of the three metrics over seeds (and
+    folds: a sweep with ``folds`` has one row per seed x fold)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("status") == "ok":
@@ -196,10 +197,10 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
         lines += [f"Produced by `{command}`; raw rows: `{csv_path.name}` (one per run, command included).", ""]
     lines += ["Metrics on the test split, macro-averaged (IoU, Acc = macro accuracy, F1; in %) for segmentation; "
               "RMSE and MAE in the task's target units and Pearson r for regression, one table per regression task. "
-              "Mean over seeds (±std with several). Per task and column the best values are in bold, at most three "
-              f"and never the whole column (at most n - 1 of n). {DAGGER} random initialisation (`pretrained: "
-              "false`): no pretrained weights are loaded, so foundation models are compared as architectures, not as "
-              "pretrained encoders.", ""]
+              "Mean over seeds and folds (±std with several). Per task and column the best values are in bold, at "
+              f"most three and never the whole column (at most n - 1 of n). {DAGGER} random initialisation "
+              "(`pretrained: false`): no pretrained weights are loaded, so foundation models are compared as "
+              "architectures, not as pretrained encoders.", ""]
     model_order = order or list(dict.fromkeys(r["model"] for r in rows))
     for lf in sorted({k[0] for k in agg}, reverse=True):
         for kind in METRICS:

@@ -7,12 +7,14 @@ freeze parts) and the parameters are counted as the sweep's :class:`~terratorch_
 BenchmarkStats` counts them during a real run: tunable = ``requires_grad``. No data is read, no checkpoint or
 logger folder is written (the composed configs go to a temporary folder) and pretraining stages are not run: a
 run that fine-tunes a pretrained plugin model is built with a randomly initialised backbone of the same
-architecture, which has the same parameter counts.
+architecture, which has the same parameter counts. The folds of a run (``folds:``) differ only in their data:
+their model is built once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -70,8 +72,13 @@ def count_sweep_parameters(sweep: Sweep, runs: Iterable[RunSpec], repo: str = ".
     with tempfile.TemporaryDirectory(prefix="eoplugins-count-params-") as tmp:
         runner = SweepRunner(sweep, repo=repo, runs_dir=tmp, results_dir=tmp, world=world, extra=extra,
                              log=lambda _msg: None)
+        built: dict[str, ParamCount] = {}  # the folds of a run share its model: built once
         for run in runs:
-            res = count_run_parameters(runner, run)
+            key = dataclasses.replace(run, fold=None).run_id
+            if key in built:
+                res = dataclasses.replace(built[key], run_id=run.run_id)
+            else:
+                res = built[key] = count_run_parameters(runner, run)
             out.append(res)
             if emit is not None:
                 emit(res)

@@ -206,7 +206,8 @@ class SweepRunner:
 
     def run_args(self, run: RunSpec, pretrain_ckpt: Path | None = None) -> list[str]:
         """Everything after the subcommand, shared by ``fit`` and ``test`` (logger/ckpt options excluded)."""
-        return ["-c", str(self.write_run_config(run)), *self.override_args(run, pretrain_ckpt)]
+        profile = ["-c", str(self.repo / run.profile)] if run.profile else []
+        return ["-c", str(self.write_run_config(run)), *profile, *self.override_args(run, pretrain_ckpt)]
 
     def override_args(self, run: RunSpec, pretrain_ckpt: Path | None = None) -> list[str]:
         """The overrides after ``-c run.yaml``: world roots, label fraction, model patch, pretrained checkpoint,
@@ -214,7 +215,10 @@ class SweepRunner:
         args = self._world(run.data)
         if run.label_fraction != 1.0:
             args.append(f"--data.init_args.label_fraction={run.label_fraction}")
-        args += model_overrides(self.repo / run.model_piece, run.model_patch)
+        if run.fold is not None:
+            args.append(f"--data.init_args.{run.fold_arg}={run.fold}")
+        args += model_overrides(self.repo / run.model_piece, run.model_patch,
+                                self.repo / run.profile if run.profile else None)
         if run.pretrain is not None and pretrain_ckpt is not None:
             args.append(f"--{run.pretrain.ckpt_arg}={pretrain_ckpt}")
         return [*args, *run.overrides, *self.extra]
@@ -245,7 +249,8 @@ class SweepRunner:
             info = json.loads(done.read_text())
             return Path(info["ckpt"]), float(info.get("wall_s", 0.0)), ""
         config = self.repo / pre.config
-        args = ["fit", "-c", pre.config, f"--seed_everything={run.seed}",
+        profile = ["-c", str(self.repo / pre.profile)] if pre.profile else []
+        args = ["fit", "-c", pre.config, *profile, f"--seed_everything={run.seed}",
                 *data_root_overrides(top_level_data_piece(config), self.world), *pre.overrides, *self.extra,
                 *self._logger_args(pdir.parent, pdir.name, "fit")]
         last = pdir / "fit" / "checkpoints" / "last.ckpt"

@@ -22,15 +22,22 @@ A sweep file (``benchmarks/sweeps/*.yaml``) names the shipped config pieces; eve
         tasks:
           pastis: {model: configs/models/pastis/micro_unet.yaml}
 
+``folds: [0, 1, 2, 3, 4]`` (sweep-wide or per task) adds a cross-validation dimension: one run per fold
+(``--data.init_args.fold_rotation=<k>``, another data argument with ``fold_arg``; run ids end in ``__f<k>``), a
+pretraining shared by the folds, and leaderboard values that are means over seeds and folds.
+
+A task may add ``overrides`` of its own (after the sweep's, before the model's and the entry's).
 A task (or a model x task entry) may map leaderboard columns to other logged keys (``metrics: {r: test/r}``) for
 tasks that log their own metrics. A model x task entry may also give its own ``data`` and ``trainer`` pieces,
 ``overrides``, ``label_fractions``, ``settings_only`` (a subset of the model's settings), per-setting model
 patches (``settings: {embedding: {model_args: {...}}}``, merged over the sweep-level patch) and a ``pretrain``
 stage (``{config: configs/lianet_pretrain_pastis.yaml, ckpt_arg: model.init_args.model_args.backbone_ckpt_path,
-overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. Model entries whose ``pretrain`` stages name
-the same ``share`` key reuse one pretraining per task x seed (e.g. DUNIA's low-shot head and zero-shot KNN runs);
-their stages must then be identical. Entries with ``optional: true`` whose
-pieces do not exist yet are skipped (so a model whose configs are still being written is one YAML edit away).
+overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. The top-level configs are paper scale: an
+entry (and its ``pretrain`` stage) sizes a run for CPU with ``profile: configs/profiles/cpu/<runnable>.yaml``, an
+overlay passed as a second ``-c`` right after the run's config (before every override and the checkpoint flag).
+Model entries whose ``pretrain`` stages name the same ``share`` key reuse one pretraining per task x seed (e.g.
+DUNIA's low-shot head and zero-shot KNN runs); their stages must then be identical. Entries with ``optional: true``
+whose pieces do not exist yet are skipped (so a model whose configs are still being written is one YAML edit away).
 
 Model patches (``model:`` of a setting) are merged into the model piece's ``init_args``: scalar keys become
 ``--model.init_args.<key>=<value>`` and a ``model_args`` patch is merged into the piece's ``model_args``
@@ -41,6 +48,7 @@ so each run is reproducible from the shipped pieces and the command recorded in 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +78,8 @@ class PretrainSpec:
     ckpt: str = "last"  # "last" or "best"
     #: a name shared by several model entries that reuse one pretraining (default: the model's name)
     share: str | None = None
+    #: an overlay (``configs/profiles/<profile>/<config>.yaml``) passed as ``-c`` right after ``config``
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,16 @@ class RunSpec:
     note: str = ""
     #: leaderboard column -> logged metric key, replacing the kind's default (e.g. ``{r: test/r}``)
     metric_keys: dict = field(default_factory=dict, hash=False, compare=False)
+    #: an overlay (``configs/profiles/<profile>/<config>.yaml``) passed as ``-c`` right after the run's config
+    profile: str | None = None
+    #: a cross-validation fold (``--data.init_args.<fold_arg>=<fold>``); ``None``: the data piece's own split
+    fold: int | None = None
+    fold_arg: str = "fold_rotation"
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}__{self.task}__{self.setting}__lf{round(self.label_fraction * 100):03d}__s{self.seed}"
+        rid = f"{self.model}__{self.task}__{self.setting}__lf{round(self.label_fraction * 100):03d}__s{self.seed}"
+        return rid if self.fold is None else f"{rid}__f{self.fold}"
 
     @property
     def pretrain_id(self) -> str:
@@ -107,35 +123,62 @@ class RunSpec:
         return f"{owner}__{self.task}__s{self.seed}"
 
 
-def deep_merge(base: Any, patch: Any) -> Any:
-    """``patch`` merged into a copy of ``base``: dicts recursively, ``__delete__`` removes a key, rest replaced."""
+def deep_merge(base: Any, patch: Any, keep_deletes: bool = False) -> Any:
+    """``patch`` merged into a copy of ``base``: dicts recursively, ``__delete__`` removes a key, rest replaced.
+
+    ``keep_deletes``: a ``__delete__`` of a key that ``base`` lacks stays in the result, so that merging two patches
+    (a setting's and an entry's) keeps the deletion for the piece they are applied to.
+    """
     if not isinstance(base, dict) or not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = copy.deepcopy(base)
     for k, v in patch.items():
         if v == DELETE:
-            out.pop(k, None)
+            if keep_deletes and k not in out:
+                out[k] = DELETE
+            else:
+                out.pop(k, None)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v, keep_deletes)
         else:
             out[k] = copy.deepcopy(v)
     return out
 
 
-def model_overrides(model_piece: Path, patch: dict) -> list[str]:
-    """CLI overrides that apply ``patch`` to the model piece (see module docstring)."""
+def _strip_deletes(node: Any) -> Any:
+    """``node`` without the ``__delete__`` markers left where a patch deleted a key the piece does not have."""
+    if isinstance(node, dict):
+        return {k: _strip_deletes(v) for k, v in node.items() if v != DELETE}
+    return node
+
+
+def profile_model_args(profile: Path | None) -> dict | None:
+    """The ``model.init_args.model_args`` an overlay sets (whole: jsonargparse replaces the dict), or ``None``."""
+    if profile is None:
+        return None
+    cfg = yaml.safe_load(profile.read_text()) or {}
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    args = ((model or {}).get("init_args") or {}).get("model_args") if isinstance(model, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def model_overrides(model_piece: Path, patch: dict, profile: Path | None = None) -> list[str]:
+    """CLI overrides that apply ``patch`` to the model piece (see module docstring); a ``model_args`` patch is merged
+    into the ``profile``'s ``model_args`` where the profile sets them (it replaces the piece's)."""
     if not patch:
         return []
     out = []
     for key, value in patch.items():
         if key == "model_args":
             piece = yaml.safe_load(model_piece.read_text()) or {}
-            base = (piece.get("init_args") or {}).get("model_args")
+            base = profile_model_args(profile)
+            if base is None:
+                base = (piece.get("init_args") or {}).get("model_args")
             if not isinstance(base, dict):
                 raise SweepSpecError(f"{model_piece}: a 'model_args' patch needs init_args.model_args in the piece")
-            merged = deep_merge(base, value)
+            merged = _strip_deletes(deep_merge(base, value))
             out.append(f"--model.init_args.model_args={json.dumps(merged, separators=(',', ':'))}")
-        else:
+        elif value != DELETE:  # an init_args key cannot be removed on the command line: the piece's stays
             out.append(f"--model.init_args.{key}={json.dumps(value)}")
     return out
 
@@ -196,6 +239,7 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
     sweep_overrides = tuple(raw.get("overrides") or ())
     fractions = [float(f) for f in raw.get("label_fractions", [1.0])]
     seeds = [int(s) for s in raw.get("seeds", [0])]
+    sweep_folds = raw.get("folds")
     settings = raw.get("settings") or {"full": {"label": "Full", "model": {}}}
     tasks = _req(raw, "tasks", str(path))
     models = _req(raw, "models", str(path))
@@ -225,7 +269,9 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
             model_piece = _req(entry, "model", f"{where}.tasks.{tname}")
             data_piece = entry.get("data", tinfo["data"])
             pre = entry.get("pretrain")
-            needed = [model_piece, data_piece] + ([pre["config"]] if pre else [])
+            profile = entry.get("profile")
+            needed = ([model_piece, data_piece] + ([pre["config"]] if pre else []) + ([profile] if profile else [])
+                      + ([pre["profile"]] if pre and pre.get("profile") else []))
             missing = [p for p in needed if not (repo / p).is_file()]
             if missing:
                 if m.get("optional") or entry.get("optional"):
@@ -241,24 +287,31 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
                 pretrain = PretrainSpec(config=_req(pre, "config", f"{where}.tasks.{tname}.pretrain"),
                                         ckpt_arg=_req(pre, "ckpt_arg", f"{where}.tasks.{tname}.pretrain"),
                                         overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"),
-                                        share=str(pre["share"]) if pre.get("share") else None)
+                                        share=str(pre["share"]) if pre.get("share") else None,
+                                        profile=str(pre["profile"]) if pre.get("profile") else None)
             run_fractions = [float(f) for f in entry.get("label_fractions", tinfo.get("label_fractions", fractions))]
+            folds = tinfo.get("folds", sweep_folds)
+            if folds is not None and (not isinstance(folds, list) or not all(isinstance(k, int) for k in folds)):
+                raise SweepSpecError(f"{path}: tasks.{tname}.folds (or the sweep's folds) must be a list of integers "
+                                     f"(the data piece's fold indices), got {folds!r}")
+            fold_arg = str(tinfo.get("fold_arg", raw.get("fold_arg", "fold_rotation")))
             for s in entry.get("settings_only", m_settings):
                 sdef = settings[s]
-                patch = deep_merge(sdef.get("model") or {}, ((entry.get("settings") or {}).get(s) or {}))
-                for lf in run_fractions:
-                    for seed in seeds:
-                        runs.append(RunSpec(
-                            sweep=name, model=mname, model_label=str(m.get("label", mname)),
-                            pretrained=bool(m.get("pretrained", False)), task=tname,
-                            task_label=str(tinfo.get("label", tname)), kind=tinfo.get("kind", "segmentation"),
-                            setting=s, setting_label=str(sdef.get("label", s)), label_fraction=lf, seed=seed,
-                            trainer=str(entry.get("trainer", trainer_piece)), data=str(data_piece),
-                            model_piece=str(model_piece), model_patch=patch,
-                            overrides=sweep_overrides + tuple(m.get("overrides") or ()) + tuple(
-                                entry.get("overrides") or ()),
-                            pretrain=pretrain, note=str(entry.get("note", tinfo.get("note", ""))),
-                            metric_keys={**(tinfo.get("metrics") or {}), **(entry.get("metrics") or {})}))
+                patch = deep_merge(sdef.get("model") or {}, ((entry.get("settings") or {}).get(s) or {}),
+                                   keep_deletes=True)
+                for lf, seed, fold in itertools.product(run_fractions, seeds, folds if folds is not None else [None]):
+                    runs.append(RunSpec(
+                        sweep=name, model=mname, model_label=str(m.get("label", mname)),
+                        pretrained=bool(m.get("pretrained", False)), task=tname,
+                        task_label=str(tinfo.get("label", tname)), kind=tinfo.get("kind", "segmentation"),
+                        setting=s, setting_label=str(sdef.get("label", s)), label_fraction=lf, seed=seed,
+                        trainer=str(entry.get("trainer", trainer_piece)), data=str(data_piece),
+                        model_piece=str(model_piece), model_patch=patch,
+                        overrides=sweep_overrides + tuple(tinfo.get("overrides") or ()) + tuple(
+                            m.get("overrides") or ()) + tuple(entry.get("overrides") or ()),
+                        pretrain=pretrain, note=str(entry.get("note", tinfo.get("note", ""))),
+                        metric_keys={**(tinfo.get("metrics") or {}), **(entry.get("metrics") or {})},
+                        profile=str(profile) if profile else None, fold=fold, fold_arg=fold_arg))
     ids = [r.run_id for r in runs]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
@@ -268,11 +321,13 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
         if r.pretrain is None:
             continue
         first = stages.setdefault(r.pretrain_id, (r.model, r.pretrain))
-        if (first[1].config, first[1].overrides) != (r.pretrain.config, r.pretrain.overrides):
+        if ((first[1].config, first[1].overrides, first[1].profile)
+                != (r.pretrain.config, r.pretrain.overrides, r.pretrain.profile)):
             raise SweepSpecError(
                 f"{path}: models {first[0]!r} and {r.model!r} share the pretraining {r.pretrain_id!r} "
-                f"(pretrain.share) but give it different config/overrides: "
-                f"{first[1].config} {list(first[1].overrides)} "
-                f"vs {r.pretrain.config} {list(r.pretrain.overrides)}; a shared pretraining must be identical"
+                f"(pretrain.share) but give it different config/profile/overrides: "
+                f"{first[1].config} {first[1].profile} {list(first[1].overrides)} "
+                f"vs {r.pretrain.config} {r.pretrain.profile} {list(r.pretrain.overrides)}; "
+                "a shared pretraining must be identical"
             )
     return Sweep(path=path, name=name, world=world, raw=raw, runs=runs, skipped=skipped)

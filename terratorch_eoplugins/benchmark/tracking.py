@@ -84,10 +84,12 @@ def run_params(runner: SweepRunner, run: RunSpec) -> dict[str, str]:
         "label_fraction": run.label_fraction, "seed": run.seed, "trainer": run.trainer, "data": run.data,
         "model_piece": run.model_piece, "model_patch": json.dumps(run.model_patch, sort_keys=True),
         "overrides": json.dumps(list(run.overrides)), "extra": json.dumps(runner.extra), "world": runner.world,
+        "profile": run.profile or "", "fold": "" if run.fold is None else run.fold,
     }
     if run.pretrain is not None:
         params.update(pretrain_config=run.pretrain.config, pretrain_ckpt_arg=run.pretrain.ckpt_arg,
-                      pretrain_overrides=json.dumps(list(run.pretrain.overrides)), pretrain_id=run.pretrain_id)
+                      pretrain_overrides=json.dumps(list(run.pretrain.overrides)), pretrain_id=run.pretrain_id,
+                      pretrain_profile=run.pretrain.profile or "")
     out = {}
     for k, v in params.items():
         text = str(v).lower() if isinstance(v, bool) else str(v)

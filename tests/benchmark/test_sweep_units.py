@@ -315,3 +315,94 @@ def test_runner_runs_a_shared_pretraining_once(tmp_path: Path, monkeypatch: pyte
     args = [runner.run_args(r, got[0][0]) for r in sweep.runs]
     assert f"--model.init_args.model_args.backbone_ckpt_path={got[0][0]}" in args[0]
     assert f"--model.init_args.backbone_ckpt_path={got[0][0]}" in args[1]
+
+
+def test_a_profile_overlays_the_run_and_its_pretraining_before_every_override(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``profile:`` of an entry and of its ``pretrain`` stage: a second ``-c`` right after the config, a setting's
+    ``model_args`` patch merged into the profile's (which replaces the piece's), and the composed config sized by it."""
+    from terratorch_eoplugins.benchmark import runner as runner_mod
+    from terratorch_eoplugins.benchmark.compose import compose_run_config
+
+    profile, pre_profile = "configs/profiles/cpu/lianet_pastis.yaml", "configs/profiles/cpu/lianet_pretrain_pastis.yaml"
+    entry = {"model": "configs/models/pastis/lianet.yaml", "data": "configs/data/pastis_lianet.yaml",
+             "profile": profile,
+             "pretrain": {"config": "configs/lianet_pretrain_pastis.yaml", "profile": pre_profile,
+                          "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path"}}
+    settings = {"head": {"model": {"model_args": {"decoder_channels": [16]}}}}
+    sweep = load_sweep(_write_sweep(tmp_path, [{"name": "lianet", "settings": ["head"], "tasks": {"pastis": entry}}],
+                                    settings=settings), repo=REPO)
+    (run,) = sweep.runs
+    assert run.profile == profile and run.pretrain.profile == pre_profile
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float | None) -> runner_mod.ProcResult:
+        calls.append(cmd)
+        (log.parent / "fit" / "checkpoints").mkdir(parents=True)
+        (log.parent / "fit" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        return runner_mod.ProcResult(0, 1.0, 1.0, "")
+
+    monkeypatch.setattr(runner_mod, "run_logged", fake_run)
+    runner = runner_mod.SweepRunner(sweep, repo=REPO, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res",
+                                    log=lambda s: None)
+    ckpt, _, err = runner._pretrain(run)
+    assert not err
+    pre_cmd = calls[0]
+    i = pre_cmd.index("configs/lianet_pretrain_pastis.yaml")
+    assert pre_cmd[i + 1:i + 3] == ["-c", str(REPO / pre_profile)]
+    args = runner.run_args(run, ckpt)
+    assert args[0] == "-c" and args[2:4] == ["-c", str(REPO / profile)] and not args[4].startswith("-c")
+    assert args[-1] == f"--model.init_args.model_args.backbone_ckpt_path={ckpt}"  # after the profile: kept
+    patched = json.loads(next(a for a in args if a.startswith("--model.init_args.model_args=")).split("=", 1)[1])
+    cpu = yaml.safe_load((REPO / profile).read_text())["model"]["init_args"]["model_args"]
+    assert patched == {**cpu, "decoder_channels": [16]}  # the profile's generator, not the paper-size piece's
+    cfg = compose_run_config(runner, run, ckpt)
+    gen = cfg["model"]["init_args"]["model_args"]["backbone_generator_args"]
+    assert gen == cpu["backbone_generator_args"] and cfg["model"]["init_args"]["lr"] == 2.0e-3
+    assert cfg["data"]["init_args"]["num_dates"] == 4 and cfg["trainer"]["max_epochs"] == 16
+    assert cfg["model"]["init_args"]["model_args"]["backbone_ckpt_path"] == str(ckpt)
+    entry["profile"] = "configs/profiles/cpu/nope.yaml"
+    with pytest.raises(SweepSpecError, match="not found: configs/profiles/cpu/nope.yaml"):
+        load_sweep(_write_sweep(tmp_path, [{"name": "lianet", "tasks": {"pastis": entry}}]), repo=REPO)
+
+
+def test_folds_make_one_run_per_fold_sharing_one_pretraining_and_the_leaderboard_averages_them(tmp_path: Path) -> None:
+    from terratorch_eoplugins.benchmark import runner as runner_mod
+
+    pre = {"config": "configs/lianet_pretrain_pastis.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path"}
+    models = [{"name": "lianet", "tasks": {"pastis": {"model": "configs/models/pastis/lianet.yaml", "pretrain": pre}}},
+              {"name": "micro", "tasks": {"pastis": {"model": "configs/models/pastis/micro_unet.yaml"}}}]
+    tasks = {"pastis": {"data": "configs/data/pastis_lianet.yaml", "folds": [0, 3],
+                        "overrides": ["--data.init_args.protocol=official"]}}
+    sweep = load_sweep(_write_sweep(tmp_path, models, tasks=tasks, overrides=["--trainer.max_epochs=1"]), repo=REPO)
+    assert [r.run_id for r in sweep.runs] == [f"{m}__pastis__full__lf100__s0__f{k}" for m in ("lianet", "micro")
+                                              for k in (0, 3)]
+    assert {r.pretrain_id for r in sweep.runs[:2]} == {"lianet__pastis__s0"}
+    runner = runner_mod.SweepRunner(sweep, repo=REPO, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res",
+                                    log=lambda s: None)
+    args = runner.override_args(sweep.runs[3])
+    assert "--data.init_args.fold_rotation=3" in args
+    # the sweep's overrides, then the task's, then the model's and the entry's
+    assert args.index("--trainer.max_epochs=1") < args.index("--data.init_args.protocol=official")
+    csv = tmp_path / "r.csv"
+    for fold, iou in ((0, 0.2), (3, 0.4)):
+        append_row(csv, _row("pastis", "segmentation", "micro", "full", [iou, 0.5, 0.5]) | {
+            "run_id": f"micro__pastis__full__lf100__s0__f{fold}"})
+    md = render_markdown(csv)
+    assert "30.0±14.1" in md and "Mean over seeds and folds" in md
+    for bad in ([0, "x"], 3):
+        with pytest.raises(SweepSpecError, match="folds .* must be a list of integers"):
+            load_sweep(_write_sweep(tmp_path, models, tasks={"pastis": tasks["pastis"] | {"folds": bad}}), repo=REPO)
+
+
+def test_an_entry_deletion_survives_the_setting_patch_it_is_merged_over() -> None:
+    """A setting patch without the key, then an entry patch deleting it: the piece's key is gone in the run."""
+    setting = {"freeze_backbone": True, "model_args": {"decoder": "FCNDecoder"}}
+    entry = {"model_args": {"backbone_use_temporal": "__delete__", "backbone_bands": "__delete__", "nope": "__delete__",
+                            "extra": {"a": 1, "b": "__delete__"}}}
+    patch = deep_merge(setting, entry, keep_deletes=True)
+    args = model_overrides(REPO / "configs" / "models" / "pastis" / "terramind.yaml", patch)
+    merged = json.loads(next(a for a in args if a.startswith("--model.init_args.model_args=")).split("=", 1)[1])
+    assert "backbone_use_temporal" not in merged and "backbone_bands" not in merged and "nope" not in merged
+    assert merged["decoder"] == "FCNDecoder" and merged["extra"] == {"a": 1}
+    assert deep_merge({"x": 1}, {"y": "__delete__"}) == {"x": 1}
