@@ -268,7 +268,11 @@ class OptimizerDefaults:
         o_hp = dict(self.optimizer_hparams) if optimizer == self.optimizer else {}
         o_hp.update(dict(optimizer_hparams or {}))
         s_hp = dict(self.scheduler_hparams) if scheduler is not None and scheduler == self.scheduler else {}
-        s_hp.update(dict(scheduler_hparams or {}))
+        given = dict(scheduler_hparams or {})
+        for a, b in (("warmup", "warmup_epochs"), ("warmup_epochs", "warmup")):
+            if a in given and a not in self.scheduler_hparams:  # a given warm-up length replaces the default one
+                s_hp.pop(b, None)
+        s_hp.update(given)
         return {"optimizer": optimizer, "optimizer_hparams": o_hp, "scheduler": scheduler, "scheduler_hparams": s_hp}
 
     def check(self, optimizer: str, optimizer_hparams: Mapping[str, Any] | None, scheduler: str | None,

@@ -211,3 +211,20 @@ def test_warmup_cosine_state_is_restored_when_a_fit_resumes(tmp_path: Path) -> N
     assert (state["last_epoch"], state["warmup"], state["total"]) == (5, 3, 10)
     resumed = _fit(tmp_path, [], str(tmp_path / "epoch0.ckpt"))
     assert resumed.lrs == pytest.approx(full.lrs[5:])
+
+
+def test_a_given_warmup_length_replaces_the_default_one_whatever_its_unit() -> None:
+    """``warmup_epochs`` given where the default says ``warmup`` (steps), or the reverse: one warm-up, the given."""
+    from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
+
+    steps = OptimizerDefaults("AdamW", {}, "WarmupCosine", {"warmup": 5000, "interval": "step"})
+    got = steps.resolve("AdamW", None, "WarmupCosine", {"warmup_epochs": 1})["scheduler_hparams"]
+    assert got == {"warmup_epochs": 1, "interval": "step"}
+    epochs = OptimizerDefaults("AdamW", {}, "WarmupCosine", {"warmup_epochs": 5, "interval": "step"})
+    got = epochs.resolve("AdamW", None, "WarmupCosine", {"warmup": 20})["scheduler_hparams"]
+    assert got == {"warmup": 20, "interval": "step"}
+    assert epochs.resolve("AdamW", None, "WarmupCosine", {"warmup_epochs": 2})["scheduler_hparams"] == \
+        {"warmup_epochs": 2, "interval": "step"}
+    assert epochs.resolve("AdamW", None, "WarmupCosine", None)["scheduler_hparams"] == \
+        {"warmup_epochs": 5, "interval": "step"}
+    assert epochs.resolve("AdamW", None, "CosineAnnealingLR", {"T_max": 3})["scheduler_hparams"] == {"T_max": 3}
