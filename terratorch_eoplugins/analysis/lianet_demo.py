@@ -27,11 +27,33 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from terratorch_eoplugins.analysis.demo import best_checkpoint, data_piece, majority_baseline, run_stage
 from terratorch_eoplugins.runtime import read_last_metrics
 
 PRETRAIN_CONFIG = "configs/lianet_pretrain_pastis.yaml"
 FINETUNE_CONFIG = "configs/lianet_pastis.yaml"
+#: the CPU profiles (overlays) the demo runs the paper-scale configs with
+PRETRAIN_PROFILE = "configs/profiles/cpu/lianet_pretrain_pastis.yaml"
+FINETUNE_PROFILE = "configs/profiles/cpu/lianet_pastis.yaml"
+
+
+def profile_args(profile: str | None) -> list[str]:
+    """``["-c", profile]`` (an overlay right after the config), or nothing for ``None`` / ``""`` (paper scale)."""
+    if not profile:
+        return []
+    if not Path(profile).is_file():
+        raise FileNotFoundError(f"profile {profile!r} not found (run from the repository root or pass its path)")
+    return ["-c", profile]
+
+
+def profile_data_args(profile: str | None) -> dict:
+    """The ``data.init_args`` a profile overlays (so a baseline scored beside the run sees the same samples)."""
+    if not profile:
+        return {}
+    cfg = yaml.safe_load(Path(profile).read_text()) or {}
+    return dict((cfg.get("data") or {}).get("init_args") or {})
 
 
 def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
@@ -47,11 +69,11 @@ def epoch_metric(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
 
 
 def _pretrain(config: str, tiles_root: str, log: list[str], name: str, stamp: str, extra: Sequence[str],
-              epochs: int | None, runs_dir: str,
-              env: dict[str, str]) -> tuple[Path, Path, float, list[tuple[int, float]]]:
+              epochs: int | None, runs_dir: str, env: dict[str, str],
+              profile: str | None = PRETRAIN_PROFILE) -> tuple[Path, Path, float, list[tuple[int, float]]]:
     """``terratorch fit`` of the pretraining config; returns (generator file, log dir, seconds, val PSNR per epoch)."""
-    pre_dir, seconds = run_stage("fit", config, [f"--data.init_args.root={tiles_root}", *log, *extra], runs_dir, name,
-                                 f"fit-{stamp}", env, epochs)
+    pre_dir, seconds = run_stage("fit", config, [*profile_args(profile), f"--data.init_args.root={tiles_root}", *log,
+                                                 *extra], runs_dir, name, f"fit-{stamp}", env, epochs)
     ckpt = pre_dir / "lianet_generator.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"pretraining wrote no {ckpt}")
@@ -62,10 +84,13 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
                     pretrain_config: str = PRETRAIN_CONFIG, finetune_config: str = FINETUNE_CONFIG,
                     pretrain_epochs: int | None = None, finetune_epochs: int | None = None,
                     extra_pretrain: Sequence[str] = (), extra_finetune: Sequence[str] = (),
-                    pretrained: str | None = None) -> dict[str, float]:
+                    pretrained: str | None = None, pretrain_profile: str | None = PRETRAIN_PROFILE,
+                    finetune_profile: str | None = FINETUNE_PROFILE) -> dict[str, float]:
     """Write the world if absent, pretrain, fine-tune and test through the terratorch CLI; print a summary.
 
     ``pretrained``: an existing pretraining checkpoint of the demo region; skips step 1 (no PSNR reported).
+    ``pretrain_profile`` / ``finetune_profile``: overlays after the configs (default: the CPU profiles; ``None``:
+    the paper-scale configs as they are, a GPU job).
     """
     from terratorch_eoplugins.synthetic import write_world
 
@@ -92,20 +117,22 @@ def run_lianet_demo(data_dir: str = "data/demo", size: str = "demo", runs_dir: s
         pre_dir = ckpt.parent
     else:
         ckpt, pre_dir, pre_s, psnr = _pretrain(pretrain_config, tiles_root, log, pre_name, stamp, extra_pretrain,
-                                               pretrain_epochs, runs_dir, env)
+                                               pretrain_epochs, runs_dir, env, pretrain_profile)
 
     # 2. fine-tuning + test
     ft_name = "lianet_demo_pastis"
     data_over = [f"--data.init_args.root={pastis_root}", f"--data.init_args.tiles_root={tiles_root}"]
     model_over = [f"--model.init_args.model_args.backbone_ckpt_path={ckpt}"]
-    over = [*data_over, *model_over, *log]
+    # the profile first: a later -c file replaces the whole model_args, the checkpoint flag included
+    over = [*profile_args(finetune_profile), *data_over, *model_over, *log]
     ft_dir, ft_s = run_stage("fit", finetune_config, [*over, *extra_finetune], runs_dir, ft_name, f"fit-{stamp}", env,
                              finetune_epochs)
     best = best_checkpoint(ft_dir)
     test_dir, test_s = run_stage("test", finetune_config, [*over, f"--ckpt_path={best}", *extra_finetune], runs_dir,
                                  ft_name, f"test-{stamp}", env)
     metrics = read_last_metrics(test_dir / "metrics.csv")
-    base = majority_baseline(data_piece(finetune_config), {"root": pastis_root, "tiles_root": tiles_root})
+    base = majority_baseline(data_piece(finetune_config), {**profile_data_args(finetune_profile), "root": pastis_root,
+                                                           "tiles_root": tiles_root})
     total = time.perf_counter() - t0
 
     miou = metrics.get("test/mIoU", float("nan"))
@@ -142,13 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--pretrain-config", default=PRETRAIN_CONFIG)
     p.add_argument("--finetune-config", default=FINETUNE_CONFIG)
+    p.add_argument("--pretrain-profile", default=PRETRAIN_PROFILE,
+                   help="overlay after the pretraining config (default: the CPU profile; '' = paper scale)")
+    p.add_argument("--finetune-profile", default=FINETUNE_PROFILE,
+                   help="overlay after the fine-tuning config (default: the CPU profile; '' = paper scale)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="override the pretraining config's max_epochs")
     p.add_argument("--finetune-epochs", type=int, default=None, help="override the fine-tuning config's max_epochs")
     p.add_argument("--pretrained", default=None,
                    help="reuse this pretraining checkpoint of the demo region (skips pretraining)")
     a = p.parse_args(argv)
     res = run_lianet_demo(a.data_dir, a.size, a.runs_dir, a.pretrain_config, a.finetune_config, a.pretrain_epochs,
-                          a.finetune_epochs, pretrained=a.pretrained)
+                          a.finetune_epochs, pretrained=a.pretrained, pretrain_profile=a.pretrain_profile,
+                          finetune_profile=a.finetune_profile)
     ok = (res["test_mIoU"] > res["majority_mIoU"] and res["test_pixel_accuracy"] >= res["majority_pixel_accuracy"]
           and (a.pretrained is not None or res["psnr_last"] > res["psnr_first"]))
     return 0 if ok else 1

@@ -51,8 +51,11 @@ def parse_tiles(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def protocol_commands(tiles: Mapping[str, str], folds: Sequence[int], config: str, pastis_root: str, tiles_root: str,
-                      runs_dir: str, extra: Sequence[str] = ()) -> list[dict[str, object]]:
-    """One entry per (tile, fold rotation): its name and the ``fit`` arguments (``test`` reuses them)."""
+                      runs_dir: str, extra: Sequence[str] = (), profile: str | None = None) -> list[dict[str, object]]:
+    """One entry per (tile, fold rotation): its name and the ``fit`` arguments (``test`` reuses them).
+
+    ``profile``: an overlay (``configs/profiles/cpu/lianet_pastis.yaml``) placed first, before the checkpoint flag
+    (a ``-c`` file replaces the whole ``model_args``); ``None``: the config at paper scale."""
     for k in folds:
         if not 0 <= int(k) <= 4:
             raise ValueError(f"fold rotations are 0..4 (official 5-fold protocol), got {k}")
@@ -60,7 +63,8 @@ def protocol_commands(tiles: Mapping[str, str], folds: Sequence[int], config: st
     for tile, ckpt in tiles.items():
         for k in folds:
             name = f"lianet_pastis_{tile}_fold{k}"
-            args = [f"--data.init_args.root={pastis_root}", f"--data.init_args.tiles_root={tiles_root}",
+            args = [*(["-c", profile] if profile else []), f"--data.init_args.root={pastis_root}",
+                    f"--data.init_args.tiles_root={tiles_root}",
                     f"--data.init_args.tiles=[{tile}]", "--data.init_args.protocol=official",
                     f"--data.init_args.fold_rotation={int(k)}", "--data.init_args.outside=skip",
                     f"--model.init_args.model_args.backbone_ckpt_path={ckpt}",
@@ -88,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiles-root", required=True, help="folder holding the tile folders of S2 acquisitions")
     p.add_argument("--pastis-root", required=True, help="the PASTIS-R folder")
     p.add_argument("--config", default="configs/lianet_pastis.yaml")
+    p.add_argument("--profile", default=None,
+                   help="overlay after --config, e.g. configs/profiles/cpu/lianet_pastis.yaml (default: paper scale)")
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="official fold rotations to run")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--json", default=None, help="also write per-run metrics and the summary to this file")
@@ -95,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a, extra = p.parse_known_args(argv)
     if not Path(a.config).is_file():
         raise FileNotFoundError(f"config {a.config!r} not found")
-    runs = protocol_commands(parse_tiles(a.tile), a.folds, a.config, a.pastis_root, a.tiles_root, a.runs_dir, extra)
+    if a.profile and not Path(a.profile).is_file():
+        raise FileNotFoundError(f"profile {a.profile!r} not found")
+    runs = protocol_commands(parse_tiles(a.tile), a.folds, a.config, a.pastis_root, a.tiles_root, a.runs_dir, extra,
+                             profile=a.profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     env = dict(os.environ)

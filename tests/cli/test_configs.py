@@ -47,9 +47,25 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
     return overrides
 
 
+#: data arguments that size the data, not the model: the paper-scale configs run on the tiny world with these values
+TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2}
+#: steps of the auxiliary fits a task runs before training (tokenizers, waveform autoencoder): not the model's size
+TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
+
+
+def _tiny_data(config: Path) -> list[str]:
+    """``--data.init_args.<arg>=<small>`` for the data-size arguments of the config's data piece (``TINY_DATA``);
+    the model, its recipe and the trainer stay the paper's (precision 32: fp16/bf16 mixed precision is a GPU's)."""
+    cfg = yaml.safe_load(config.read_text())
+    data = yaml.safe_load((config.parent / cfg["data"]).read_text())["init_args"]
+    model = yaml.safe_load((config.parent / cfg["model"]).read_text()).get("init_args", {})
+    return ([f"--data.init_args.{k}={v}" for k, v in TINY_DATA.items() if k in data]
+            + [f"--model.init_args.{k}={v}" for k, v in TINY_FITS.items() if k in model] + ["--trainer.precision=32"])
+
+
 def _run(subcommands: str, config: Path, world: Path, tmp: Path, env: dict[str, str], extra: list[str]) -> None:
     # no checkpoint callbacks: a smoke run must not write multi-GB checkpoints of the large baselines
-    args = ["-c", str(config), *_data_root_override(config, world), "--trainer.fast_dev_run=true",
+    args = ["-c", str(config), *_data_root_override(config, world), *_tiny_data(config), "--trainer.fast_dev_run=true",
             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}", *extra]
     proc = subprocess.run([sys.executable, "-c", RUN_BOTH, subcommands, *args], cwd=REPO, env=env,
@@ -66,6 +82,8 @@ def test_there_are_configs_for_every_baseline_on_pastis() -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_fits_and_tests_through_the_cli(config: Path, tiny_world_dir: Path, tmp_path: Path,
                                                cli_env: dict[str, str]) -> None:
+    """The top-level configs are paper scale (model and recipe); one training and one test step of each on CPU,
+    on the tiny world with a small batch (``TINY_DATA``)."""
     _run("fit,test", config, tiny_world_dir, tmp_path, cli_env, [])
 
 
@@ -136,8 +154,8 @@ def _composed_configs() -> list[tuple[str, list[str]]]:
     """(piece, ``fit`` arguments) composing every runnable config and every piece into a full config.
 
     A model or data piece replaces the one of a runnable config that uses it, or failing that of one with a model
-    piece of the same task folder and family (``models/pastis/lianet_paper.yaml`` -> ``lianet_pastis.yaml``); a
-    trainer piece goes into ``micro_unet_pastis.yaml``.
+    piece of the same task folder and family (``models/pretrain/lianet_base.yaml`` -> ``lianet_pretrain_pastis.yaml``);
+    a trainer piece goes into ``micro_unet_pastis.yaml``.
     """
     used = {c: yaml.safe_load(c.read_text()) for c in CONFIGS}
     host_of: dict[Path, Path] = {}
@@ -148,6 +166,9 @@ def _composed_configs() -> list[tuple[str, list[str]]]:
     out = [(str(c.relative_to(REPO)), ["-c", str(c)]) for c in CONFIGS]
     for piece in PIECES:
         kind = piece.relative_to(REPO / "configs").parts[0]
+        if kind == "profiles":  # an overlay of the runnable config of the same name
+            out.append((str(piece.relative_to(REPO)), ["-c", str(REPO / "configs" / piece.name), "-c", str(piece)]))
+            continue
         if kind not in ("trainer", "data", "models") or piece.parent.name == "callbacks":
             continue  # callback lists are loaded by the trainer pieces
         if kind == "trainer" and piece.parent.name == "logger":  # logger pieces replace a trainer piece's logger
@@ -254,6 +275,8 @@ def test_config_tree_follows_the_naming_rule() -> None:
         rel = p.relative_to(REPO / "configs")
         if rel.parts[0] == "models" and (len(rel.parts) != 3 or rel.parts[1] not in TASKS):
             wrong.append(f"{rel}: model pieces are models/<task>/<model>.yaml, tasks {sorted(TASKS)}")
+        if rel.parts[0] == "profiles" and (len(rel.parts) != 3 or not (REPO / "configs" / p.name).is_file()):
+            wrong.append(f"{rel}: profiles are profiles/<profile>/<runnable config>.yaml (an overlay of that config)")
         if rel.parts[0] == "data" and p.stem.split("_")[0] not in DATASETS:
             wrong.append(f"{rel}: data pieces are data/<dataset>[_<variant>].yaml, datasets {sorted(DATASETS)}")
     assert not wrong, "\n".join(wrong)

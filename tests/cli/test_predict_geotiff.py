@@ -162,9 +162,10 @@ def _predict(config: str, world: Path, tmp: Path, extra: list[str] = (), fit_fir
     from terratorch.cli_tools import build_lightning_cli
 
     cfg = CONFIGS / f"{config}.yaml"
+    profile = CONFIGS / "profiles" / "cpu" / f"{config}.yaml"  # the CPU size of a paper-scale config
     out = tmp / "maps"
-    common = ["-c", str(cfg), *_data_root_override(cfg, world), f"--trainer.default_root_dir={tmp}",
-              f"--trainer.logger.init_args.save_dir={tmp}", *extra]
+    common = ["-c", str(cfg), *(["-c", str(profile)] if profile.is_file() else []), *_data_root_override(cfg, world),
+              f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}", *extra]
     ckpt = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -371,8 +371,10 @@ def test_dunia_pastis_warns_that_its_frozen_encoder_is_random(caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         SemanticSegmentationTask(**init)
     (message,) = _no_weights_records(caplog)
+    variant = init["model_args"]["backbone"].removeprefix("dunia_")  # the paper's base at the shipped scale
+    assert variant == "base"
     assert message.startswith("DUNIA: no pretrained weights (model_args.backbone_ckpt_path is null): the frozen "
-                              "DUNIA-tiny encoder is random")
+                              f"DUNIA-{variant} encoder is random")
 
 
 # ------------------------------------------------------------------------------------------ the real CLI
@@ -384,8 +386,9 @@ def test_lianet_checkpoint_tests_from_another_folder_after_the_pretraining_file_
     exe = shutil.which("terratorch", path=str(Path(sys.executable).parent))
     assert exe
     config = REPO / "configs" / "lianet_pastis.yaml"
-    piece = yaml.safe_load((REPO / "configs" / "models" / "pastis" / "lianet.yaml").read_text())
-    gen_args = piece["init_args"]["model_args"]["backbone_generator_args"]
+    profile = REPO / "configs" / "profiles" / "cpu" / "lianet_pastis.yaml"  # CPU size; the flag comes after it
+    piece = yaml.safe_load(profile.read_text())
+    gen_args = piece["model"]["init_args"]["model_args"]["backbone_generator_args"]
     fit_dir, other = tmp_path / "fit", tmp_path / "elsewhere"
     fit_dir.mkdir()
     other.mkdir()
@@ -396,13 +399,13 @@ def test_lianet_checkpoint_tests_from_another_folder_after_the_pretraining_file_
              "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
     flag = "--model.init_args.model_args.backbone_ckpt_path=pre/lianet_generator.pt"  # relative to fit_dir
     env = {**cli_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), cli_env.get("PYTHONPATH")]))}
-    fit = subprocess.run([exe, "fit", "-c", str(config), *data, *quick, flag], cwd=fit_dir, env=env,
-                         capture_output=True, text=True, timeout=900)
+    fit = subprocess.run([exe, "fit", "-c", str(config), "-c", str(profile), *data, *quick, flag], cwd=fit_dir,
+                         env=env, capture_output=True, text=True, timeout=900)
     assert fit.returncode == 0, fit.stderr[-4000:]
     (ckpt,) = [p for p in fit_dir.rglob("last.ckpt")]
     shutil.rmtree(fit_dir / "pre")
-    test = subprocess.run([exe, "test", "-c", str(config), *data, *quick, f"--ckpt_path={ckpt}", flag], cwd=other,
-                          env=env, capture_output=True, text=True, timeout=900)
+    test = subprocess.run([exe, "test", "-c", str(config), "-c", str(profile), *data, *quick, f"--ckpt_path={ckpt}",
+                           flag], cwd=other, env=env, capture_output=True, text=True, timeout=900)
     assert test.returncode == 0, test.stderr[-4000:]
     assert "test/mIoU" in test.stdout + test.stderr
     assert "not found" not in test.stderr and "no pretrained weights" not in test.stderr
