@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo lianet-demo test lint install clean-demo
+.PHONY: demo demo-one lianet-demo test lint install clean-demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,9 +20,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-## demo: install, write the demo synthetic world if absent, train + test the PASTIS demo config, print metrics
+## demo: install, write the demo world's PASTIS region if absent, then a side-by-side sweep under one protocol
+## (LIANet-Modified pretrained + head, DUNIA-tiny, UNet, Micro UNet on LIANet's samples; CPU profiles) and print
+## its leaderboard (benchmarks/sweeps/demo.yaml; runs/sweeps/demo/results/)
 demo: $(VENV)/.installed
-	$(BIN)/eoplugins demo --config configs/micro_unet_pastis.yaml --data-dir data/demo --size demo
+	$(BIN)/eoplugins synth --out data/demo --size demo --products s2_tiles s1_tiles pastis
+	$(BIN)/eoplugins sweep benchmarks/sweeps/demo.yaml --no-mlflow --show
+
+## demo-one: install, write the demo world if absent, train + test one config (DEMO_CONFIG) vs the majority class
+DEMO_CONFIG ?= configs/micro_unet_pastis.yaml
+demo-one: $(VENV)/.installed
+	$(BIN)/eoplugins demo --config $(DEMO_CONFIG) --data-dir data/demo --size demo
 
 ## lianet-demo: install, write the demo world if absent, pretrain LIANet on its S2 tiles, fine-tune + test on demo PASTIS
 lianet-demo: $(VENV)/.installed
