@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from terratorch_eoplugins.analysis.lianet_demo import profile_args
 from terratorch_eoplugins.runtime import read_last_metrics, run_terratorch
 
 METRICS = ("test/mIoU", "test/Pixel_Accuracy", "test/F1_Score")
@@ -63,7 +64,7 @@ def protocol_commands(tiles: Mapping[str, str], folds: Sequence[int], config: st
     for tile, ckpt in tiles.items():
         for k in folds:
             name = f"lianet_pastis_{tile}_fold{k}"
-            args = [*(["-c", profile] if profile else []), f"--data.init_args.root={pastis_root}",
+            args = [*profile_args(profile), f"--data.init_args.root={pastis_root}",
                     f"--data.init_args.tiles_root={tiles_root}",
                     f"--data.init_args.tiles=[{tile}]", "--data.init_args.protocol=official",
                     f"--data.init_args.fold_rotation={int(k)}", "--data.init_args.outside=skip",
@@ -101,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a, extra = p.parse_known_args(argv)
     if not Path(a.config).is_file():
         raise FileNotFoundError(f"config {a.config!r} not found")
-    if a.profile and not Path(a.profile).is_file():
-        raise FileNotFoundError(f"profile {a.profile!r} not found")
     runs = protocol_commands(parse_tiles(a.tile), a.folds, a.config, a.pastis_root, a.tiles_root, a.runs_dir, extra,
                              profile=a.profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
