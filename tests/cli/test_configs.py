@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,15 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 #: configs point at the demo world by default; the tests swap this prefix for the tiny world's folder
 DEMO_PREFIX = "data/demo/"
-
-RUN_BOTH = r"""
-import sys, warnings
-warnings.filterwarnings("ignore")
-from terratorch.cli_tools import build_lightning_cli
-args = sys.argv[2:]
-for sub in sys.argv[1].split(","):
-    build_lightning_cli([sub, *args])
-"""
 
 
 def _data_root_override(config: Path, world: Path) -> list[str]:
@@ -63,14 +55,74 @@ def _tiny_data(config: Path) -> list[str]:
             + [f"--model.init_args.{k}={v}" for k, v in TINY_FITS.items() if k in model] + ["--trainer.precision=32"])
 
 
-def _run(subcommands: str, config: Path, world: Path, tmp: Path, env: dict[str, str], extra: list[str]) -> None:
+#: worker for the fit + test runs: configs are claimed one at a time (an exclusive file per config) by
+#: ``CONFIG_WORKERS`` processes, so the 10 s import of terratorch is paid once per worker, not once per config
+RUN_MANY = r"""
+import contextlib, gc, io, json, os, resource, sys, time, traceback, warnings
+warnings.filterwarnings("ignore")
+jobs_file, claims, out = sys.argv[1:4]
+plugin_preloaded = "terratorch_eoplugins" in sys.modules
+from terratorch.cli_tools import build_lightning_cli
+for name, subcommands, args in json.loads(open(jobs_file).read()):
+    try:
+        os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        continue
+    start, error, log = time.perf_counter(), None, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            for sub in subcommands:
+                build_lightning_cli([sub, *args])
+    except BaseException as exc:  # the parser's SystemExit included
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            error = log.getvalue()[-3000:] + "\n" + traceback.format_exc()[-5000:]
+    result = {"error": error, "seconds": round(time.perf_counter() - start, 1), "plugin_preloaded": plugin_preloaded,
+              "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump(result, f)
+    gc.collect()
+"""
+#: parallel worker processes for the config runs (each on its share of the cores); 1 = one after another
+CONFIG_WORKERS = int(os.environ.get("EOPLUGINS_CONFIG_WORKERS", str(min(2, os.cpu_count() or 1))))
+#: the slowest configs are claimed first, so that the workers finish together
+SLOW_FIRST = ("tsfusion_pretrain", "tsfusion_cropnet", "prithvi_pastis", "prithvi_burnscars", "dunia_pastis_zeroshot",
+              "dunia_gedi_waveform_diffusion", "dunia_pretrain", "prithvi_gedi", "prithvi_cropnet")
+
+
+def _args(config: Path, world: Path, tmp: Path, extra: list[str]) -> list[str]:
     # no checkpoint callbacks: a smoke run must not write multi-GB checkpoints of the large baselines
-    args = ["-c", str(config), *_data_root_override(config, world), *_tiny_data(config), "--trainer.fast_dev_run=true",
+    return ["-c", str(config), *_data_root_override(config, world), *_tiny_data(config), "--trainer.fast_dev_run=true",
             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}", *extra]
-    proc = subprocess.run([sys.executable, "-c", RUN_BOTH, subcommands, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{config.name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def config_runs(request: pytest.FixtureRequest, tiny_world_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                cli_env: dict[str, str]) -> dict[str, dict]:
+    """``fit`` then ``test`` of every selected top-level config, in ``CONFIG_WORKERS`` subprocesses that run
+    terratorch's CLI entry point (``build_lightning_cli``, what the ``terratorch`` script calls) one config after
+    another; returns ``{config stem: {"error": traceback or None, "seconds", "max_rss_gb", ...}}``."""
+    selected = sorted({item.callspec.params["config"] for item in request.session.items
+                       if getattr(item, "originalname", "") == "test_config_fits_and_tests_through_the_cli"},
+                      key=lambda c: (SLOW_FIRST.index(c.stem) if c.stem in SLOW_FIRST else len(SLOW_FIRST), c.stem))
+    base = tmp_path_factory.mktemp("config_runs")
+    claims, out = base / "claims", base / "results"
+    claims.mkdir()
+    out.mkdir()
+    jobs = [(c.stem, ["fit", "test"], _args(c, tiny_world_dir, base / c.stem, [])) for c in selected]
+    (base / "jobs.json").write_text(json.dumps(jobs))
+    env = dict(cli_env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(CONFIG_WORKERS, 1))))
+    logs = [open(base / f"worker{i}.log", "w") for i in range(CONFIG_WORKERS)]  # noqa: SIM115
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_MANY, str(base / "jobs.json"), str(claims), str(out)],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    for proc in procs:
+        proc.wait(timeout=3600)
+    for log in logs:
+        log.close()
+    tails = "\n".join((base / f"worker{i}.log").read_text()[-3000:] for i in range(CONFIG_WORKERS))
+    results = {c.stem: json.loads((out / f"{c.stem}.json").read_text()) if (out / f"{c.stem}.json").is_file()
+               else {"error": f"no result: a worker died while running it\n{tails}"} for c in selected}
+    return results
 
 
 def test_there_are_configs_for_every_baseline_on_pastis() -> None:
@@ -80,11 +132,14 @@ def test_there_are_configs_for_every_baseline_on_pastis() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_fits_and_tests_through_the_cli(config: Path, tiny_world_dir: Path, tmp_path: Path,
-                                               cli_env: dict[str, str]) -> None:
+def test_config_fits_and_tests_through_the_cli(config: Path, config_runs: dict[str, dict]) -> None:
     """The top-level configs are paper scale (model and recipe); one training and one test step of each on CPU,
-    on the tiny world with a small batch (``TINY_DATA``)."""
-    _run("fit,test", config, tiny_world_dir, tmp_path, cli_env, [])
+    on the tiny world with a small batch (``TINY_DATA``), through terratorch's CLI in a subprocess
+    (:func:`config_runs`). The first config of each worker also proves that the configs' ``class_path`` entries
+    import the plugin (the workers never import it themselves)."""
+    result = config_runs[config.stem]
+    assert result["error"] is None, f"{config.name}:\n{result['error']}"
+    assert result["plugin_preloaded"] is False
 
 
 @pytest.mark.slow
