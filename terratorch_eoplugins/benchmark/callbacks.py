@@ -11,6 +11,9 @@ Recorded (rank 0 writes, after reducing over DDP ranks where the value is a sum)
 - ``cuda_peak_mb``: ``torch.cuda.max_memory_allocated`` of rank 0 (None on CPU);
 - ``world_size`` and ``train_samples`` / ``test_samples``: samples seen summed over ranks (a DistributedSampler
   splits the data, so the sum is the dataset length rounded up to a multiple of the world size);
+- ``test_pixels``: the test targets scored, summed over batches and ranks: the elements of the batch's ``mask``
+  (or ``label``) that are finite and not the task's ``ignore_index``, so that runs of one table can be checked
+  to score the same pixels (the LIANet supplement's baselines are tested on LIANet's samples);
 - ``pearson_r`` for regression tasks: Pearson correlation between predictions and targets over the valid
   (non-ignored) test values, r = cov(p, t) / (std(p) std(t)), accumulated as running sums (n, Σp, Σt, Σp², Σt²,
   Σpt) so it reduces exactly over batches and ranks. terratorch's regression tasks log RMSE/MAE/R² but not r.
@@ -57,6 +60,7 @@ class BenchmarkStats(Callback):
         self._stats: dict[str, Any] = {}
         self._t0: float | None = None
         self._samples = {"train": 0, "test": 0}
+        self._test_pixels = 0
         self._sums = torch.zeros(6, dtype=torch.float64)  # n, Σp, Σt, Σp², Σt², Σpt
 
     def _out(self) -> Path | None:
@@ -107,6 +111,7 @@ class BenchmarkStats(Callback):
                             dataloader_idx: int = 0) -> None:
         # at batch start: terratorch's test_step later adds/replaces batch entries for plotting
         self._samples["test"] += self._batch_size(batch)
+        self._test_pixels += self._scored_targets(pl_module, batch)
         if not (self._is_regression(pl_module) and isinstance(batch, dict)):
             return
         target_key = "label" if type(pl_module).__name__ == "ScalarRegressionTask" else "mask"
@@ -125,9 +130,25 @@ class BenchmarkStats(Callback):
         self._sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(), t.sum(),
                                    (p * p).sum(), (t * t).sum(), (p * t).sum()])
 
+    @staticmethod
+    def _scored_targets(pl_module: LightningModule, batch: Any) -> int:
+        """Finite target elements of the batch that are not ``ignore_index`` (0 when the batch has no target)."""
+        if not isinstance(batch, dict):
+            return 0
+        y = batch.get("mask", batch.get("label"))
+        if not torch.is_tensor(y):
+            return 0
+        valid = torch.isfinite(y) if y.is_floating_point() else torch.ones_like(y, dtype=torch.bool)
+        ignore = getattr(pl_module, "hparams", {}).get("ignore_index")
+        if ignore is not None:
+            valid &= y != ignore
+        return int(valid.sum())
+
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._t0 is not None:
             self._stats["test_s"] = time.perf_counter() - self._t0
+        pixels = torch.tensor(float(self._test_pixels), dtype=torch.float64, device=pl_module.device)
+        self._stats["test_pixels"] = int(trainer.strategy.reduce(pixels, reduce_op="sum").item())
         sums = trainer.strategy.reduce(self._sums.to(pl_module.device), reduce_op="sum").cpu()
         if self._is_regression(pl_module):
             self._stats["pearson_r"] = pearson_from_sums(*[float(v) for v in sums])

@@ -177,6 +177,28 @@ def _table(task_names: list[str], kind: str, lf: float, agg: dict[tuple, dict], 
     return [*lines, ""]
 
 
+def test_pixel_lines(rows: list[dict]) -> list[str]:
+    """Markdown lines saying, per task and fold, whether every ok run was scored on the same number of test pixels
+    (the ``test_pixels`` column); runs of another test set (a different count) are named. Empty without counts."""
+    groups: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("status") == "ok" and str(r.get("test_pixels", "")).strip():
+            fold = m.group(1) if (m := re.search(r"__f(\d+)$", r["run_id"])) else ""
+            groups[(r["task_label"], fold)][str(int(float(r["test_pixels"])))].append(r["run_id"])
+    if not groups:
+        return []
+    lines = ["### Test pixels", ""]
+    for (task, fold), counts in groups.items():
+        where = f"{task}" + (f", fold {fold}" if fold else "")
+        if len(counts) == 1:
+            n, ids = next(iter(counts.items()))
+            lines.append(f"- {where}: every run ({len(ids)}) scored {int(n):,} test pixels.")
+        else:
+            parts = "; ".join(f"{int(n):,}: " + ", ".join(f"`{i}`" for i in ids) for n, ids in counts.items())
+            lines.append(f"- {where}: **runs scored different numbers of test pixels** ({parts}).")
+    return [*lines, ""]
+
+
 def render_markdown(csv_path: str | Path, title: str | None = None, command: str | None = None,
                     order: list[str] | None = None, run_ids: set[str] | None = None,
                     produced_by: str | None = None) -> str:
@@ -214,6 +236,7 @@ def render_markdown(csv_path: str | Path, title: str | None = None, command: str
                 title = kind if kind == "segmentation" else f"{kind}: {tasks[group[0]]['task_label']}"
                 lines += [f"### {round(lf * 100)}% labels, {title}", ""]
                 lines += _table(group, kind, lf, agg, rows, model_order)
+    lines += test_pixel_lines(rows)
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += [f"### Failed runs ({len(failed)})", ""]

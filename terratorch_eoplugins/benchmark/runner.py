@@ -54,8 +54,12 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
 
 COLUMNS = ["run_id", "sweep", "model", "model_label", "pretrained", "task", "task_label", "kind", "setting",
            "setting_label", "label_fraction", "seed", "status", "m1", "m2", "m3", "metric_names",
-           "tunable_params", "total_params", "train_s", "train_loop_s", "pretrain_s", "test_s", "peak_rss_mb",
-           "cuda_peak_mb", "world_size", "resumed", "finished_at", "command", "error", "metrics"]
+           "tunable_params", "total_params", "train_s", "train_loop_s", "pretrain_s", "test_s", "test_samples",
+           "test_pixels", "peak_rss_mb", "cuda_peak_mb", "world_size", "resumed", "finished_at", "command", "error",
+           "metrics"]
+#: the header of results CSVs written before ``test_samples`` / ``test_pixels`` existed: a sweep resumed on such a
+#: file appends its rows with this header's columns (the new ones are then only in the runs' ``test_stats.json``)
+LEGACY_COLUMNS = [c for c in COLUMNS if c not in ("test_samples", "test_pixels")]
 
 
 def select_metrics(kind: str, metrics: dict[str, float], keys: dict[str, str] | None = None) -> list[float]:
@@ -77,10 +81,17 @@ class SweepOutputError(FileExistsError):
     """A sweep output path holds a file that the sweep did not write; the message names it."""
 
 
-def _header_line() -> bytes:
+def _header_line(columns: list[str] = COLUMNS) -> bytes:
     head = io.StringIO()
-    csv.writer(head).writerow(COLUMNS)
+    csv.writer(head).writerow(columns)
     return head.getvalue().encode()
+
+
+def _file_columns(path: Path) -> list[str]:
+    """The columns of an existing results CSV: :data:`COLUMNS` or :data:`LEGACY_COLUMNS`."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16).rstrip(b"\r\n")
+    return LEGACY_COLUMNS if first == _header_line(LEGACY_COLUMNS).rstrip(b"\r\n") else COLUMNS
 
 
 def check_results_csv(path: Path) -> None:
@@ -92,7 +103,7 @@ def check_results_csv(path: Path) -> None:
         raise SweepOutputError(f"{path}: exists and is not a file; the sweep writes its results CSV there")
     with open(path, "rb") as f:
         first = f.readline(1 << 16)
-    if first and first.rstrip(b"\r\n") != _header_line().rstrip(b"\r\n"):
+    if first and first.rstrip(b"\r\n") not in (_header_line(c).rstrip(b"\r\n") for c in (COLUMNS, LEGACY_COLUMNS)):
         raise SweepOutputError(f"{path}: not a results CSV written by `eoplugins sweep` (its header is not the sweep's "
                                f"{len(COLUMNS)} columns run_id,sweep,...,metrics); refusing to append to it: move it "
                                "away or choose another --results-dir")
@@ -104,18 +115,24 @@ def append_row(path: Path, row: dict) -> None:
     Raises :class:`SweepOutputError` (nothing written) when the file exists with another header.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="raise")
-    w.writerow({k: row.get(k, "") for k in COLUMNS})
-    line = buf.getvalue().encode()
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"results row has unknown column(s) {sorted(unknown)}")
+
+    def line(columns: list[str]) -> bytes:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=columns).writerow({k: row.get(k, "") for k in columns})
+        return buf.getvalue().encode()
+
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_size == 0:
-            line = _header_line() + line
+            data = _header_line() + line(COLUMNS)
         else:
             check_results_csv(path)
-        os.write(fd, line)
+            data = line(_file_columns(path))
+        os.write(fd, data)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -337,6 +354,7 @@ class SweepRunner:
             return self._finish(row, rdir, f"test: none of {[k for _, k, _ in METRICS[run.kind]]} was logged "
                                            f"(got {sorted(metrics)})")
         row.update(m1=vals[0], m2=vals[1], m3=vals[2], test_s=round(res.wall_s, 2), status="ok",
+                   test_samples=tstats.get("test_samples", ""), test_pixels=tstats.get("test_pixels", ""),
                    metrics=json.dumps({k: v for k, v in metrics.items() if k.startswith("test/") or k == "pearson_r"}))
         if not row.get("tunable_params"):
             row["tunable_params"] = tstats.get("tunable_params", "")

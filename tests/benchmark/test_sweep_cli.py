@@ -117,5 +117,6 @@ def test_two_process_cpu_ddp_splits_data_and_syncs_metrics(tiny_world_dir: Path,
     # DistributedSampler: each rank gets ceil(n / 2) samples (padded), one batch of them per rank here
     assert fit["train_samples"] == 2 * min(cfg["batch_size"], math.ceil(n_train / 2))
     assert test["test_samples"] == 2 * math.ceil(n_test / 2)
+    assert row["test_samples"] == test["test_samples"] and row["test_pixels"] == test["test_pixels"] > 0
     # metrics were computed over the synced states: the logged values are valid macro metrics
     assert all(0.0 <= row[k] <= 1.0 for k in ("m1", "m2", "m3"))

@@ -180,6 +180,18 @@ def test_leaderboard_layout_top3_bold_and_seed_means(tmp_path: Path) -> None:
     assert set(COLUMNS) >= {"tunable_params", "total_params", "train_s", "peak_rss_mb", "cuda_peak_mb", "status"}
 
 
+def test_leaderboard_says_whether_every_run_scored_the_same_test_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    for model, pixels in (("a", 4096), ("b", 4096), ("c", 1024)):
+        append_row(path, {**_row("pastis", "segmentation", model, "full", [0.5, 0.5, 0.5]), "test_pixels": pixels})
+    append_row(path, {**_row("gedi", "regression", "a", "full", [1, 1, 0.5]), "test_pixels": 300})
+    lines = render_markdown(path).splitlines()
+    assert "- Gedi: every run (1) scored 300 test pixels." in lines
+    pastis = next(ln for ln in lines if ln.startswith("- Pastis:"))
+    assert "**runs scored different numbers of test pixels**" in pastis
+    assert "4,096: `a__pastis__full__lf100__s0`, `b__pastis__full__lf100__s0`; 1,024: `c__pastis" in pastis
+
+
 def test_bolding_follows_each_metrics_direction_and_never_exceeds_three_or_the_whole_column() -> None:
     iou = [0.40, 0.10, 0.30, 0.20, 0.50]
     rmse = [4.0, 1.0, 3.0, 2.0, 5.0]
@@ -260,6 +272,25 @@ def test_callback_pearson_r_on_a_regression_task_matches_numpy(tmp_path: Path) -
     assert stats["pearson_n"] == p.size == 3 * 2 * 32 * 32 - 2 * 32 * (0 + 8 + 16)
     assert stats["pearson_r"] == pytest.approx(np.corrcoef(p, t)[0, 1], abs=1e-9)
     assert stats["test_samples"] == 6 and stats["total_params"] == stats["tunable_params"] > 0
+    assert stats["test_pixels"] == stats["pearson_n"]  # the scored (not ignored) target pixels
+
+
+def test_rows_append_to_a_results_csv_of_the_previous_header(tmp_path: Path) -> None:
+    """A sweep resumed on a CSV written before ``test_samples``/``test_pixels`` keeps that file's header."""
+    import csv
+
+    from terratorch_eoplugins.benchmark.runner import COLUMNS, LEGACY_COLUMNS, append_row, read_rows
+
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="") as f:
+        csv.writer(f).writerow(LEGACY_COLUMNS)
+    append_row(old, {"run_id": "a", "status": "ok", "test_pixels": 7})
+    assert [r["run_id"] for r in read_rows(old)] == ["a"] and "test_pixels" not in read_rows(old)[0]
+    new = tmp_path / "new.csv"
+    append_row(new, {"run_id": "b", "test_pixels": 7})
+    assert list(read_rows(new)[0]) == COLUMNS and read_rows(new)[0]["test_pixels"] == "7"
+    with pytest.raises(ValueError, match="unknown column"):
+        append_row(new, {"run_id": "c", "pixels": 1})
 
 
 def test_task_specific_metric_keys() -> None:
