@@ -26,6 +26,9 @@ A sweep file (``benchmarks/sweeps/*.yaml``) names the shipped config pieces; eve
 (``--data.init_args.fold_rotation=<k>``, another data argument with ``fold_arg``; run ids end in ``__f<k>``), a
 pretraining shared by the folds, and leaderboard values that are means over seeds and folds.
 
+``extends: <other sweep.yaml>`` starts from another sweep file and changes only what it gives
+(:func:`read_sweep_file`): e.g. ``lianet_table3_smoke.yaml`` is table 3's protocol at CPU size.
+
 A task may add ``overrides`` of its own (after the sweep's, before the model's and the entry's).
 A task (or a model x task entry) may map leaderboard columns to other logged keys (``metrics: {r: test/r}``) for
 tasks that log their own metrics. A model x task entry may also give its own ``data`` and ``trainer`` pieces,
@@ -225,14 +228,62 @@ class Sweep:
         return self.raw.get("tasks", {})
 
 
+def read_sweep_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a sweep file, with ``extends: <base.yaml>`` (relative to the file) resolved.
+
+    The file's keys are merged over its base's (:func:`deep_merge`, ``__delete__`` removes a key; lists such as
+    ``overrides``, ``seeds`` and ``folds`` are replaced), except ``models``, which is merged entry by entry on
+    ``name``: an entry naming a base model patches it (e.g. another backbone in its settings, a CPU ``profile``),
+    ``{name: x, __delete__: true}`` drops it, a new name is appended. A smoke version of a table is thus the table's
+    file plus the sizes it changes, and cannot drift from the table's protocol.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepSpecError(f"sweep file not found: {path}" + (f" (extended by {_chain[-1]})" if _chain else ""))
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"{path}: expected a mapping with name/tasks/models")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise SweepSpecError(f"{path}: extends must be the path of another sweep file, got {base_name!r}")
+    base_path = (path.parent / base_name).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise SweepSpecError(f"{path}: extends {base_name} forms a cycle")
+    base = read_sweep_file(base_path, (*_chain, path.resolve()))
+    models = raw.pop("models", None)
+    out = deep_merge(base, raw, keep_deletes=True)
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, dict) and "name" in m for m in models):
+            raise SweepSpecError(f"{path}: 'models' of a sweep that extends another must be a list of entries "
+                                 "with a name (patches of the base's entries or new ones)")
+        merged = list(base.get("models") or [])
+        names = [m.get("name") for m in merged]
+        for entry in models:
+            if entry["name"] not in names:
+                if entry.get(DELETE) is True:
+                    raise SweepSpecError(f"{path}: models: {entry['name']!r} is not a model of {base_name}, "
+                                         f"which has {names}")
+                merged.append(entry)
+                names.append(entry["name"])
+                continue
+            i = names.index(entry["name"])
+            if entry.get(DELETE) is True:
+                merged.pop(i)
+                names.pop(i)
+            else:
+                merged[i] = deep_merge(merged[i], entry, keep_deletes=True)
+        out["models"] = merged
+    return out
+
+
 def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = None) -> Sweep:
     """Parse a sweep file into runs. Piece paths are relative to ``repo``; ``trainer`` replaces the sweep's."""
     path, repo = Path(path), Path(repo)
     if not path.is_file():
         raise SweepSpecError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise SweepSpecError(f"{path}: expected a mapping with name/tasks/models")
+    raw = read_sweep_file(path)
     name = str(raw.get("name") or path.stem)
     world = str(raw.get("world", DEMO_PREFIX.rstrip("/")))
     trainer_piece = trainer or _req(raw, "trainer", str(path))

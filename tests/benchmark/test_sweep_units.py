@@ -437,3 +437,31 @@ def test_an_entry_deletion_survives_the_setting_patch_it_is_merged_over() -> Non
     assert "backbone_use_temporal" not in merged and "backbone_bands" not in merged and "nope" not in merged
     assert merged["decoder"] == "FCNDecoder" and merged["extra"] == {"a": 1}
     assert deep_merge({"x": 1}, {"y": "__delete__"}) == {"x": 1}
+
+
+def test_a_sweep_extends_another_and_patches_its_models_by_name(tmp_path: Path) -> None:
+    """``extends:``: the base's keys with the file's merged over them; models patched, dropped or added by name."""
+    micro = {"model": "configs/models/pastis/micro_unet.yaml"}
+    base = _write_sweep(tmp_path, [{"name": "micro", "label": "Micro", "settings": ["full", "frozen"],
+                                    "tasks": {"pastis": micro}},
+                                   {"name": "unet", "tasks": {"pastis": {"model": "configs/models/pastis/unet.yaml"}}}],
+                        seeds=[0, 1])
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({
+        "extends": base.name, "name": "child", "seeds": [3], "overrides": ["--trainer.max_epochs=1"],
+        "models": [{"name": "micro", "label": "Micro (small)", "settings": ["full"],
+                    "tasks": {"pastis": {"settings": {"full": {"model_args": {"decoder_channels": [8]}}}}}},
+                   {"name": "unet", "__delete__": True},
+                   {"name": "micro2", "tasks": {"pastis": micro}}]}))
+    sweep = load_sweep(child, repo=REPO)
+    assert sweep.name == "child" and sweep.raw["tasks"] == yaml.safe_load(base.read_text())["tasks"]
+    assert sorted(r.run_id for r in sweep.runs) == ["micro2__pastis__full__lf100__s3", "micro__pastis__full__lf100__s3"]
+    run = next(r for r in sweep.runs if r.model == "micro")
+    assert run.model_label == "Micro (small)" and "--trainer.max_epochs=1" in run.overrides
+    assert run.model_patch["model_args"] == {"decoder_channels": [8]}
+    child.write_text(yaml.safe_dump({"extends": "child.yaml", "models": []}))
+    with pytest.raises(SweepSpecError, match="cycle"):
+        load_sweep(child, repo=REPO)
+    child.write_text(yaml.safe_dump({"extends": base.name, "models": [{"name": "nope", "__delete__": True}]}))
+    with pytest.raises(SweepSpecError, match="'nope' is not a model of"):
+        load_sweep(child, repo=REPO)
