@@ -21,10 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from terratorch_eoplugins.runtime import exact_matmul
 
 __all__ = [
+    "S4_INFONCE_CHUNK",
     "S4InfoNCELoss",
     "S4ReconstructionLoss",
     "s4_pixel_infonce",
@@ -37,12 +39,18 @@ __all__ = [
 # S4: pixel-wise multi-modal space-time contrastive loss and cross-modal reconstruction loss
 # =====================================================================================================
 
+#: anchor rows per chunk of the InfoNCE logits (``[B, chunk, N]`` at a time): bounds memory without changing the value
+S4_INFONCE_CHUNK = 1024
+
+
 def s4_sample_positions(batch: int, positions: int, num_pixels: int | None, generator: torch.Generator | None = None,
-                        device: torch.device | str | None = None) -> Tensor:
+                        device: torch.device | str | None = None, valid: Tensor | None = None) -> Tensor:
     """Indices ``[batch, P]`` of the space-time positions used per sample (distinct within a sample).
 
     ``num_pixels=None`` (or >= ``positions``) keeps every position in order; otherwise ``num_pixels``
-    positions are drawn uniformly without replacement, independently for each sample.
+    positions are drawn uniformly without replacement, independently for each sample. With ``valid``
+    (``[batch, positions]`` boolean) the draw is among the valid positions; a sample with fewer valid positions
+    than ``num_pixels`` gets all of them, then invalid ones (which the loss masks out).
     """
     if positions < 1:
         raise ValueError(f"no space-time position to contrast (T*H*W = {positions})")
@@ -51,6 +59,8 @@ def s4_sample_positions(batch: int, positions: int, num_pixels: int | None, gene
     if num_pixels is None or num_pixels >= positions:
         return torch.arange(positions, device=device).expand(batch, positions)
     scores = torch.rand(batch, positions, generator=generator, device=generator.device if generator else device)
+    if valid is not None:
+        scores = scores + (~valid.bool()).to(scores.device, scores.dtype) * 2.0  # invalid positions sort last
     return scores.argsort(dim=1)[:, :num_pixels].to(device)
 
 
@@ -60,8 +70,19 @@ def _flatten_positions(z: Tensor, name: str) -> Tensor:
     return z.flatten(2)  # B x D x N
 
 
+def _infonce_chunk(anchor: Tensor, positive: Tensor, other: Tensor, col_bias: Tensor, temperature: float) -> Tensor:
+    """Per-row InfoNCE of a chunk of anchors: ``logsumexp_j(a_i . b_j / tau + bias_j) - a_i . b_i / tau``.
+
+    ``anchor``, ``positive``: ``[B, c, D]`` (unit vectors; ``positive`` = the other modality at the same positions);
+    ``other``: ``[B, N, D]`` every candidate; ``col_bias``: ``[B, N]`` (0 valid, ``-inf`` masked).
+    """
+    logits = torch.bmm(anchor, other.transpose(1, 2)) / temperature + col_bias[:, None, :]
+    return torch.logsumexp(logits, dim=2) - (anchor * positive).sum(-1) / temperature
+
+
 def s4_pixel_infonce(z_a: Tensor, z_b: Tensor, temperature: float = 0.5, num_pixels: int | None = None,
-                     indices: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                     indices: Tensor | None = None, generator: torch.Generator | None = None,
+                     valid: Tensor | None = None, chunk_size: int | None = S4_INFONCE_CHUNK) -> Tensor:
     """S4 multi-modal space-time InfoNCE (Eq. 2), averaged symmetrically over both anchor modalities.
 
     For each sample, the features of the two modalities at the same space-time position ``(t, y, x)``
@@ -73,35 +94,75 @@ def s4_pixel_infonce(z_a: Tensor, z_b: Tensor, temperature: float = 0.5, num_pix
     ``l_a`` is averaged over the anchor pixels of modality a, ``l_b`` likewise with b as the anchor,
     the per-sample loss is ``(mean l_a + mean l_b) / 2`` and the result is the batch mean.
 
+    By default every position of the feature map is an anchor and every other one a negative (the paper). The
+    ``N x N`` logits of a sample are never materialised at once: anchors are processed ``chunk_size`` rows at a
+    time (``[B, chunk_size, N]`` logits, each row's log-sum-exp is complete, so the value is exactly the
+    unchunked formula), and with gradients enabled each chunk is recomputed in the backward pass
+    (activation checkpointing), so memory stays ``O(B * chunk_size * N)`` forward and backward.
+
     Args:
         z_a: ``[B, D, T, H, W]`` (or any ``[B, D, ...]``) projected features of modality a.
         z_b: features of modality b, same shape.
         temperature: ``tau`` (paper default 0.5).
-        num_pixels: positions sampled per sample to bound memory (``P x P`` logits); ``None`` = all.
+        num_pixels: positions sampled per sample (the project's earlier default, 256; fewer negatives lower the
+            loss by about ``log(N / num_pixels)``); ``None`` = every position (paper).
         indices: explicit ``[B, P]`` flat position indices (overrides ``num_pixels``).
         generator: random generator of the position sampling.
+        valid: ``[B, D-less positions]`` boolean (``[B, T, H, W]`` or flat ``[B, N]``), ``False`` for positions made
+            of padding (dates appended to batch series of different lengths): they are neither anchors nor
+            negatives, and each sample's mean runs over its valid anchors only.
+        chunk_size: anchor rows per chunk (``None``: all rows at once).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     if z_a.shape != z_b.shape:
         raise ValueError(f"the two modalities' feature maps must have the same shape [B, D, T, H, W] (same dates and "
                          f"H x W), got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
     a, b = _flatten_positions(z_a, "z_a"), _flatten_positions(z_b, "z_b")
     bsz, _, n = a.shape
+    if valid is not None:
+        valid = valid.reshape(valid.shape[0], -1).bool().to(a.device) if valid.ndim >= 2 else valid
+        if valid.shape != (bsz, n):
+            raise ValueError(f"valid must have one flag per position, [B={bsz}, N={n}] (or [B, T, H, W]), got shape "
+                             f"{tuple(valid.shape)}")
+        if bool((valid.sum(1) < 2).any()):
+            raise ValueError("every sample needs at least 2 valid positions (a positive and a negative)")
     if indices is None:
-        indices = s4_sample_positions(bsz, n, num_pixels, generator, a.device)
+        indices = s4_sample_positions(bsz, n, num_pixels, generator, a.device, valid)
     elif indices.ndim != 2 or indices.shape[0] != bsz:
         raise ValueError(f"indices must be [B={bsz}, P], got shape {tuple(indices.shape)}")
     if indices.shape[1] < 2:
         raise ValueError(f"need at least 2 positions per sample (a positive and a negative), got {indices.shape[1]}")
-    idx = indices.to(a.device).unsqueeze(1).expand(-1, a.shape[1], -1)
-    a = F.normalize(a.gather(2, idx).transpose(1, 2), dim=-1)  # B x P x D
-    b = F.normalize(b.gather(2, idx).transpose(1, 2), dim=-1)
-    logits = torch.bmm(a, b.transpose(1, 2)) / temperature  # B x P x P, [i, j] = sim(a_i, b_j) / tau
-    target = torch.arange(logits.shape[1], device=logits.device)
-    loss_a = F.cross_entropy(logits.flatten(0, 1), target.repeat(bsz), reduction="none").view(bsz, -1).mean(1)
-    loss_b = F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.repeat(bsz),
-                             reduction="none").view(bsz, -1).mean(1)
+    indices = indices.to(a.device)
+    if not (indices.shape[1] == n and torch.equal(indices, torch.arange(n, device=a.device).expand(bsz, n))):
+        idx = indices.unsqueeze(1).expand(-1, a.shape[1], -1)
+        a, b = a.gather(2, idx), b.gather(2, idx)
+        valid = None if valid is None else valid.gather(1, indices)
+    a = F.normalize(a.transpose(1, 2), dim=-1)  # B x P x D
+    b = F.normalize(b.transpose(1, 2), dim=-1)
+    p = a.shape[1]
+    keep = torch.ones(bsz, p, dtype=torch.bool, device=a.device) if valid is None else valid
+    bias = torch.zeros(bsz, p, dtype=a.dtype, device=a.device).masked_fill(~keep, float("-inf"))
+    step = p if chunk_size is None else int(chunk_size)
+    checkpointed = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and step < p
+    rows_a, rows_b = [], []
+    for i0 in range(0, p, step):
+        sl = slice(i0, min(i0 + step, p))
+        args_a = (a[:, sl], b[:, sl], b, bias, temperature)
+        args_b = (b[:, sl], a[:, sl], a, bias, temperature)
+        if checkpointed:
+            rows_a.append(checkpoint(_infonce_chunk, *args_a, use_reentrant=False))
+            rows_b.append(checkpoint(_infonce_chunk, *args_b, use_reentrant=False))
+        else:
+            rows_a.append(_infonce_chunk(*args_a))
+            rows_b.append(_infonce_chunk(*args_b))
+    la, lb = torch.cat(rows_a, 1), torch.cat(rows_b, 1)  # B x P
+    w = keep.to(la.dtype)
+    zero = torch.zeros((), dtype=la.dtype, device=la.device)
+    loss_a = torch.where(keep, la, zero).sum(1) / w.sum(1)
+    loss_b = torch.where(keep, lb, zero).sum(1) / w.sum(1)
     return (0.5 * (loss_a + loss_b)).mean()
 
 
@@ -127,16 +188,19 @@ def s4_reconstruction_l1(prediction: Tensor, target: Tensor, mask: Tensor | None
 class S4InfoNCELoss(nn.Module):
     """Module form of :func:`s4_pixel_infonce` with a fixed temperature and pixel budget."""
 
-    def __init__(self, temperature: float = 0.5, num_pixels: int | None = 256) -> None:
+    def __init__(self, temperature: float = 0.5, num_pixels: int | None = None,
+                 chunk_size: int | None = S4_INFONCE_CHUNK) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.num_pixels = num_pixels
+        self.chunk_size = chunk_size
 
-    def forward(self, z_a: Tensor, z_b: Tensor, indices: Tensor | None = None) -> Tensor:
-        """Symmetric pixel InfoNCE between two ``[B, D, T, H, W]`` feature maps."""
-        return s4_pixel_infonce(z_a, z_b, self.temperature, self.num_pixels, indices)
+    def forward(self, z_a: Tensor, z_b: Tensor, indices: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        """Symmetric pixel InfoNCE between two ``[B, D, T, H, W]`` feature maps (every position by default)."""
+        return s4_pixel_infonce(z_a, z_b, self.temperature, self.num_pixels, indices, valid=valid,
+                                chunk_size=self.chunk_size)
 
 
 class S4ReconstructionLoss(nn.Module):
@@ -195,7 +259,7 @@ def _standardize(z: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
 
 
 def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bool = True, standardize: bool = True,
-                 return_parts: bool = False) -> Tensor | dict[str, Tensor]:
+                 return_parts: bool = False, form: str = "standardized") -> Tensor | dict[str, Tensor]:
     """Zero-CL loss ``L_Fea + L_Ins`` between paired embeddings (DUNIA appendix B, Eqs. 3-6).
 
     ``z_a``: ``[G, D_p]`` pixel embeddings (``O^V`` at the GEDI footprints), ``z_b``: their waveform embeddings
@@ -223,7 +287,16 @@ def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bo
     inner products are divided by ``D_p`` (instance) and ``G`` (feature) so that a whitened vector's inner
     product with itself is 1 (``H H^T = D_p I`` resp. ``G I`` without the division): the "1 -" target of
     Eqs. 3 and 5 is then reachable, as with the official code's ``c = z1^T z2 / N``.
+
+    ``form="literal"`` computes appendix B's Eqs. 3-6 as printed instead (the ablation of the official-code form,
+    ``form="standardized"``, the default): no standardisation (``standardize`` is ignored) and unscaled inner
+    products, ``L_Ins = sum_i (1 - sum_d H^A_id H^B_id)^2`` and ``L_Fea = sum_d (1 - sum_i H^A_di H^B_di)^2``
+    with ``H^Ins = S^{-1/2} Z``, ``S = Z Z^T / D_p`` and ``H^Fea = C^{-1/2} Z^T``, ``C = Z^T Z / G``. ``shrinkage``
+    still applies (0 = the printed equations); the eigenvalue floor of :func:`zca_whitening_matrix` keeps the
+    inverse square root finite for the rank-deficient matrix (``S`` when ``G > D_p``, ``C`` when ``G < D_p``).
     """
+    if form not in ("standardized", "literal"):
+        raise ValueError(f"zero_cl_loss: form must be 'standardized' or 'literal', got {form!r}")
     _check_pair(z_a, z_b, "zero_cl_loss")
     g, d = z_a.shape
     if g < 2:
@@ -233,17 +306,20 @@ def zero_cl_loss(z_a: Tensor, z_b: Tensor, shrinkage: float = 0.1, normalize: bo
         raise ValueError(f"zero_cl_loss needs at least 2 features (D_p = {d})")
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
+    literal = form == "literal"
+    standardize = standardize and not literal
+    ins_scale, fea_scale = (1.0, 1.0) if literal else (float(d), float(g))
     with exact_matmul():  # whitened products in full float32 (see the module docstring)
         # instance-wise: whiten the G x G affinity Z Z^T / D (= second moment of Z^T, [D, G])
         ia, ib = (_standardize(z_a, 1), _standardize(z_b, 1)) if standardize else (z_a, z_b)
         ha = zca_whitening_matrix(ia.T, shrinkage) @ ia  # G x D
         hb = zca_whitening_matrix(ib.T, shrinkage) @ ib
-        ins = ((1.0 - (ha * hb).sum(1) / d) ** 2).sum()
+        ins = ((1.0 - (ha * hb).sum(1) / ins_scale) ** 2).sum()
         # feature-wise: whiten the D x D covariance Z^T Z / G
         ca, cb = (_standardize(z_a, 0), _standardize(z_b, 0)) if standardize else (z_a, z_b)
         fa = zca_whitening_matrix(ca, shrinkage) @ ca.T  # D x G
         fb = zca_whitening_matrix(cb, shrinkage) @ cb.T
-        fea = ((1.0 - (fa * fb).sum(1) / g) ** 2).sum()
+        fea = ((1.0 - (fa * fb).sum(1) / fea_scale) ** 2).sum()
     if return_parts:
         return {"loss": fea + ins, "ins": ins, "fea": fea}
     return fea + ins

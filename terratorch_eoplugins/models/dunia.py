@@ -10,7 +10,9 @@ Pre-trained image model :class:`DUNIA` (``I [B, C, H, W]`` -> ``O^V, O^H [B, D_p
   The token map after each block feeds the decoders.
 * **Two DPT-style decoders** (:class:`~terratorch_eoplugins.nn.dpt.DPTDecoder`), vertical and horizontal, giving
   ``O_d`` ``[B, D_p 2^(d-1), H/2^(d-1), W/2^(d-1)]`` for ``d = 1..4`` with two neighborhood-attention layers
-  (window 19, clamped to the map) on ``O_1``; ``O^V = O^V_1`` and ``O^H = O^H_1`` (``D_p = 64``).
+  (window 19, clamped to the map) on ``O_1``; ``O^V = O^V_1`` and ``O^H = O^H_1`` (``D_p = 64``). Ablations
+  (appendix H, architecture keys): ``na_layers`` 0 / 1 / 2 (0 = a convolutional output layer, H.4) and
+  ``shared_decoder`` (one decoder for ``O^V`` and ``O^H``, H.2); the paper's 2 and ``False`` by default.
 * **Pretraining-only heads** (dropped by :meth:`DUNIA.drop_pretraining_heads` and never loaded by the
   terratorch backbone): a projection head per ``O^H_d`` (``1x1 conv D_pd -> 2 D_pd``, ReLU, ``1x1 conv -> D_pd``;
   appendix A.1 says "expands by two, projects back"; we project back to the level's own width ``D_pd`` so that
@@ -57,7 +59,8 @@ from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention
 
 __all__ = [
     "DUNIA", "DUNIABackbone", "DUNIALowShotHead", "DUNIAPretrainModel", "DUNIA_VARIANTS", "GeGLUFeedForward",
-    "ProjectionHead", "TEMPORAL_REDUCTIONS", "TransformerLayer", "architecture_overrides", "build_dunia", "dunia_base",
+    "ProjectionHead", "TEMPORAL_REDUCTIONS", "TransformerLayer", "architecture_overrides", "build_dunia",
+    "conv_output_layers", "dunia_base",
     "dunia_lowshot_head",
     "dunia_tiny", "load_dunia_checkpoint", "load_dunia_pretrain_model", "prepare_dunia_input", "sincos_2d",
 ]
@@ -70,10 +73,18 @@ REGISTERED = {"backbone": ["dunia_base", "dunia_tiny"], "decoder": ["dunia_lowsh
 #: ``tiny`` = a CPU-sized variant for tests and the synthetic world.
 DUNIA_VARIANTS: dict[str, dict[str, Any]] = {
     "base": dict(in_channels=14, patch_size=8, embed_dim=512, depth=16, num_blocks=4, num_heads=8, ffn_dim=2048,
-                 dropout=0.1, out_dim=64, num_levels=4, na_kernel=19, na_heads=4),
+                 dropout=0.1, out_dim=64, num_levels=4, na_kernel=19, na_heads=4, na_layers=2, shared_decoder=False),
     "tiny": dict(in_channels=14, patch_size=8, embed_dim=64, depth=4, num_blocks=4, num_heads=4, ffn_dim=128,
-                 dropout=0.1, out_dim=16, num_levels=4, na_kernel=7, na_heads=2),
+                 dropout=0.1, out_dim=16, num_levels=4, na_kernel=7, na_heads=2, na_layers=2, shared_decoder=False),
 }
+
+
+def conv_output_layers(dim: int) -> nn.ModuleList:
+    """The convolutional output layer of appendix H.4's "CNN" ablation (``na_layers=0``), in place of the two NA
+    layers on ``O_1``: a 3x3 Conv-BatchNorm-ReLU then a 3x3 convolution (linear, so that ``O_1`` keeps signed
+    values for the cosine retrieval), ``D_p -> D_p``. The paper does not detail its convolutional layers."""
+    return nn.ModuleList([nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)),
+                          nn.Conv2d(dim, dim, 3, padding=1)])
 
 
 def sincos_2d(dim: int, h: int, w: int, device: torch.device | None = None) -> Tensor:
@@ -148,14 +159,18 @@ class DUNIA(nn.Module):
         num_levels: decoder levels (= ``num_blocks``).
         na_kernel: NA window (paper: 19, clamped to the map size).
         na_heads: heads of the NA layers.
+        na_layers: neighborhood-attention layers on ``O_1`` of each decoder (paper: 2; appendix H.4's ablation:
+            ``0`` = a convolutional output layer instead, :func:`conv_output_layers`; ``1``).
+        shared_decoder: one decoder gives both ``O^V`` and ``O^H`` (appendix H.2's ablation; paper: ``False``, two
+            separate decoders).
         pretraining_heads: build the projection heads of ``O^H_d`` and the reconstruction of ``I``.
         variant: name recorded in checkpoints (``load_dunia_checkpoint`` checks it).
     """
 
     def __init__(self, in_channels: int = 14, patch_size: int = 8, embed_dim: int = 512, depth: int = 16,
                  num_blocks: int = 4, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,
-                 out_dim: int = 64, num_levels: int = 4, na_kernel: int = 19, na_heads: int = 4,
-                 pretraining_heads: bool = True, variant: str = "custom") -> None:
+                 out_dim: int = 64, num_levels: int = 4, na_kernel: int = 19, na_heads: int = 4, na_layers: int = 2,
+                 shared_decoder: bool = False, pretraining_heads: bool = True, variant: str = "custom") -> None:
         super().__init__()
         if depth % num_blocks:
             raise ValueError(f"DUNIA: depth={depth} must be a multiple of num_blocks={num_blocks}")
@@ -164,9 +179,12 @@ class DUNIA(nn.Module):
                              f"num_blocks={num_blocks}")
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"DUNIA: patch_size must be a power of two, got {patch_size}")
+        if na_layers not in (0, 1, 2):
+            raise ValueError(f"DUNIA: na_layers must be 0 (convolutional output layer), 1 or 2, got {na_layers}")
         self.config = dict(in_channels=in_channels, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                            num_blocks=num_blocks, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
-                           out_dim=out_dim, num_levels=num_levels, na_kernel=na_kernel, na_heads=na_heads)
+                           out_dim=out_dim, num_levels=num_levels, na_kernel=na_kernel, na_heads=na_heads,
+                           na_layers=na_layers, shared_decoder=bool(shared_decoder))
         self.variant = variant
         self.in_channels, self.patch_size, self.embed_dim, self.out_dim = in_channels, patch_size, embed_dim, out_dim
         self.num_levels = num_levels
@@ -176,15 +194,23 @@ class DUNIA(nn.Module):
         self.layers = nn.ModuleList([TransformerLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(depth)])
         self.block_norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(num_blocks)])
         self.layers_per_block = depth // num_blocks
-        dec = dict(dim=embed_dim, out_dim=out_dim, patch_size=patch_size, num_levels=num_levels, na_layers=2,
+        dec = dict(dim=embed_dim, out_dim=out_dim, patch_size=patch_size, num_levels=num_levels, na_layers=na_layers,
                    na_kernel=na_kernel, na_heads=na_heads, dropout=0.0)
-        self.decoder_v = DPTDecoder(**dec)
-        self.decoder_h = DPTDecoder(**dec)
+        self.decoder_v = self._decoder(dec)
+        # appendix H.2: a shared decoder is the same module under both names (O^V = O^H)
+        self.decoder_h = self.decoder_v if shared_decoder else self._decoder(dec)
         self.projection_heads: nn.ModuleList | None = None
         self.reconstruction_head: nn.Module | None = None
         if pretraining_heads:
             self.projection_heads = nn.ModuleList([ProjectionHead(c, 2 * c, c) for c in self.level_dims])
             self.reconstruction_head = nn.Conv2d(out_dim, in_channels, 1)
+
+    @staticmethod
+    def _decoder(kwargs: dict[str, Any]) -> DPTDecoder:
+        dec = DPTDecoder(**kwargs)
+        if kwargs["na_layers"] == 0:  # the output layers applied to O_1 (DPTDecoder runs its `na` list on O_1)
+            dec.na = conv_output_layers(kwargs["out_dim"])
+        return dec
 
     # ------------------------------------------------------------------------------------ encoder
     def check_input(self, image: Tensor) -> None:
@@ -247,8 +273,10 @@ class DUNIA(nn.Module):
         return self
 
     def lowshot_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained in low-shot fine-tuning: the last NA layer of each decoder (section 4.1.2)."""
-        return [*self.decoder_v.na[-1].parameters(), *self.decoder_h.na[-1].parameters()]
+        """Parameters trained in low-shot fine-tuning: the last NA layer of each decoder (section 4.1.2; the last
+        output layer with ``na_layers`` 0 or 1; once with a shared decoder)."""
+        params = [*self.decoder_v.na[-1].parameters(), *self.decoder_h.na[-1].parameters()]
+        return list({id(p): p for p in params}.values())
 
 
 def _variant_kwargs(variant: str, **kw: Any) -> dict[str, Any]:

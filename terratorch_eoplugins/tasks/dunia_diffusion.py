@@ -25,8 +25,11 @@ network extracts from the image.
 
 Evaluation (validation on the first ``val_generate_batches`` batches, test and predict on all): Pearson r between
 each reference waveform and (a) the generated waveform, (b) the **retrieval baseline**, the waveform of the
-nearest ``O^V`` (cosine) in a database built from the training split when first needed, (c) a random database
-waveform (chance),
+nearest key (cosine) in a database built from the training split when first needed; its keys are, as in the paper
+(section 4.1.2), the L2-normalised waveform embeddings ``O^W = embed(E_w(W))`` of the training footprints, queried
+with the footprint pixel's ``O^V`` (``retrieval_keys: waveform``, the same database as the zero-shot task's
+``keys: waveform``); ``retrieval_keys: vertical`` keys the database by the training footprints' ``O^V`` instead
+(pixel-to-pixel, the former behaviour), (c) a random database waveform (chance),
 (d) the autoencoder reconstruction (upper bound). ``predict`` writes HDF5 (``predict_output``, default
 ``<predict_output_dir>/dunia_waveforms.h5``): ``shot_number``,
 ``generated``, ``retrieved``, ``reference`` ``[G, L]``, the three r values, ``chip``/``row``/``col``.
@@ -146,6 +149,9 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             and no weight decay.
         normalize_condition: L2-normalise ``O^V`` (the embeddings are compared by cosine in DUNIA).
         database_max_items: cap of the training-split retrieval database (seeded subsample).
+        retrieval_keys: keys of the retrieval baseline's database: ``"waveform"`` (``O^W`` of the frozen waveform
+            autoencoder; the paper's) or ``"vertical"`` (``O^V`` of the training footprints). ``O^W`` is aligned
+            with ``O^V`` only when the autoencoder comes from the DUNIA pretraining checkpoint.
         val_generate_batches: validation batches on which waveforms are generated (sampling is costly).
         val_generate_max: at most this many footprints per such validation batch (test/predict: all).
         predict_output: HDF5 file written by ``predict``; ``None``: ``<predict_output_dir>/dunia_waveforms.h5`` with
@@ -177,7 +183,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
                  optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
                  scheduler_hparams: dict[str, Any] | None = None,
                  normalize_condition: bool = True,
-                 database_max_items: int = 100_000, val_generate_batches: int = 1, val_generate_max: int = 32,
+                 database_max_items: int = 100_000, retrieval_keys: Literal["waveform", "vertical"] = "waveform",
+                 val_generate_batches: int = 1, val_generate_max: int = 32,
                  predict_output: str | None = None, seed: int = 0,
                  na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True,
                  latent_stats_batches: int = 64, backbone_pretrained_from: str | None = None,
@@ -189,6 +196,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if retrieval_keys not in ("waveform", "vertical"):
+            raise ValueError(f"retrieval_keys must be 'waveform' (O^W) or 'vertical' (O^V), got {retrieval_keys!r}")
         OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         super().__init__()
 
@@ -375,9 +384,16 @@ class DUNIAWaveformDiffusionTask(BaseTask):
     def _generator(self, batch_idx: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + batch_idx)
 
+    @torch.no_grad()
+    def waveform_keys(self, waveform: Tensor) -> Tensor:
+        """L2-normalised waveform embeddings ``O^W = embed(E_w(W))`` ``[G, D_p]`` of the frozen autoencoder."""
+        self.autoencoder.eval()
+        return F.normalize(self.autoencoder.embed(self.autoencoder.encode(waveform.float())), dim=1)
+
     def build_database(self) -> dict[str, Tensor] | None:
-        """Training-split retrieval database: L2-normalised ``O^V`` keys with their waveforms and shot numbers
-        (built on first use from the training split; ``None`` without a trainer)."""
+        """Training-split retrieval database: L2-normalised keys (``O^W`` of the footprints' waveforms, or their
+        ``O^V`` with ``retrieval_keys: vertical``) with the waveforms and shot numbers (built on first use from the
+        training split; ``None`` without a trainer)."""
         if self._database is not None:
             return self._database
         if self._trainer is None:
@@ -387,7 +403,10 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         keys, waves, shots = [], [], []
         for batch in train_split_batches(self._trainer, self, what="DUNIA waveform diffusion (retrieval database)"):
             s = self.footprint_samples(batch)
-            keys.append(F.normalize(s["cond"], dim=1))
+            if self.hparams.get("retrieval_keys", "waveform") == "waveform":
+                keys.append(self.waveform_keys(s["waveform"]) if len(s["waveform"]) else s["cond"])
+            else:
+                keys.append(F.normalize(s["cond"], dim=1))
             waves.append(s["waveform"])
             shots.append(s["shot_number"])
         db = {"keys": torch.cat(keys), "waveform": torch.cat(waves), "shot_number": torch.cat(shots)}
@@ -402,7 +421,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         return db
 
     def retrieve(self, cond: Tensor) -> Tensor:
-        """Retrieval baseline: the database waveform of the nearest ``O^V`` (cosine)."""
+        """Retrieval baseline: the database waveform of the key (``O^W``, or ``O^V``) nearest to the pixel's ``O^V``
+        (cosine)."""
         db = self.build_database()
         if db is None:
             raise RuntimeError("DUNIA waveform diffusion: no retrieval database (needs a trainer whose data has a "

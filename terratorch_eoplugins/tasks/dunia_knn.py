@@ -1,19 +1,41 @@
 """DUNIA zero-shot KNN evaluation (Fayad et al., ICML 2025, section 4.1.2 and appendix H.6) as a LightningModule.
 
 ``terratorch fit -c configs/dunia_gedi_zeroshot.yaml`` builds the *retrieval database* from the training split
-(no gradient step: the DUNIA image model is frozen and in eval mode): every labelled pixel's embedding
-(``O^V`` for vertical-structure targets such as RH98, ``O^H`` for horizontal ones such as crop types;
-``embedding`` selects) is L2-normalised and stored with its label. ``validate``/``test`` then predict every
-labelled pixel of the val/test split by cosine top-k retrieval and distance-weighted voting (classes) or a
-distance-weighted mean (regression), for every ``k`` in ``k_values`` (the paper's 1, 5, 50) from a single
-search (:class:`~terratorch_eoplugins.nn.knn.KNNDatabase`), and log:
+(no gradient step: the DUNIA models are frozen and in eval mode). Queries are the pixel embeddings of the branch
+``embedding`` (``O^V`` for vertical-structure targets such as RH98, cover, PAI; ``O^H`` for horizontal ones such as
+crop types); the database **keys** (``keys``) are, as in the paper (section 4.1.2):
+
+* ``keys: waveform`` (the paper's choice for ``O^V`` queries, the default there): the L2-normalised waveform
+  embeddings ``O^W = embed(E_w(W))`` of the training GEDI footprints, from the waveform encoder pretrained with the
+  image model (``backbone_ckpt_path`` = a DUNIA pretraining checkpoint, read with
+  :func:`~terratorch_eoplugins.models.dunia.load_dunia_pretrain_model`): cross-modal retrieval. One database holds
+  every vertical target of a footprint (``target_names``, e.g. RH98, cover, PAI: the footprint's own values, batch
+  keys ``rh98``/``cover``/``pai`` when present, else the ``mask`` at its pixel) and its waveform ``W`` (waveform
+  retrieval: ``{stage}/waveform_r`` = mean Pearson r between each query footprint's waveform and the waveform of
+  its nearest key, KNN = 1 as in table G1's ``W**`` row; not time-aligned). Batches need ``footprints``,
+  ``footprint_mask`` and ``waveform`` (256 samples, ``waveform_mode: resample``).
+* ``keys: horizontal`` (the paper's choice for ``O^H`` queries) or ``keys: vertical``: pixel embeddings of that
+  branch at every labelled pixel (pixel-to-pixel retrieval; ``keys: vertical`` with ``O^V`` queries is the former
+  behaviour of this task, kept as an option and a leaderboard row).
+
+``validate``/``test`` then predict every labelled pixel of the val/test split by cosine top-k retrieval and
+distance-weighted voting (classes) or a distance-weighted mean (regression), for every ``k`` in ``k_values`` (the
+paper's 1, 5, 50) from a single search (:class:`~terratorch_eoplugins.nn.knn.KNNDatabase`), and log:
 
 * regression (GEDI RH98 ...): RMSE and Pearson r per target and ``k``, and the RMSE of the *mean predictor*
   (the database's mean label) that zero-shot retrieval must beat; Pearson r of a constant is undefined;
-* classification (PASTIS ...): overall accuracy and mIoU per ``k`` and the same for the *majority class* of
-  the database. mIoU averages the classes that occur in the target or the prediction of the split.
+* classification (PASTIS ...): weighted F1 (the paper's ``wF1``: per-class F1 weighted by the class's support in
+  the target, torchmetrics ``MulticlassF1Score(average="weighted")``), overall accuracy and mIoU per ``k`` and the
+  same for the *majority class* of the database. mIoU averages the classes that occur in the target or the
+  prediction of the split.
 
-The un-suffixed ``{stage}/rmse``, ``{stage}/r`` (first target), ``{stage}/accuracy``, ``{stage}/mIoU`` are the
+Patch-level labels (the paper's PureForest, labels covering 5 x 5 pixels): ``embedding_window: 5`` averages the
+pixel embeddings (queries and pixel keys) over the window centred on each pixel before the L2 normalisation.
+Database-size study (appendix G, table G1: 100 / 10 / 5 %): ``database_fraction`` keeps a seeded random fraction of
+the database entries (``benchmarks/dunia_database_size.py`` runs the three sizes).
+
+The un-suffixed ``{stage}/rmse``, ``{stage}/r`` (first target), ``{stage}/wF1``, ``{stage}/accuracy``,
+``{stage}/mIoU`` are the
 values at the primary ``k``. The metrics are torchmetrics in float64 (``MeanSquaredError``, ``MeanAbsoluteError``,
 ``PearsonCorrCoef``, ``MulticlassConfusionMatrix``), so under DDP they cover the pixels of every rank.
 
@@ -50,16 +72,19 @@ from terratorch.tasks.tiled_inference import tiled_inference
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 from torchmetrics.aggregation import SumMetric
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, PearsonCorrCoef
 
 from terratorch_eoplugins.errors import check_model_input
+from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.models._checkpoint import read_state_dict
 from terratorch_eoplugins.models.dunia import (
     DUNIA_VARIANTS,
     TEMPORAL_REDUCTIONS,
     architecture_overrides,
     build_dunia,
     load_dunia_checkpoint,
+    load_dunia_pretrain_model,
     prepare_dunia_input,
 )
 from terratorch_eoplugins.models.pretrained import (
@@ -72,9 +97,21 @@ from terratorch_eoplugins.models.pretrained import (
 )
 from terratorch_eoplugins.nn.knn import DEFAULT_CHUNK_BYTES, KNNDatabase, model_fingerprint
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
+from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
 from terratorch_eoplugins.tasks.preparation import TrainSplitPreparation
 
-__all__ = ["DUNIAZeroShotKNNTask"]
+__all__ = ["KEY_EMBEDDINGS", "DUNIAZeroShotKNNTask", "paper_keys"]
+
+#: the key embeddings a retrieval database can hold (``keys`` argument)
+KEY_EMBEDDINGS = ("waveform", "vertical", "horizontal")
+
+
+def paper_keys(embedding: str, task: str = "regression") -> str:
+    """The paper's key embedding for a query branch (section 4.1.2): ``O^V`` queries of the vertical-structure
+    (regression) products -> ``O^W`` waveform keys; otherwise pixel keys of the query's own branch (``O^H`` ->
+    ``O^H``; a classification on ``O^V``, table H5's reversed setting, -> ``O^V``)."""
+    return "waveform" if embedding == "vertical" and task == "regression" else embedding
+
 
 logger = logging.getLogger("terratorch_eoplugins.tasks.dunia_knn")
 
@@ -88,7 +125,17 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         num_classes: classes (classification).
         target_names: names of the regression targets (``mask`` channels), e.g. ``["rh98"]``.
         ignore_index: label value of unlabelled pixels (GEDI: -1 away from footprints; PASTIS: -1 void).
-        embedding: ``"vertical"`` (``O^V``) or ``"horizontal"`` (``O^H``).
+        embedding: query branch, ``"vertical"`` (``O^V``) or ``"horizontal"`` (``O^H``).
+        keys: database key embedding, ``"waveform"`` (``O^W`` of the training footprints), ``"vertical"`` or
+            ``"horizontal"`` (pixel embeddings); ``None`` (default): the paper's choice, :func:`paper_keys`.
+        waveform_embedder: an already-built waveform autoencoder (Python API) with ``encode`` and ``embed``
+            (:class:`~terratorch_eoplugins.nn.waveform.WaveformAutoencoder`); otherwise it comes from
+            ``backbone_ckpt_path`` (or is randomly initialised with ``waveform_length``/``waveform_kwargs``).
+        waveform_length, waveform_kwargs: architecture of the waveform autoencoder (read from the checkpoint when
+            one is given).
+        embedding_window: odd window over which pixel embeddings are averaged (1: none; the paper's 5 x 5 for
+            patch labels).
+        database_fraction: fraction of the database entries kept (seeded by ``seed``; table G1's 1.0 / 0.1 / 0.05).
         k_values: neighbour counts evaluated (paper Table 1: 50, 5, 1).
         k: primary ``k`` for the un-suffixed metrics and ``predict`` (must be in ``k_values``).
         backbone_ckpt_path: DUNIA pretraining checkpoint (``None``: random init of ``dunia_variant``, offline; one
@@ -117,12 +164,14 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             blended before retrieval. ``None``: one forward pass per image.
     """
 
-    ignore = ("embedder", "dunia_ckpt_path")
+    ignore = ("embedder", "waveform_embedder", "dunia_ckpt_path")
     monitor = "val/rmse"
 
     def __init__(self, task: Literal["regression", "classification"] = "regression", num_classes: int | None = None,
                  target_names: Sequence[str] = ("rh98",), ignore_index: float = -1,
-                 embedding: Literal["vertical", "horizontal"] = "vertical", k_values: Sequence[int] = (1, 5, 50),
+                 embedding: Literal["vertical", "horizontal"] = "vertical",
+                 keys: Literal["waveform", "vertical", "horizontal"] | None = None,
+                 k_values: Sequence[int] = (1, 5, 50),
                  k: int = 50, backbone_ckpt_path: str | None = None, dunia_variant: str = "tiny",
                  dunia_kwargs: Mapping[str, Any] | None = None, embedder: nn.Module | None = None,
                  temporal_reduce: Literal["median", "mean", "first", "last"] = "median",
@@ -131,7 +180,10 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
                  weight_power: float = 1.0, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  na_backend: Literal["auto", "natten", "torch"] | None = None, seed: int = 0,
                  backbone_pretrained_from: str | None = None, dunia_ckpt_path: str | None = None,
-                 tiled_inference_parameters: Mapping[str, Any] | None = None) -> None:
+                 tiled_inference_parameters: Mapping[str, Any] | None = None,
+                 waveform_embedder: nn.Module | None = None, waveform_length: int = 256,
+                 waveform_kwargs: Mapping[str, Any] | None = None, embedding_window: int = 1,
+                 database_fraction: float = 1.0) -> None:
         reject_renamed_flags("DUNIAZeroShotKNNTask", dunia_ckpt_path=dunia_ckpt_path)
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
@@ -139,6 +191,15 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
         if embedding not in ("vertical", "horizontal"):
             raise ValueError(f"embedding must be 'vertical' (O^V) or 'horizontal' (O^H), got {embedding!r}")
+        if keys is not None and keys not in KEY_EMBEDDINGS:
+            raise ValueError(f"keys must be one of {list(KEY_EMBEDDINGS)} (or null: the paper's choice), got {keys!r}")
+        if keys == "waveform" and task != "regression":
+            raise ValueError("keys: waveform (O^W of GEDI footprints) serves the vertical regression targets; "
+                             "classification databases use pixel keys (keys: horizontal or vertical)")
+        if embedding_window < 1 or embedding_window % 2 == 0:
+            raise ValueError(f"embedding_window must be a positive odd number, got {embedding_window}")
+        if not 0.0 < database_fraction <= 1.0:
+            raise ValueError(f"database_fraction must lie in (0, 1], got {database_fraction}")
         ks = sorted({int(x) for x in k_values})
         if not ks or ks[0] < 1:
             raise ValueError(f"k_values must be positive integers, got {list(k_values)}")
@@ -149,11 +210,16 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         if temporal_reduce not in TEMPORAL_REDUCTIONS:
             raise ValueError(f"temporal_reduce must be 'median', 'mean', 'first' or 'last', got {temporal_reduce!r}")
         object.__setattr__(self, "_pending_embedder", embedder)  # nn.Module attributes need Module.__init__ first
+        object.__setattr__(self, "_pending_waveform_embedder", waveform_embedder)
         super().__init__()  # saves the hyper-parameters, calls configure_models
         self.automatic_optimization = False
         self.monitor, self.mode = ("val/rmse", "min") if task == "regression" else ("val/mIoU", "max")
         self.k_values, self.k = ks, int(k)
         self.database: KNNDatabase | None = None
+        #: waveforms ``[N, L]`` of the database entries (``keys: waveform``; ``None`` otherwise)
+        self.database_waveforms: Tensor | None = None
+        self._waveform_parts: list[Tensor] = []
+        self._db_final = False
         self._fingerprint: str | None = None
         self._gen = torch.Generator().manual_seed(seed)
         self._acc: dict[str, Any] = {}
@@ -164,8 +230,14 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     def configure_models(self) -> None:
         """The frozen embedding model: the injected ``embedder``, a checkpoint, or a random-init variant."""
         self.target_names = list(self.hparams["target_names"])
+        #: the database key embedding: ``"waveform"``, ``"vertical"`` or ``"horizontal"``
+        self.key_embedding: str = (self.hparams.get("keys")
+                                   or paper_keys(self.hparams["embedding"], self.hparams["task"]))
         embedder = self.__dict__.pop("_pending_embedder", None)
+        waveform_embedder = self.__dict__.pop("_pending_waveform_embedder", None)
         self.pretrained_source = None
+        self.waveform_model: nn.Module | None = None
+        self._injected_embedder = embedder is not None
         self.model = embedder if embedder is not None else self._build_model()
         if not hasattr(self.model, "forward_embeddings"):
             raise ValueError(f"embedder {type(self.model).__name__} has no forward_embeddings(image) method")
@@ -173,12 +245,51 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             p.requires_grad_(False)
         self.model.eval()
         self.patch_size = int(getattr(self.model, "patch_size", 1))
+        if self.key_embedding == "waveform":
+            if waveform_embedder is not None:
+                self.waveform_model = waveform_embedder
+            elif self.waveform_model is None:
+                self.waveform_model = self._build_waveform_model()
+            if not (hasattr(self.waveform_model, "encode") and hasattr(self.waveform_model, "embed")):
+                raise ValueError(f"waveform_embedder {type(self.waveform_model).__name__} needs encode(w) and "
+                                 "embed(z) (a WaveformAutoencoder)")
+            for p in self.waveform_model.parameters():
+                p.requires_grad_(False)
+            self.waveform_model.eval()
+
+    def _build_waveform_model(self) -> nn.Module:
+        """A randomly initialised waveform autoencoder (no pretraining checkpoint): ``O^W`` keys are then random."""
+        hp = self.hparams
+        dim = getattr(self.model, "out_dim", None)
+        if dim is None:
+            raise ValueError("keys: waveform needs a waveform_embedder (or a DUNIA model with out_dim) so that O^W "
+                             "has the query embeddings' dimension")
+        if not self.pretrained_source and self._injected_embedder:  # a built random model has warned already
+            warn_no_pretrained("DUNIA waveform encoder", PRETRAINED_FLAG, "the O^W keys come from a random waveform "
+                               "encoder", "pass a DUNIA pretraining checkpoint (configs/dunia_pretrain.yaml) as "
+                               f"--model.init_args.{PRETRAINED_FLAG}")
+        return WaveformAutoencoder(length=int(hp["waveform_length"]), embed_dim=int(dim),
+                                   **dict(hp["waveform_kwargs"] or {}))
 
     def _build_model(self) -> nn.Module:
         hp = self.hparams
         kw = dict(hp["dunia_kwargs"] or {})
         #: absolute path of the pretraining checkpoint the embedding model came from (``None``: random init)
         self.pretrained_source = hp.get("backbone_pretrained_from")
+        if hp["backbone_ckpt_path"] and self.key_embedding == "waveform":
+            # the image model and the waveform encoder it was aligned with, from one pretraining checkpoint
+            path = hp["backbone_ckpt_path"]
+            self.pretrained_source = resolve_source(path)
+            pm = load_dunia_pretrain_model(path, hp["dunia_variant"])
+            _, ck_hp = read_state_dict(path, "DUNIA")
+            # recorded so that a self-contained checkpoint of this task rebuilds the same waveform autoencoder
+            self.hparams["waveform_length"] = int(pm.waveform.length)
+            self.hparams["waveform_kwargs"] = dict(ck_hp.get("waveform_kwargs") or {}) or None
+            self.waveform_model = pm.waveform
+            if kw and any(pm.image.config.get(k) != v for k, v in kw.items()):
+                raise ValueError(f"{path}: dunia_kwargs {kw} differ from the checkpoint's architecture "
+                                 f"{ {k: pm.image.config.get(k) for k in kw} }")
+            return pm.image.drop_pretraining_heads()
         if hp["backbone_ckpt_path"]:
             self.pretrained_source = resolve_source(hp["backbone_ckpt_path"])
             return load_dunia_checkpoint(hp["backbone_ckpt_path"], hp["dunia_variant"], **kw)
@@ -205,13 +316,20 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             hp = self.hparams
             extra = (f"{hp['embedding']}|{hp['temporal_reduce']}|{hp['input_modalities']}|"
                      f"{hp['input_channels']}")
-            self._fingerprint = model_fingerprint(self.model, extra)
+            if self.key_embedding != hp["embedding"] or hp.get("embedding_window", 1) != 1:
+                extra += f"|keys={self.key_embedding}|window={hp.get('embedding_window', 1)}"
+            fp = model_fingerprint(self.model, extra)
+            if self.waveform_model is not None:
+                fp += ":" + model_fingerprint(self.waveform_model, "waveform keys")
+            self._fingerprint = fp
         return self._fingerprint
 
     def train(self, mode: bool = True) -> DUNIAZeroShotKNNTask:
         """The embedding model stays in eval mode (no dropout) even during ``fit``."""
         super().train(mode)
         self.model.eval()
+        if self.waveform_model is not None:
+            self.waveform_model.eval()
         return self
 
     def configure_optimizers(self) -> None:
@@ -220,9 +338,25 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
 
     # ------------------------------------------------------------------ embeddings and labels
     @torch.no_grad()
-    def embed(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Embedding map ``[B, D_p, H, W]`` of the configured branch."""
-        return self._embed_prepared(self._prepare(image))
+    def embed(self, image: Tensor | Mapping[str, Tensor], branch: str | None = None) -> Tensor:
+        """Embedding map ``[B, D_p, H, W]`` of ``branch`` (default: the query branch ``embedding``), averaged over
+        ``embedding_window``."""
+        x = self._prepare(image)
+        return self._embed_prepared(x) if branch in (None, self.hparams["embedding"]) else self._embed_branch(x, branch)
+
+    @torch.no_grad()
+    def embed_waveforms(self, waveform: Tensor) -> Tensor:
+        """L2-normalised waveform embeddings ``O^W = embed(E_w(W))`` ``[G, D_p]`` of waveforms ``[G, L]``."""
+        if self.waveform_model is None:
+            raise ValueError("this task has no waveform encoder (keys is not 'waveform')")
+        length = getattr(self.waveform_model, "length", waveform.shape[-1])
+        if waveform.ndim != 2 or waveform.shape[-1] != length:
+            raise ValueError(f"batch['waveform'] must hold [G, {length}] footprint waveforms for the waveform "
+                             f"encoder, got {tuple(waveform.shape)}: set the datamodule's waveform_length: {length} "
+                             "and waveform_mode: resample")
+        self.waveform_model.eval()
+        z = self.waveform_model.encode(waveform.float())
+        return F.normalize(self.waveform_model.embed(z).float(), dim=1)
 
     def _prepare(self, image: Tensor | Mapping[str, Tensor]) -> Tensor:
         hp = self.hparams
@@ -239,6 +373,10 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         return tiled_inference(self._embed_prepared, self._prepare(image), **dict(params)).float()
 
     def _embed_prepared(self, x: Tensor) -> Tensor:
+        """Query embeddings (branch ``embedding``) of a prepared input."""
+        return self._embed_branch(x, self.hparams["embedding"])
+
+    def _embed_branch(self, x: Tensor, branch: str) -> Tensor:
         hp = self.hparams
         h, w = x.shape[-2:]
         p = self.patch_size
@@ -248,9 +386,13 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         self._select_na_backend(x.device)
         out = self.model.forward_embeddings(x)
-        if not isinstance(out, Mapping) or hp["embedding"] not in out:
-            raise ValueError(f"forward_embeddings must return a dict with {hp['embedding']!r}")
-        return out[hp["embedding"]][..., :h, :w].float()
+        if not isinstance(out, Mapping) or branch not in out:
+            raise ValueError(f"forward_embeddings must return a dict with {branch!r}")
+        emb = out[branch][..., :h, :w].float()
+        win = int(hp.get("embedding_window", 1))
+        if win > 1:  # patch labels (paper: 5 x 5 for PureForest): mean embedding over the window at each pixel
+            emb = F.avg_pool2d(emb, win, stride=1, padding=win // 2, count_include_pad=False)
+        return emb
 
     def _select_na_backend(self, device: torch.device) -> None:
         if self._na_device == device.type:
@@ -291,11 +433,15 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
 
     # ------------------------------------------------------------------ database building
     def add_batch(self, batch: Mapping[str, Any]) -> int:
-        """Add the labelled pixels of a training batch to the database; returns how many were added."""
+        """Add the labelled pixels (pixel keys) or GEDI footprints (waveform keys) of a training batch to the
+        database; returns how many entries were added."""
+        self._db_final = False
+        if self.key_embedding == "waveform":
+            return self._add_footprints(batch)
         y, valid = self._labels(batch)
         if not valid.any():  # e.g. a chip with no GEDI footprint: nothing to store
             return 0
-        emb = self.embed(batch["image"])
+        emb = self.embed(batch["image"], self.key_embedding)
         if emb.shape[-2:] != valid.shape[-2:]:
             raise ValueError(f"embeddings {tuple(emb.shape)} and mask {tuple(valid.shape)} differ in H, W")
         n_max = self.hparams["pixels_per_image"]
@@ -312,14 +458,84 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             self.database = self._new_database(e.shape[1])
         return self.database.add(e.cpu(), lab.cpu(), fingerprint=self.fingerprint)
 
-    def build_database(self, batches: Iterable[Mapping[str, Any]]) -> KNNDatabase:
-        """(Re)build the database from every batch of ``batches`` (e.g. the training split, on the task's device)."""
+    def footprint_targets(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """GEDI footprints of a batch: ``(batch index [G], row [G], col [G], targets [G, V])``; each target is the
+        footprint's own value (batch key named as the target, ``[B, K]``) when the batch holds it, else ``mask`` at
+        the footprint's pixel."""
+        missing = [k for k in ("footprints", "footprint_mask", "waveform") if k not in batch]
+        if missing:
+            raise ValueError(f"keys: waveform needs the GEDI footprints of each batch; batch lacks {missing} (set the "
+                             "datamodule's batch_keys: [footprints, footprint_mask, waveform, rh98, cover, pai])")
+        b_idx, k_idx = torch.nonzero(batch["footprint_mask"].bool(), as_tuple=True)
+        rc = batch["footprints"][b_idx, k_idx].long()
+        y, _ = self._labels(batch)
+        cols = []
+        for vi, name in enumerate(self.target_names):
+            own = batch.get(name)
+            if isinstance(own, Tensor) and own.ndim == 2:
+                cols.append(own[b_idx, k_idx].float().to(y.device))
+            else:
+                cols.append(y[b_idx.to(y.device), vi, rc[:, 0].to(y.device), rc[:, 1].to(y.device)])
+        lab = torch.stack(cols, 1) if cols else y.new_zeros(len(b_idx), 0)
+        return b_idx, rc[:, 0], rc[:, 1], lab
+
+    def _add_footprints(self, batch: Mapping[str, Any]) -> int:
+        b_idx, _, _, lab = self.footprint_targets(batch)
+        ok = ((lab != self.hparams["ignore_index"]) & torch.isfinite(lab)).all(1)
+        if not ok.any():
+            return 0
+        ok_b = ok.to(b_idx.device)
+        w = batch["waveform"][b_idx[ok_b], torch.nonzero(batch["footprint_mask"].bool(), as_tuple=True)[1][ok_b]]
+        keys = self.embed_waveforms(w)
+        if self.database is None:
+            self.database = self._new_database(keys.shape[1])
+        n = self.database.add(keys.cpu(), lab[ok].cpu(), fingerprint=self.fingerprint)
+        self._waveform_parts.append(w.detach().float().cpu())
+        self.database_waveforms = None
+        return n
+
+    def waveforms(self) -> Tensor | None:
+        """Waveforms ``[N, L]`` of the database entries, in database order (``keys: waveform``), else ``None``."""
+        if self.database_waveforms is None and self._waveform_parts:
+            self.database_waveforms = torch.cat(self._waveform_parts)
+            self._waveform_parts = [self.database_waveforms]
+        return self.database_waveforms
+
+    def _clear_database(self) -> None:
         if self.database is not None:
             self.database.clear()
+        self.database_waveforms, self._waveform_parts, self._db_final = None, [], False
+
+    def finalize_database(self) -> None:
+        """Apply ``database_fraction`` once to a database built by this task (a seeded subset of its entries,
+        waveforms included); loaded databases are used as they are."""
+        if self._db_final or self.database is None or len(self.database) == 0:
+            return
+        self._db_final = True
+        frac = float(self.hparams.get("database_fraction", 1.0))
+        if frac >= 1.0:
+            return
+        n = len(self.database)
+        m = max(1, int(round(frac * n)))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.hparams["seed"])))[:m].sort().values
+        state = self.database.state()
+        self.database = KNNDatabase.from_state({"keys": state["keys"][idx], "labels": state["labels"][idx],
+                                                "metadata": state["metadata"]})
+        wav = self.waveforms()
+        if wav is not None:
+            self.database_waveforms = wav[idx]
+            self._waveform_parts = [self.database_waveforms]
+        logger.info("DUNIA zero-shot: database_fraction %.3g keeps %d of %d entries", frac, m, n)
+
+    def build_database(self, batches: Iterable[Mapping[str, Any]]) -> KNNDatabase:
+        """(Re)build the database from every batch of ``batches`` (e.g. the training split, on the task's device)."""
+        self._clear_database()
         for batch in batches:
             self.add_batch(batch)
         self._require_database("the training split")
-        logger.info("DUNIA zero-shot: retrieval database of %d pixels", len(self.database))
+        self.finalize_database()
+        logger.info("DUNIA zero-shot: retrieval database of %d entries (%s keys)", len(self.database),
+                    self.key_embedding)
         return self.database
 
     def _require_database(self, source: str = "") -> None:
@@ -336,6 +552,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         db = KNNDatabase.load(path)
         db.check_fingerprint(self.fingerprint, f"embeddings of this task's model (database {path})")
         self.database = db
+        self._db_final = True
         logger.info("DUNIA zero-shot: loaded a retrieval database of %d pixels from %s", len(db), path)
         return True
 
@@ -368,8 +585,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         super().on_fit_start()
 
     def on_train_epoch_start(self) -> None:
-        if self.database is not None:
-            self.database.clear()
+        self._clear_database()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """Add the batch's labelled pixels to the retrieval database (no gradient step)."""
@@ -378,6 +594,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
                  on_step=True, on_epoch=False, batch_size=1)
 
     def on_fit_end(self) -> None:
+        self.finalize_database()
         path = self.hparams["database_path"]
         if path and self.database is not None and len(self.database):
             self.database.save(path)
@@ -421,12 +638,16 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Dense zero-shot map at the primary ``k``: ``[B, H, W]`` classes or ``[B, V, H, W]`` values."""
         self._require_database()
+        self.finalize_database()
         emb = self.embed_tiled(batch["image"])
         return self.database.predict_map(emb, self.k, self.fingerprint, self.hparams["max_chunk_bytes"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finalize_database()
         if self.database is not None:
             checkpoint["knn_database"] = self.database.state()
+            if self.waveforms() is not None:
+                checkpoint["knn_waveforms"] = self.waveforms().clone()
         if self.pretrained_source is not None and self.CHECKPOINT_HYPER_PARAMS_KEY in checkpoint:
             # self-contained: the embedding model is rebuilt from these arguments and filled from the state_dict
             hp = checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY]
@@ -438,6 +659,10 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         state = checkpoint.get("knn_database")
         self._fingerprint = None
         self.database = KNNDatabase.from_state(state) if state is not None else None
+        wav = checkpoint.get("knn_waveforms")
+        self.database_waveforms = None if wav is None else torch.as_tensor(wav).float()
+        self._waveform_parts = [] if wav is None else [self.database_waveforms]
+        self._db_final = True
 
     # ------------------------------------------------------------------ metrics
     def _reset_metrics(self) -> None:
@@ -467,6 +692,10 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         else:
             for kk in [*self.k_values, "majority"]:
                 made[("cm", kk)] = MulticlassConfusionMatrix(self.hparams["num_classes"], validate_args=False)
+                made[("wf1", kk)] = MulticlassF1Score(self.hparams["num_classes"], average="weighted",
+                                                      validate_args=False)
+        if self.key_embedding == "waveform":
+            made["wave_r_sum"], made["wave_n"] = SumMetric(), SumMetric()
         for key, metric in made.items():
             made[key] = metric.set_dtype(torch.float64).to(self.device)
         self._acc = made
@@ -477,6 +706,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         if not valid.any():
             return
         self._require_database()
+        self.finalize_database()
         emb = self.embed(batch["image"])
         e, lab = self._pixels(emb, y, valid)
         preds = self.database.predict(e, self.k_values, self.fingerprint, self.hparams["max_chunk_bytes"])
@@ -485,6 +715,30 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             self._acc_regression(preds, lab)
         else:
             self._acc_classification(preds, lab)
+        if self.key_embedding == "waveform" and "waveform" in batch and self.waveforms() is not None:
+            self._acc_waveforms(emb, batch)
+
+    def retrieve_waveforms(self, queries: Tensor) -> Tensor:
+        """Waveform of the nearest ``O^W`` key (KNN = 1) for each query ``[Q, D_p]``: ``[Q, L]``."""
+        wav = self.waveforms()
+        if wav is None:
+            raise ValueError("the retrieval database holds no waveforms (keys: waveform builds one)")
+        _, idx = self.database.search(queries, 1, self.fingerprint, self.hparams["max_chunk_bytes"])
+        return wav[idx[:, 0].cpu()]
+
+    def _acc_waveforms(self, emb: Tensor, batch: Mapping[str, Any]) -> None:
+        b_idx, rows, cols, _ = self.footprint_targets(batch)
+        if len(b_idx) == 0:
+            return
+        k_idx = torch.nonzero(batch["footprint_mask"].bool(), as_tuple=True)[1]
+        ref = batch["waveform"][b_idx, k_idx].float().cpu()
+        dev = emb.device
+        q = emb[b_idx.to(dev), :, rows.to(dev), cols.to(dev)]
+        r = pearson_r(self.retrieve_waveforms(q).float(), ref).double()
+        ok = torch.isfinite(r)
+        m = self._metrics()
+        m["wave_r_sum"].update(r[ok].sum().to(m["wave_r_sum"].device))
+        m["wave_n"].update(torch.tensor(float(ok.sum()), dtype=torch.float64, device=m["wave_n"].device))
 
     def _acc_regression(self, preds: dict[int, Tensor], y: Tensor) -> None:
         m = self._metrics()
@@ -514,6 +768,7 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
         maj = torch.full_like(y, self.database.majority_class())
         for kk, p in [*preds.items(), ("majority", maj)]:
             m[("cm", kk)].update(p.long().to(y.device), y)
+            m[("wf1", kk)].update(p.long().to(y.device), y)
 
     @staticmethod
     def regression_scores(sums: Tensor, n: float) -> tuple[Tensor, Tensor]:
@@ -569,11 +824,16 @@ class DUNIAZeroShotKNNTask(TrainSplitPreparation, BaseTask):
             if float(cm_majority.sum()) > 0:
                 for kk in [*self.k_values, "majority"]:
                     a, mi = self.classification_scores(m[("cm", kk)].compute().cpu())
+                    wf1 = float(m[("wf1", kk)].compute())
                     suffix = f"k{kk}" if kk != "majority" else "majority"
                     out[f"{stage}/accuracy_{suffix}"], out[f"{stage}/mIoU_{suffix}"] = a, mi
+                    out[f"{stage}/wF1_{suffix}"] = wf1
                     if kk == self.k:
-                        out[f"{stage}/accuracy"], out[f"{stage}/mIoU"] = a, mi
+                        out[f"{stage}/accuracy"], out[f"{stage}/mIoU"], out[f"{stage}/wF1"] = a, mi, wf1
                 out[f"{stage}/num_pixels"] = float(cm_majority.sum())
+        if "wave_n" in m and float(m["wave_n"].compute()) > 0:
+            out[f"{stage}/waveform_r"] = float(m["wave_r_sum"].compute()) / float(m["wave_n"].compute())
+            out[f"{stage}/num_waveforms"] = float(m["wave_n"].compute())
         for key, value in out.items():
             self.log(key, value, batch_size=1)
         self.last_metrics = out

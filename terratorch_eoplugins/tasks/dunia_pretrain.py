@@ -1,7 +1,13 @@
 """DUNIA pretraining task (Lightning): pixel-waveform + pixel-pixel alignment and three reconstructions (section 3.4).
 
 ``L = w_zcl * ZeroCL(O^V@footprints, O^W) + w_vic * sum_d VICReg(proj O^H_d, proj O^T_d) + MSE(W, W_hat)
-+ MSE(M, M_hat) + MSE(I, I_hat) + w_commit * RVQ commitment``
++ MSE(M, M_hat) + MSE(I, I_hat) + w_commit * RVQ commitment`` (``w_commit = 0`` by default: Eq. 2 has no
+commitment term)
+
+**Ablations** (appendix H; each a piece ``configs/models/pretrain/dunia_<ablation>.yaml``): NA layers 0 / 1 / 2 on
+the decoder outputs (``image_kwargs.na_layers``; 0 = a convolutional output layer, H.4), a shared decoder
+(``image_kwargs.shared_decoder``, H.2), single-level VICReg (``vicreg_levels: single``, H.3), the literal Zero-CL
+equations (``zero_cl_form: literal``), the RVQ commitment term (``commit_weight: 1``).
 
 * **Pixel-waveform** (:func:`~terratorch_eoplugins.losses.zero_cl_loss`): ``O^V`` is gathered at the GEDI
   footprint pixels of the whole mini-batch (``G`` footprints) and aligned with the waveform embeddings ``O^W``
@@ -79,8 +85,16 @@ class DUNIAPretrainTask(BaseTask):
         lstm_layers: ConvLSTM layers per block (2).
         waveform_length: waveform samples (256; the datamodule must resample to it).
         waveform_kwargs: extra waveform-AE arguments (e.g. smaller codebooks).
-        zero_cl_weight, vicreg_weight, reconstruction_weight, commit_weight: loss weights.
+        zero_cl_weight, vicreg_weight, reconstruction_weight, commit_weight: loss weights. ``commit_weight``
+            weighs the RVQ commitment term of the waveform AE, which Eq. 2 does not have: ``0`` (default) is the
+            paper's objective; ``1`` adds it (the former default; an ablation piece,
+            ``configs/models/pretrain/dunia_commit.yaml``). The codebooks learn by EMA either way.
         zero_cl_shrinkage: covariance shrinkage of Zero-CL's whitening.
+        zero_cl_form: ``"standardized"`` (default: the official Zero-CL code's standardisation, shrinkage and
+            scaled inner products) or ``"literal"`` (appendix B's Eqs. 3-6 as printed; an ablation),
+            :func:`~terratorch_eoplugins.losses.zero_cl_loss`.
+        vicreg_levels: ``"hierarchical"`` (Eq. 1, every decoder level; the paper's) or ``"single"`` (one VICReg on
+            the last decoder level ``O^H_1`` only, appendix H.3's ``VICReg_s`` ablation).
         vicreg_pixels: pixels sampled per level for VICReg (``None``: all).
         min_footprints: fewest footprints per batch for the pixel-waveform terms (>= 2).
         on_missing_footprints: ``"skip"`` or ``"error"`` (see the module docstring).
@@ -95,8 +109,10 @@ class DUNIAPretrainTask(BaseTask):
     def __init__(self, variant: str = "tiny", image_kwargs: Mapping[str, Any] | None = None,
                  temporal_channels: int = 14, lstm_layers: int = 2, waveform_length: int = 256,
                  waveform_kwargs: Mapping[str, Any] | None = None, zero_cl_weight: float = 1.0,
-                 vicreg_weight: float = 1.0, reconstruction_weight: float = 1.0, commit_weight: float = 1.0,
-                 zero_cl_shrinkage: float = 0.1, vicreg_pixels: int | None = 4096, min_footprints: int = 2,
+                 vicreg_weight: float = 1.0, reconstruction_weight: float = 1.0, commit_weight: float = 0.0,
+                 zero_cl_shrinkage: float = 0.1, zero_cl_form: Literal["standardized", "literal"] = "standardized",
+                 vicreg_levels: Literal["hierarchical", "single"] = "hierarchical",
+                 vicreg_pixels: int | None = 4096, min_footprints: int = 2,
                  on_missing_footprints: Literal["skip", "error"] = "skip",
                  lr: float = 5e-5, optimizer: str = OPTIMIZATION.optimizer,
                  optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
@@ -105,6 +121,10 @@ class DUNIAPretrainTask(BaseTask):
         if variant not in DUNIA_VARIANTS:
             raise ValueError(f"unknown DUNIA variant {variant!r}: expected one of {list(DUNIA_VARIANTS)}")
         OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
+        if zero_cl_form not in ("standardized", "literal"):
+            raise ValueError(f"zero_cl_form must be 'standardized' or 'literal', got {zero_cl_form!r}")
+        if vicreg_levels not in ("hierarchical", "single"):
+            raise ValueError(f"vicreg_levels must be 'hierarchical' or 'single', got {vicreg_levels!r}")
         if on_missing_footprints not in ("skip", "error"):
             raise ValueError(f"on_missing_footprints must be 'skip' or 'error', got {on_missing_footprints!r}")
         if min_footprints < 2:
@@ -155,7 +175,9 @@ class DUNIAPretrainTask(BaseTask):
         temporal = self.model.temporal_embeddings(series)
         zero = image.new_zeros(())
         parts: dict[str, Any] = {}
-        parts["vicreg"] = hierarchical_vicreg(proj_h, temporal["projected"], num_pixels=hp["vicreg_pixels"])
+        levels = len(proj_h) if hp.get("vicreg_levels", "hierarchical") == "hierarchical" else 1
+        parts["vicreg"] = hierarchical_vicreg(proj_h[:levels], temporal["projected"][:levels],
+                                              num_pixels=hp["vicreg_pixels"])
         rec = dunia_reconstruction_losses(series=series, series_hat=temporal["recon"], image=image,
                                           image_hat=self.model.image.reconstruct(out["horizontal"]))
         parts["rec_series"], parts["rec_image"] = rec["series"], rec["image"]
@@ -165,7 +187,8 @@ class DUNIAPretrainTask(BaseTask):
         if g >= hp["min_footprints"]:
             w = waves[b_idx, k_idx]
             wo = self.model.waveform(w)
-            parts["zero_cl"] = zero_cl_loss(z_pix, wo["embedding"], shrinkage=hp["zero_cl_shrinkage"])
+            parts["zero_cl"] = zero_cl_loss(z_pix, wo["embedding"], shrinkage=hp["zero_cl_shrinkage"],
+                                            form=hp.get("zero_cl_form", "standardized"))
             parts["rec_waveform"] = self.model.waveform.reconstruction_loss(w, wo["recon"])
             parts["commit"] = wo["commit_loss"]
             if similarities:

@@ -104,7 +104,7 @@ def _batch(seed: int, h: int = 16, classes: bool = False) -> dict[str, torch.Ten
 
 
 def test_task_with_real_dunia_tiny_builds_database_and_predicts() -> None:
-    task = DUNIAZeroShotKNNTask(dunia_variant="tiny", k_values=[1, 5], k=5)
+    task = DUNIAZeroShotKNNTask(keys="vertical", dunia_variant="tiny", k_values=[1, 5], k=5)
     assert not any(p.requires_grad for p in task.model.parameters())
     task.train()
     assert not task.model.training  # the embedding model stays in eval mode (no dropout) during fit
@@ -117,7 +117,7 @@ def test_task_with_real_dunia_tiny_builds_database_and_predicts() -> None:
     assert out["val/num_pixels"] == 72
     assert np.isfinite(out["val/rmse_k5"] if "val/rmse_k5" in out else out["val/rh98_rmse_k5"])
     # a different model (another random init) must not query this database
-    other = DUNIAZeroShotKNNTask(dunia_variant="tiny", k_values=[1, 5], k=5)
+    other = DUNIAZeroShotKNNTask(keys="vertical", dunia_variant="tiny", k_values=[1, 5], k=5)
     other.database = task.database
     with pytest.raises(ValueError, match="different model"):
         other._eval_batch(_batch(1))
@@ -129,7 +129,7 @@ def test_task_with_real_dunia_tiny_builds_database_and_predicts() -> None:
 
 
 def test_bad_inputs() -> None:
-    task = DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[1], k=1)
+    task = DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral(), k_values=[1], k=1)
     empty = _batch(0)
     empty["mask"][:] = -1  # a batch with no GEDI footprint: nothing to add, nothing to score
     assert task.add_batch(empty) == 0
@@ -148,11 +148,11 @@ def test_bad_inputs() -> None:
             return {"vertical": out, "horizontal": out}
 
     with pytest.raises(ValueError, match="NaN"):
-        DUNIAZeroShotKNNTask(embedder=NaNEmbedder()).add_batch(_batch(0))
+        DUNIAZeroShotKNNTask(keys="vertical", embedder=NaNEmbedder()).add_batch(_batch(0))
     with pytest.raises(ValueError, match="mask"):
         task.add_batch({"image": _batch(0)["image"]})
     with pytest.raises(ValueError, match="k=7 must be one of"):
-        DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[1, 5], k=7)
+        DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral(), k_values=[1, 5], k=7)
     with pytest.raises(ValueError, match="num_classes"):
         DUNIAZeroShotKNNTask(embedder=Spectral(), task="classification")
     with pytest.raises(ValueError, match="embedding"):
@@ -199,7 +199,7 @@ def test_classification_beats_majority_on_band_defined_classes() -> None:
 def test_logged_regression_metrics_match_numpy_over_batches() -> None:
     """RMSE, MAE and r at every K, accumulated batch by batch, equal the formulas on all pixels at once."""
     rng = np.random.default_rng(1)
-    task = DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[1, 5], k=5)
+    task = DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral(), k_values=[1, 5], k=5)
     task.database = KNNDatabase(3, "regression")
     task.database.add(torch.randn(20, 3), torch.from_numpy(rng.normal(10, 2, (20, 1))).float())
     y = rng.normal(10, 3, 300)
@@ -228,7 +228,7 @@ def test_zero_shot_rh98_on_the_tiny_world_beats_the_mean_predictor(tiny_world_di
     """
     from terratorch_eoplugins.datamodules.gedi import GEDIDataModule
 
-    task = DUNIAZeroShotKNNTask(embedder=Spectral())
+    task = DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral())
     dm = GEDIDataModule(root=str(tiny_world_dir / "GEDI"), batch_size=8)
     before = [p.clone() for p in task.parameters()]
     trainer = _trainer()
@@ -241,7 +241,7 @@ def test_zero_shot_rh98_on_the_tiny_world_beats_the_mean_predictor(tiny_world_di
     assert m["val/rh98_r_k50"] > 0.6
     assert m["val/rh98_rmse_k50"] < 0.6 * m["val/rh98_rmse_mean_predictor"]
     # `test` after fit reuses the database; on its own (new task) it rebuilds the same one from the train split
-    fresh = DUNIAZeroShotKNNTask(embedder=Spectral())
+    fresh = DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral())
     _trainer().validate(fresh, dm, verbose=False)
     assert len(fresh.database) == len(task.database)
     assert fresh.last_metrics["val/rh98_rmse_k5"] == pytest.approx(m["val/rh98_rmse_k5"], rel=1e-6)
@@ -269,7 +269,7 @@ def _ddp_rank_metrics(rank: int, world: int, port: int, y: np.ndarray, p: np.nda
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        task = DUNIAZeroShotKNNTask(embedder=Spectral(), k_values=[5], k=5)
+        task = DUNIAZeroShotKNNTask(keys="vertical", embedder=Spectral(), k_values=[5], k=5)
         task.database = KNNDatabase(3, "regression")
         task.database.add(torch.eye(3)[:2], torch.tensor([[9.0], [11.0]]))
         task._reset_metrics()
