@@ -1,11 +1,17 @@
 """S4 label efficiency: pretrained-then-fine-tuned vs from scratch at 10% labels, optical and radar, >= 3 seeds.
 
+Defaults are the paper's data and model choices (sizes are CPU choices, see the arguments): every aligned date of
+the shorter series (``--num-dates`` unset; batches padded with ``date_mask``), RGB optical input
+(``--optical-bands 2 1 0``), 3-D U-Net pooling space and time (``--no-pool-time`` for space only), InfoNCE over
+every bottleneck position (``--num-pixels`` unset; chunked). The project's earlier configuration ("today's 6-date
+configuration") is ``--num-dates 6 --optical-bands -1 --no-pool-time --num-pixels 256``.
+
 Protocol (synthetic PASTIS-R world, PANGAEA folds 1-3 train / 4 val / 5 test):
 
 1. S4 pretraining (:class:`~terratorch_eoplugins.tasks.s4_pretrain.S4PretrainTask`, ``L_c + lambda L_r``,
    tau = 0.5) on the *unlabelled* radar (S1A) + optical (S2) series of every non-test patch (folds 1-4 by
    default: S4's point is that pretraining uses all imagery, labelled or not), nearest-timestamp aligned,
-   6 dates, random ``--pretrain-crop-size`` crops, Adam, ``--pretrain-steps`` steps; once, shared by every
+   every aligned date, random ``--pretrain-crop-size`` crops, Adam, ``--pretrain-steps`` steps; once, shared by every
    fine-tuning run. ``--pretrain-ckpt`` reuses a checkpoint written by an earlier ``--phase pretrain`` run.
 2. For each inference modality (optical S2 / radar S1A), seed and init (S4 checkpoint / scratch): terratorch
    ``SemanticSegmentationTask`` with the registered ``s4_unet3d`` backbone (encoder + decoder ``h`` of the
@@ -46,12 +52,10 @@ from torch.utils.data import DataLoader
 
 import terratorch_eoplugins  # noqa: F401  (registers s4_unet3d)
 from terratorch_eoplugins.analysis.s4_clouds import cloud_robustness
-from terratorch_eoplugins.datasets.common import collate_samples, filter_batch_keys
-from terratorch_eoplugins.datasets.pastis import PASTIS
-from terratorch_eoplugins.datasets.s4 import S4PASTIS
+from terratorch_eoplugins.datasets.s4 import S4PASTIS, collate_s4
 from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask
 
-MODALITIES = {"optical": ("S2", 10), "radar": ("S1A", 3)}
+MODALITIES = {"optical": "S2", "radar": "S1A"}
 NUM_CLASSES = 19
 
 
@@ -83,14 +87,25 @@ def random_crop(sample: dict[str, Any], size: int | None, generator: torch.Gener
     return out
 
 
+def _bands(args: argparse.Namespace) -> list[int] | None:
+    return None if args.optical_bands == [-1] else list(args.optical_bands)
+
+
+def _channels(args: argparse.Namespace, modality: str) -> int:
+    bands = _bands(args)
+    return 3 if modality == "radar" else (10 if bands is None else len(bands))
+
+
 # ----------------------------------------------------------------------------------------- pretraining
 def pretrain(args: argparse.Namespace, out: Path) -> tuple[Path, list[dict[str, float]]]:
     """S4 pretraining on the unlabelled pairs of ``--pretrain-folds``: the checkpoint and losses per 50 steps."""
     torch.manual_seed(0)
-    ds = S4PASTIS(args.root, folds=args.pretrain_folds, num_dates=args.num_dates, crop_size=args.pretrain_crop_size)
+    ds = S4PASTIS(args.root, folds=args.pretrain_folds, num_dates=args.num_dates, crop_size=args.pretrain_crop_size,
+                  optical_bands=_bands(args))
     dl = DataLoader(ds, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True,
-                    collate_fn=lambda s: filter_batch_keys(collate_samples(s), ()))
-    task = S4PretrainTask(widths=args.widths, num_pixels=args.num_pixels, lr=args.pretrain_lr,
+                    collate_fn=lambda s: {k: v for k, v in collate_s4(s).items() if k in ("image", "date_mask")})
+    task = S4PretrainTask(optical_channels=_channels(args, "optical"), widths=args.widths,
+                          pool_time=args.pool_time, num_pixels=args.num_pixels, lr=args.pretrain_lr,
                           temperature=args.temperature, reconstruction_weight=args.lambda_r)
     task.configure_models()
     opt = torch.optim.Adam(task.parameters(), lr=args.pretrain_lr)
@@ -118,15 +133,15 @@ def pretrain(args: argparse.Namespace, out: Path) -> tuple[Path, list[dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- fine-tuning
-def build_finetune_task(modality: str, widths: list[int], ckpt: str | None, lr: float) -> Any:
+def build_finetune_task(modality: str, widths: list[int], ckpt: str | None, lr: float, in_channels: int = 3,
+                        pool_time: bool = True) -> Any:
     """terratorch ``SemanticSegmentationTask`` on ``s4_unet3d`` (``ckpt=None``: from scratch)."""
     from terratorch.tasks import SemanticSegmentationTask
 
-    _, cin = MODALITIES[modality]
     return SemanticSegmentationTask(
         model_factory="EncoderDecoderFactory",
-        model_args={"backbone": "s4_unet3d", "backbone_modality": modality, "backbone_in_channels": cin,
-                    "backbone_widths": list(widths), "backbone_ckpt_path": ckpt,
+        model_args={"backbone": "s4_unet3d", "backbone_modality": modality, "backbone_in_channels": in_channels,
+                    "backbone_pool_time": pool_time, "backbone_widths": list(widths), "backbone_ckpt_path": ckpt,
                     "decoder": "IdentityDecoder", "num_classes": NUM_CLASSES},
         loss="ce", ignore_index=-1, lr=lr, optimizer="AdamW", optimizer_hparams={"weight_decay": 0.01},
         freeze_backbone=False,
@@ -138,12 +153,13 @@ def finetune(args: argparse.Namespace, modality: str, seed: int, ckpt: str | Non
 
     Crops and batch order come from a generator seeded by ``seed`` only, so both inits see the same batches.
     """
-    key, _ = MODALITIES[modality]
     torch.manual_seed(seed)  # head init (and the scratch backbone init) depend on the seed only
-    task = build_finetune_task(modality, args.widths, ckpt, args.finetune_lr)
+    task = build_finetune_task(modality, args.widths, ckpt, args.finetune_lr, _channels(args, modality),
+                               args.pool_time)
     model = task.model.train()
-    train = PASTIS(args.root, split="train", modalities=[key], num_dates=args.num_dates,
-                   label_fraction=args.label_fraction, seed=seed)
+    train = S4PASTIS(args.root, split="train", radar=MODALITIES["radar"], num_dates=args.num_dates,
+                     optical_bands=_bands(args), inference_modality=modality, label_fraction=args.label_fraction,
+                     seed=seed)
     samples = [train[i] for i in range(len(train))]
     opt = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
@@ -153,13 +169,13 @@ def finetune(args: argparse.Namespace, modality: str, seed: int, ckpt: str | Non
         perm = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(perm), args.finetune_batch_size):
             chunk = perm[i:i + args.finetune_batch_size]
-            batch = [random_crop(samples[j], args.finetune_crop_size, gen) for j in chunk]
-            x = torch.stack([s["image"] for s in batch])
-            y = torch.stack([s["mask"] for s in batch]).long()
+            batch = collate_s4([random_crop(samples[j], args.finetune_crop_size, gen) for j in chunk])
+            x, y = batch["image"], batch["mask"].long()
+            dm = None if bool(batch["date_mask"].all()) else batch["date_mask"]
             warm = min(1.0, (step + 1) / args.finetune_warmup) if args.finetune_warmup > 0 else 1.0
             for group in opt.param_groups:
                 group["lr"] = args.finetune_lr * warm
-            loss = ce(model(x).output, y)
+            loss = ce((model(x) if dm is None else model(x, date_mask=dm)).output, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -173,10 +189,10 @@ def run_one(args: argparse.Namespace, modality: str, seed: int, init: str, ckpt:
     """One fine-tuning run + its test evaluation (worker entry point)."""
     _quiet(1)
     t1 = time.time()
-    key, _ = MODALITIES[modality]
     model = finetune(args, modality, seed, ckpt if init == "pretrained" else None)
-    test = PASTIS(args.root, split="test", modalities=("S2",) if key == "S2" else ("S2", key), num_dates=args.num_dates)
-    table = cloud_robustness({init: (model, key)}, test)  # its "all" row is the test mIoU over the whole test set
+    test = S4PASTIS(args.root, split="test", radar=MODALITIES["radar"], num_dates=args.num_dates,
+                    optical_bands=_bands(args), cloud_source=args.cloud_source)
+    table = cloud_robustness({init: (model, modality)}, test)  # its "all" row is the test mIoU over the whole test set
     miou = float(table.loc[table["bin"] == "all", f"mIoU_{init}"].iloc[0])
     print(f"{modality:7s} seed {seed} {init:10s} test mIoU {miou:5.1f}  ({time.time() - t1:.0f}s)", flush=True)
     return {"modality": modality, "seed": seed, "init": init, "test_mIoU": miou, "seconds": time.time() - t1,
@@ -184,9 +200,14 @@ def run_one(args: argparse.Namespace, modality: str, seed: int, init: str, ckpt:
 
 
 def _command(args: argparse.Namespace) -> str:
+    def flag(k: str, v: Any) -> str:
+        name = k.replace("_", "-")
+        if isinstance(v, bool):
+            return f"--{name}" if v else f"--no-{name}"
+        return f"--{name} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+
     return "python benchmarks/s4_label_efficiency.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if v is not None)
+        flag(k, v) for k, v in vars(args).items() if v is not None)
 
 
 def main() -> None:
@@ -197,14 +218,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--modalities", nargs="+", default=["optical", "radar"], choices=list(MODALITIES))
     ap.add_argument("--widths", type=int, nargs=4, default=[8, 16, 32, 64])
-    ap.add_argument("--num-dates", type=int, default=6)
+    ap.add_argument("--num-dates", type=int, default=None,
+                    help="aligned dates per series by linspace (default: every aligned date, the paper)")
+    ap.add_argument("--optical-bands", type=int, nargs="+", default=[2, 1, 0],
+                    help="S2 channels of the optical input (default RGB, the paper); -1: all 10 bands")
+    ap.add_argument("--pool-time", action=argparse.BooleanOptionalAction, default=True,
+                    help="3-D U-Net pools time as well as space (default, the paper)")
+    ap.add_argument("--cloud-source", default="auto", help="cloud cover of the test series (S4PASTIS cloud_source)")
     ap.add_argument("--label-fraction", type=float, default=0.1)
     ap.add_argument("--pretrain-folds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--pretrain-crop-size", type=int, default=64)
     ap.add_argument("--pretrain-batch-size", type=int, default=2)
     ap.add_argument("--pretrain-steps", type=int, default=800)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
-    ap.add_argument("--num-pixels", type=int, default=256)
+    ap.add_argument("--num-pixels", type=int, default=None,
+                    help="InfoNCE positions sampled per sample (default: every position, the paper)")
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--lambda-r", type=float, default=1.0)
     ap.add_argument("--finetune-steps", type=int, default=300)

@@ -130,3 +130,106 @@ def test_reconstruction_is_the_mean_l1_over_t_c_h_w_averaged_over_the_batch() ->
     assert s4_reconstruction_l1(pred, target, mask).item() == pytest.approx(np.mean(masked), rel=1e-12)
     with pytest.raises(ValueError, match="shapes differ"):
         s4_reconstruction_l1(pred, target[..., :5])
+
+
+# ----------------------------------------------------------------------------- every position, in chunks
+def _reference_infonce(za: torch.Tensor, zb: torch.Tensor, tau: float,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Unchunked float64 formula with explicit masks (independent of the chunked implementation): per sample,
+    the full N x N cosine matrix, rows and columns of invalid positions dropped, symmetric CE mean."""
+    out = []
+    for i in range(za.shape[0]):
+        a = za[i].reshape(za.shape[1], -1).T.double()
+        b = zb[i].reshape(zb.shape[1], -1).T.double()
+        if valid is not None:
+            keep = valid[i].reshape(-1).bool()
+            a, b = a[keep], b[keep]
+        a = a / a.norm(dim=1, keepdim=True)
+        b = b / b.norm(dim=1, keepdim=True)
+        s = a @ b.T / tau
+        la = (torch.logsumexp(s, 1) - s.diagonal()).mean()
+        lb = (torch.logsumexp(s.T, 1) - s.diagonal()).mean()
+        out.append((la + lb) / 2)
+    return torch.stack(out).mean()
+
+
+def test_chunked_infonce_over_every_position_equals_the_unchunked_formula() -> None:
+    g = torch.Generator().manual_seed(5)
+    za = torch.randn(2, 6, 3, 4, 5, generator=g, dtype=torch.float64)  # N = 60 positions
+    zb = torch.randn(2, 6, 3, 4, 5, generator=g, dtype=torch.float64)
+    ref = _reference_infonce(za, zb, 0.5)
+    # the loop-based formula of the first test agrees with the reference on a sample
+    assert ref.item() == pytest.approx(_naive_infonce(za.numpy(), zb.numpy(), 0.5)[0], rel=1e-10)
+    grads = []
+    for chunk in (None, 1, 7, 60, 1000):
+        a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
+        loss = s4_pixel_infonce(a, b, chunk_size=chunk)  # num_pixels=None: every position (paper default)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
+        loss.backward()
+        grads.append((a.grad, b.grad))
+    for ga, gb in grads[1:]:
+        assert torch.allclose(ga, grads[0][0], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(gb, grads[0][1], rtol=1e-10, atol=1e-12)
+    # the module wrapper's default is every position as well
+    assert S4InfoNCELoss()(za, zb).item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_chunked_infonce_memory_is_bounded_by_the_chunk() -> None:
+    """No tensor saved for the backward pass is larger than one chunk of logits (B x chunk x N), whereas the
+    unchunked loss saves the whole B x N x N matrix."""
+    za = torch.randn(2, 8, 4, 8, 8, requires_grad=True)  # N = 256
+    zb = torch.randn(2, 8, 4, 8, 8, requires_grad=True)
+    n = 256
+
+    def largest_saved(chunk: int | None) -> int:
+        sizes = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = s4_pixel_infonce(za, zb, chunk_size=chunk)
+        loss.backward()
+        return max(sizes)
+
+    assert largest_saved(None) >= 2 * n * n
+    assert largest_saved(32) <= 2 * 32 * n
+
+
+def test_valid_mask_drops_padded_positions_as_anchors_and_negatives() -> None:
+    g = torch.Generator().manual_seed(6)
+    za = torch.randn(2, 5, 3, 2, 2, generator=g, dtype=torch.float64)
+    zb = torch.randn(2, 5, 3, 2, 2, generator=g, dtype=torch.float64)
+    valid = torch.ones(2, 3, 2, 2, dtype=torch.bool)
+    valid[1, 2] = False  # sample 1: its last time cell is padding
+    ref = _reference_infonce(za, zb, 0.5, valid)
+    for chunk in (None, 3):
+        assert s4_pixel_infonce(za, zb, valid=valid, chunk_size=chunk).item() == pytest.approx(ref.item(), rel=1e-12)
+    # = the mean of the two samples computed alone on their real positions
+    alone = (s4_pixel_infonce(za[:1], zb[:1]) + s4_pixel_infonce(za[1:, :, :2], zb[1:, :, :2])) / 2
+    assert s4_pixel_infonce(za, zb, valid=valid).item() == pytest.approx(alone.item(), rel=1e-12)
+    # changing padded features changes nothing
+    zb2 = zb.clone()
+    zb2[1, :, 2] = 100.0
+    assert s4_pixel_infonce(za, zb2, valid=valid).item() == pytest.approx(ref.item(), rel=1e-12)
+    # sampling draws among the valid positions only
+    idx = s4_sample_positions(2, 12, 8, torch.Generator().manual_seed(0), valid=valid.flatten(1))
+    assert int(idx[1].max()) < 8 and len(set(idx[1].tolist())) == 8
+    with pytest.raises(ValueError, match="one flag per position"):
+        s4_pixel_infonce(za, zb, valid=valid[:, :2])
+    with pytest.raises(ValueError, match="at least 2 valid positions"):
+        s4_pixel_infonce(za, zb, valid=torch.zeros(2, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunk_size"):
+        s4_pixel_infonce(za, zb, chunk_size=0)
+
+
+def test_sampled_positions_lower_the_loss_by_about_log_all_over_sampled() -> None:
+    """The earlier default (256 sampled positions) vs every position: with unrelated features the loss is about
+    log(number of candidates), so sampling P of N positions lowers it by about log(N / P)."""
+    g = torch.Generator().manual_seed(7)
+    za = torch.randn(1, 64, 4, 16, 16, generator=g)  # N = 1024
+    zb = torch.randn(1, 64, 4, 16, 16, generator=g)
+    full = s4_pixel_infonce(za, zb).item()
+    sampled = s4_pixel_infonce(za, zb, num_pixels=256, generator=torch.Generator().manual_seed(0)).item()
+    assert full - sampled == pytest.approx(math.log(1024 / 256), abs=0.05)

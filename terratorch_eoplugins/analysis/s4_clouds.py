@@ -1,17 +1,23 @@
 """Cloud-robustness evaluation of S4 (paper section 5.7): mIoU grouped by the cloud-cover ratio of each test series.
 
 The cloud-cover ratio of a series is the number of clouded pixels over all pixels of the series, i.e.
-the mean of its per-date cloud fractions (PASTIS-R metadata field ``cloudcover-S2``, which the
-synthetic world writes from its cloud masks; the real release has no such field: add it from cloud
-masks such as s2cloudless to use this on real data). The series are those the models see (the
-``num_dates`` dates chosen by ``linspace``). Series are grouped into ratio bins and, per bin and model,
-the confusion matrix is summed over the bin's series and mIoU = mean IoU over the classes present
-(union > 0, utae-paps convention), void (-1) ignored. With two or more models the table adds the mIoU
-gain of the first model over each other one (the paper plots S4's gain over a baseline).
+the mean of its per-date cloud fractions. Sources of the per-date fractions: the PASTIS-R metadata field
+``cloudcover-S2`` (the synthetic world writes it from its cloud masks); the real release has none, so on
+:class:`~terratorch_eoplugins.datasets.s4.S4PASTIS` datasets (the default here, as S4 is fine-tuned on them)
+``cloud_source="auto"`` falls back to an *estimate* from the S2 bands (blue B2 reflectance above 0.2, see
+:func:`~terratorch_eoplugins.datasets.s4.estimate_cloud_cover`), or a user-supplied JSON file
+``{ID_PATCH: [fraction per S2 date]}`` (e.g. from s2cloudless masks) gives them. The series are those the models
+see: every aligned date by default (the ratio counts each series' own dates, never the padding of a batch); with
+a plain :class:`~terratorch_eoplugins.datasets.pastis.PASTIS` dataset the ``num_dates`` dates it serves. Series
+are grouped into ratio bins and, per bin and model, the confusion matrix is summed over the bin's series and
+mIoU = mean IoU over the classes present (union > 0, utae-paps convention), void (-1) ignored. With two or more
+models the table adds the mIoU gain of the first model over each other one (the paper plots S4's gain over a
+baseline).
 
 Command line::
 
     eoplugins s4-clouds --root data/demo/PASTIS-R --model s4=<fine-tuned.ckpt> --model scratch=<other.ckpt>
+    eoplugins s4-clouds --root /path/to/PASTIS-R --modality radar --cloud-source estimate --model ...
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 
 from terratorch_eoplugins.datasets.common import collate_samples
 from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.datasets.s4 import CLOUD_BLUE_THRESHOLD, S4PASTIS, collate_s4
 from terratorch_eoplugins.errors import EODataError
 from terratorch_eoplugins.runtime import read_checkpoint
 
@@ -79,8 +86,8 @@ def _bin_labels(bins: Sequence[float]) -> list[str]:
             for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:]))]
 
 
-def _logits(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
-    out = model(x)
+def _logits(model: Callable[..., Any], x: Tensor, date_mask: Tensor | None = None) -> Tensor:
+    out = model(x) if date_mask is None else model(x, date_mask=date_mask)
     return out.output if hasattr(out, "output") else out
 
 
@@ -92,8 +99,11 @@ def cloud_robustness(models: Mapping[str, tuple[Callable[[Tensor], Any], str]], 
 
     Args:
         models: name -> (model returning ``[B, K, H, W]`` logits or a terratorch ``ModelOutput``,
-            input modality of ``dataset``: ``"S2"``, ``"S1A"``...).
-        dataset: a :class:`PASTIS` dataset loading ``"S2"`` (for the cloud cover) and every model's modality.
+            input modality of ``dataset``: ``"optical"`` / ``"radar"`` for an :class:`S4PASTIS` dataset, whose
+            padded batches also pass ``date_mask=`` to the model; ``"S2"``, ``"S1A"``... for a plain PASTIS one).
+        dataset: an :class:`S4PASTIS` dataset with ``inference_modality=None`` (both modalities, cloud cover from its
+            ``cloud_source``), or a :class:`PASTIS` dataset loading ``"S2"`` (with the ``cloudcover-S2`` field) and
+            every model's modality.
         bins: increasing bin edges of the cloud-cover ratio in [0, 1].
         num_classes: classes of the confusion matrix (default ``dataset.num_classes``).
         batch_size: evaluation batch size.
@@ -108,11 +118,17 @@ def cloud_robustness(models: Mapping[str, tuple[Callable[[Tensor], Any], str]], 
         raise ValueError(f"bins must be >= 2 increasing edges within [0, 1], got {list(bins)}")
     if not models:
         raise ValueError("give at least one model to evaluate")
+    s4 = isinstance(dataset, S4PASTIS)
+    if s4 and dataset.inference_modality is not None:
+        raise ValueError("give an S4PASTIS dataset with inference_modality=None (both modalities are served, each "
+                         "model takes its own)")
     if "S2" not in dataset.modalities:
         raise ValueError(f"the dataset must load S2 for its cloud cover; it loads {list(dataset.modalities)}")
+    served = ["optical", "radar"] if s4 else list(dataset.modalities)
     for name, (_, mod) in models.items():
-        if mod not in dataset.modalities:
-            raise ValueError(f"model {name!r} needs modality {mod!r}; the dataset loads {list(dataset.modalities)}")
+        if mod not in served:
+            raise ValueError(f"model {name!r} needs modality {mod!r}; the dataset serves {served}")
+    collate = collate_s4 if s4 else collate_samples
     k = num_classes or dataset.num_classes
     ignore = dataset.void_label if dataset.void_label is not None else None
     n_bins = len(edges) - 1
@@ -123,14 +139,16 @@ def cloud_robustness(models: Mapping[str, tuple[Callable[[Tensor], Any], str]], 
             m.eval().to(device)
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_samples(samples)
+        batch = collate(samples)
         rat = [series_cloud_ratio(s.get("cloud_cover"), f"patch {s['id_patch']}") for s in samples]
         which = [min(int(np.searchsorted(edges, r, side="right")) - 1, n_bins - 1) for r in rat]
         for r, b in zip(rat, which):
             ratios[b].append(r)
         for name, (model, mod) in models.items():
             x = batch["image"][mod] if isinstance(batch["image"], Mapping) else batch["image"]
-            pred = _logits(model, x.to(device)).argmax(1).cpu()
+            dm = batch.get("date_mask")
+            dm = None if dm is None or bool(dm.all()) else dm.to(device)
+            pred = _logits(model, x.to(device), dm).argmax(1).cpu()
             for j, b in enumerate(which):
                 cms[name][b] += confusion_matrix(pred[j], batch["mask"][j], k, ignore)
     rows = []
@@ -189,18 +207,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``eoplugins s4-clouds``: print (and optionally save) the cloud-robustness table."""
     ap = argparse.ArgumentParser(prog="eoplugins s4-clouds", description="S4 cloud-robustness evaluation (mIoU "
                                  "grouped by the cloud-cover ratio of the test series)")
-    ap.add_argument("--root", default="data/demo/PASTIS-R", help="PASTIS-R folder (with cloudcover-S2 metadata)")
+    ap.add_argument("--root", default="data/demo/PASTIS-R", help="PASTIS-R folder")
     ap.add_argument("--model", action="append", required=True, metavar="NAME=CKPT",
                     help="fine-tuned SemanticSegmentationTask checkpoint (repeat; the first is compared to the others)")
-    ap.add_argument("--modality", default="S2", help="input modality of the models (S2, S1A, S1D)")
+    ap.add_argument("--modality", default="optical",
+                    help="input modality of the models: optical / radar (S4 aligned series, the default data of the "
+                         "S4 configs) or S2 / S1A / S1D (plain PASTIS series, needs the cloudcover-S2 metadata field)")
+    ap.add_argument("--radar", default="S1A", help="radar series of the S4 pairs (S1A or S1D)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ap.add_argument("--num-dates", type=int, default=6)
+    ap.add_argument("--num-dates", type=int, default=None,
+                    help="dates per series (linspace); default: every aligned date (S4) / 6 (plain PASTIS)")
+    ap.add_argument("--optical-bands", type=int, nargs="+", default=[2, 1, 0],
+                    help="S2 channels of the optical input (S4 modalities; default RGB); -1 keeps all 10")
+    ap.add_argument("--cloud-source", default="auto",
+                    help="auto (metadata field, else estimate), metadata, estimate, or a JSON file "
+                         "{ID_PATCH: [fraction per S2 date]} (S4 modalities)")
+    ap.add_argument("--cloud-threshold", type=float, default=CLOUD_BLUE_THRESHOLD,
+                    help="blue (B2) reflectance above which a pixel is cloudy in the estimate")
     ap.add_argument("--bins", type=float, nargs="+", default=list(DEFAULT_BINS))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default=None, help="CSV file for the table")
     args = ap.parse_args(argv)
-    mods = ("S2",) if args.modality == "S2" else ("S2", args.modality)
-    dataset = PASTIS(args.root, split=args.split, modalities=mods, num_dates=args.num_dates)
+    dataset: PASTIS
+    if args.modality in ("optical", "radar"):
+        bands = None if args.optical_bands == [-1] else args.optical_bands
+        dataset = S4PASTIS(args.root, split=args.split, radar=args.radar, num_dates=args.num_dates,
+                           optical_bands=bands, cloud_source=args.cloud_source, cloud_threshold=args.cloud_threshold)
+    else:
+        mods = ("S2",) if args.modality == "S2" else ("S2", args.modality)
+        dataset = PASTIS(args.root, split=args.split, modalities=mods,
+                         num_dates=6 if args.num_dates is None else args.num_dates)
     models = {name: (load_segmentation_checkpoint(p), args.modality) for name, p in _parse_models(args.model).items()}
     table = cloud_robustness(models, dataset, args.bins, batch_size=args.batch_size)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -16,8 +16,15 @@ Pieces (paper section 4):
   (``decoder: IdentityDecoder``). ``output="pyramid"`` instead returns the four encoder levels, each
   averaged over time (full resolution, /2, /4, /8), for terratorch decoders such as ``UNetDecoder``.
 
-Choices where the paper is silent (documented, configurable): widths ``(16, 32, 64, 128)``; spatial-only
-pooling (T is never pooled so any T >= 1 works; ``pool_time=True`` pools it too); projection
+Paper defaults: RGB optical input (3 channels, "we train using only the RGB channels"; 10 S2 bands with
+``in_channels={"optical": 10, ...}``), max-pooling over space *and* time ("the 3D operations are applied along
+both the temporal dimension and the spatial dimensions"; ``pool_time=False`` pools space only, the project's
+earlier choice). Series of any length are replicate-padded at the end to the pooling factor and cropped back;
+batches of series of different lengths carry a ``date_mask`` ``[B, T]`` (True = real date,
+:func:`~terratorch_eoplugins.datasets.s4.collate_s4`) and the padded dates are left out of the temporal mean
+(fine-tuning) and of the losses (pretraining).
+
+Choices where the paper is silent (documented, configurable): widths ``(16, 32, 64, 128)``; projection
 ``widths[-1] -> widths[-1] -> 64`` with the activation between the two convolutions and none after the
 last one (as in SimCLR-style heads, so that cosine similarities can be negative); temporal mean pooling
 before the segmentation head.
@@ -30,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
 from torch import Tensor, nn
 
@@ -42,7 +50,15 @@ from terratorch_eoplugins.models.pretrained import (
     resolve_source,
     warn_no_pretrained,
 )
-from terratorch_eoplugins.nn.unet3d import UNet3DDecoder, UNet3DEncoder, crop_to, pad_to_multiple
+from terratorch_eoplugins.nn.unet3d import (
+    UNet3DDecoder,
+    UNet3DEncoder,
+    crop_to,
+    masked_time_max,
+    masked_time_mean,
+    pad_to_multiple,
+    pooled_date_mask,
+)
 
 __all__ = ["S4Model", "S4ProjectionHead", "S4UNet3DBackbone", "s4_unet3d", "load_s4_pretrained", "S4_MODALITIES"]
 
@@ -50,8 +66,9 @@ logger = logging.getLogger("terratorch_eoplugins.models.s4")
 
 REGISTERED = {"backbone": ["s4_unet3d"]}
 
-#: the two S4 modalities and their default channel counts on PASTIS-R (S2: 10 bands, S1: VV, VH, VV-VH)
-S4_MODALITIES: dict[str, int] = {"optical": 10, "radar": 3}
+#: the two S4 modalities and their default channel counts on PASTIS-R: optical RGB (the paper's experiments; the
+#: data serves S2 B4, B3, B2), radar S1 VV, VH, VV-VH
+S4_MODALITIES: dict[str, int] = {"optical": 3, "radar": 3}
 DEFAULT_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
 
 
@@ -88,13 +105,13 @@ class S4Model(nn.Module):
         n_specific: leading modality-specific levels (paper: 2).
         proj_dim: output dimension of the projection head.
         reconstruct_from: input modalities that get a decoder ``h`` reconstructing the other modality.
-        pool_time: pool the time axis too.
+        pool_time: pool the time axis too (default, paper); ``False``: space only.
         negative_slope: LeakyReLU slope.
     """
 
     def __init__(self, in_channels: Mapping[str, int] | None = None, widths: Sequence[int] = DEFAULT_WIDTHS,
                  n_specific: int = 2, proj_dim: int = 64, reconstruct_from: Sequence[str] = ("optical", "radar"),
-                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+                 pool_time: bool = True, negative_slope: float = 0.01) -> None:
         super().__init__()
         chans = dict(S4_MODALITIES if in_channels is None else in_channels)
         for m in chans:
@@ -129,6 +146,15 @@ class S4Model(nn.Module):
         """``g`` on the bottleneck, cropped to the part that covers the unpadded input."""
         return crop_to(self.projection(feats[-1]), self.bottleneck_size(size))
 
+    def bottleneck_valid(self, date_mask: Tensor | None, size: tuple[int, int, int]) -> Tensor | None:
+        """``[B, T_b, H_b, W_b]`` validity of the projected bottleneck positions (``None`` without ``date_mask``):
+        a time cell is valid when it pools at least one real date."""
+        if date_mask is None:
+            return None
+        t, h, w = self.bottleneck_size(size)
+        cells = pooled_date_mask(date_mask, self.encoder.temporal_factor, t)
+        return cells[:, :, None, None].expand(-1, -1, h, w)
+
     def reconstruct(self, feats: Sequence[Tensor], modality: str, size: tuple[int, int, int]) -> Tensor:
         """``h(f_in(x_in))``: the other modality's series predicted from ``modality``'s encoder features."""
         if modality not in self.decoders:
@@ -141,14 +167,17 @@ class S4UNet3DBackbone(nn.Module):
 
     Args:
         modality: ``"optical"`` or ``"radar"`` (which pretrained encoder/decoder to use).
-        in_channels: input channels (default 10 optical, 3 radar), after ``band_indices``.
+        in_channels: input channels (default 3 for both: optical RGB as in the paper, radar VV/VH/VV-VH), after
+            ``band_indices``; 10 for all S2 bands.
         widths: U-Net level widths (must match the pretraining run).
         n_specific: modality-specific levels (must match the pretraining run).
-        pool_time: pool the time axis too (must match the pretraining run).
+        pool_time: pool the time axis too (default, paper; must match the pretraining run).
         output: ``"decoder"`` (encoder + decoder ``h``, one full-resolution map; pair with
             ``IdentityDecoder``) or ``"pyramid"`` (the encoder's levels, for ``UNetDecoder`` & co.).
-        temporal_pooling: ``"mean"`` or ``"max"`` over time of the returned maps.
-        band_indices: input channels to keep (e.g. ``[2, 1, 0]`` for PASTIS S2 RGB, the paper's setting).
+        temporal_pooling: ``"mean"`` or ``"max"`` over time of the returned maps (over the real dates only when
+            the batch carries a ``date_mask``).
+        band_indices: input channels to keep (e.g. ``[2, 1, 0]`` for RGB out of 10 PASTIS S2 bands when the data
+            serves all bands; the S4 data pieces already serve RGB).
         ckpt_path: S4 pretraining checkpoint (Lightning ``.ckpt`` of
             :class:`~terratorch_eoplugins.tasks.s4_pretrain.S4PretrainTask` or a state dict with the same keys);
             ``None`` trains from scratch (a warning is logged unless ``pretrained_from`` is set).
@@ -157,7 +186,7 @@ class S4UNet3DBackbone(nn.Module):
     """
 
     def __init__(self, modality: str = "optical", in_channels: int | None = None,
-                 widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = False,
+                 widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = True,
                  output: Literal["decoder", "pyramid"] = "decoder",
                  temporal_pooling: Literal["mean", "max"] = "mean", band_indices: Sequence[int] | None = None,
                  ckpt_path: str | Path | None = None, negative_slope: float = 0.01,
@@ -204,13 +233,15 @@ class S4UNet3DBackbone(nn.Module):
             return {}
         return {"ckpt_path": None, "pretrained_from": self.pretrained_source}
 
-    def _pool_time(self, x: Tensor) -> Tensor:
-        return x.mean(2) if self.temporal_pooling == "mean" else x.amax(2)
+    def _pool_time(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        return masked_time_mean(x, valid) if self.temporal_pooling == "mean" else masked_time_max(x, valid)
 
-    def forward(self, x: Tensor, **kwargs: Any) -> list[Tensor]:
+    def forward(self, x: Tensor, date_mask: Tensor | None = None, **kwargs: Any) -> list[Tensor]:
         """``[B, C, T, H, W]`` (or ``[B, C, H, W]`` as T = 1) -> list of ``[B, C_i, H_i, W_i]`` maps.
 
-        Extra batch keys (dates, georeferencing) arrive as ``kwargs`` and are ignored.
+        ``date_mask`` (``[B, T]``, True = real date; from :func:`~terratorch_eoplugins.datasets.s4.collate_s4`)
+        restricts the temporal pooling to the real dates of each series. Other batch keys (dates,
+        georeferencing) arrive as ``kwargs`` and are ignored.
         """
         if isinstance(x, Mapping):
             raise ValueError(f"s4_unet3d takes one modality's tensor, got a dict with {list(x)}; "
@@ -225,15 +256,24 @@ class S4UNet3DBackbone(nn.Module):
             x = x[:, self.band_indices]
         if x.shape[2] < 1:
             raise ValueError("s4_unet3d got an empty time series (T = 0)")
+        if date_mask is not None:
+            date_mask = torch.as_tensor(date_mask, dtype=torch.bool, device=x.device)
+            if date_mask.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"date_mask must be [B, T] = {(x.shape[0], x.shape[2])} for input "
+                                 f"{tuple(x.shape)}, got {tuple(date_mask.shape)}")
         x, size = pad_to_multiple(x, self.encoder.spatial_factor, self.encoder.temporal_factor)
         feats = self.encoder(x, self.modality)
         if self.decoder is not None:
-            return [self._pool_time(crop_to(self.decoder(feats), size))]
+            return [self._pool_time(crop_to(self.decoder(feats), size), date_mask)]
         t, h, w = size
+        if date_mask is None:  # the pooled levels must not average the dates padded to the pooling factor
+            date_mask = torch.ones(x.shape[0], t, dtype=torch.bool, device=x.device)
         out = []
         for i, f in enumerate(feats):
             s = 2**i
-            out.append(self._pool_time(f)[..., : -(-h // s), : -(-w // s)])
+            ft = s if self.pool_time else 1
+            valid = None if date_mask is None else pooled_date_mask(date_mask, ft, f.shape[2])
+            out.append(self._pool_time(f, valid)[..., : -(-h // s), : -(-w // s)])
         return out
 
 
@@ -287,7 +327,7 @@ def load_s4_pretrained(backbone: S4UNet3DBackbone, path: str | Path) -> None:
 
 @TERRATORCH_BACKBONE_REGISTRY.register
 def s4_unet3d(modality: str = "optical", in_channels: int | None = None, widths: Sequence[int] = DEFAULT_WIDTHS,
-              n_specific: int = 2, pool_time: bool = False, output: Literal["decoder", "pyramid"] = "decoder",
+              n_specific: int = 2, pool_time: bool = True, output: Literal["decoder", "pyramid"] = "decoder",
               temporal_pooling: Literal["mean", "max"] = "mean", band_indices: Sequence[int] | None = None,
               ckpt_path: str | None = None, pretrained: bool = False, negative_slope: float = 0.01,
               pretrained_from: str | None = None, **kwargs: Any) -> S4UNet3DBackbone:

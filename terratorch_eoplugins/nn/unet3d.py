@@ -12,9 +12,13 @@ max-pooling, and the decoder upsamples with transposed convolutions and concaten
 * :class:`UNet3D` composes both for one modality and handles any ``T >= 1`` and any ``H, W``: inputs are
   replicate-padded to the pooling factor and the output is cropped back.
 
-Pooling is spatial only by default (kernel ``1x2x2``), so the time axis keeps its length and a series of
-any length ``T >= 1`` works; ``pool_time=True`` also halves T at each level (as in Rustowicz et al.), in
-which case T is replicate-padded to a multiple of the pooling factor and cropped back at the output.
+Pooling is over space *and* time by default (kernel ``2x2x2``, as in Cicek et al., Rustowicz et al. and S4:
+"the 3D operations are applied along both the temporal dimension and the spatial dimensions"): T is halved at
+each level, so a series of any length ``T >= 1`` (odd or not a power of two included) is replicate-padded at
+its end to a multiple of the total pooling factor ``2**(levels - 1)`` (the last date repeated) and the output
+is cropped back to T. The transposed convolutions (stride 2, output padding 1) exactly double every pooled
+axis, so padded and cropped shapes always match. ``pool_time=False`` (kernel ``1x2x2``, the project's
+earlier choice) keeps the time axis at full length at every level.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvBlock3d", "UNet3DEncoder", "UNet3DDecoder", "UNet3D", "pad_to_multiple", "crop_to"]
+__all__ = ["ConvBlock3d", "UNet3DEncoder", "UNet3DDecoder", "UNet3D", "pad_to_multiple", "crop_to", "pooled_date_mask",
+           "masked_time_mean", "masked_time_max"]
 
 
 class ConvBlock3d(nn.Sequential):
@@ -74,7 +79,7 @@ class UNet3DEncoder(nn.Module):
         in_channels: input channels per modality name (e.g. ``{"optical": 10, "radar": 3}``).
         widths: output channels of each level; a max-pooling separates consecutive levels.
         n_specific: number of leading levels that are modality-specific (S4: 2 of 4).
-        pool_time: also pool (halve) the time axis between levels.
+        pool_time: also pool (halve) the time axis between levels (default, as in the paper); ``False``: space only.
         negative_slope: LeakyReLU slope.
 
     ``forward(x, modality)`` returns the list of level outputs, full resolution first and the bottleneck
@@ -82,7 +87,7 @@ class UNet3DEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: Mapping[str, int], widths: Sequence[int] = (16, 32, 64, 128), n_specific: int = 2,
-                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+                 pool_time: bool = True, negative_slope: float = 0.01) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
         if not in_channels or any(int(c) < 1 for c in in_channels.values()):
@@ -154,12 +159,12 @@ class UNet3DDecoder(nn.Module):
         widths: the encoder's level widths (full resolution first).
         out_channels: channels of a final 1x1x1 convolution per date; ``None`` returns the last
             ``widths[0]``-channel feature map instead.
-        pool_time: the encoder pooled time too (the transposed convolutions then double T as well).
+        pool_time: the encoder pooled time too (default; the transposed convolutions then double T as well).
         negative_slope: LeakyReLU slope.
     """
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), out_channels: int | None = None,
-                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+                 pool_time: bool = True, negative_slope: float = 0.01) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
         if len(widths) < 1:
@@ -193,12 +198,12 @@ class UNet3D(nn.Module):
         in_channels: input channels.
         out_channels: output channels per date (``None``: return ``widths[0]`` features).
         widths: level widths.
-        pool_time: pool the time axis too.
+        pool_time: pool the time axis too (default; ``False``: space only).
         negative_slope: LeakyReLU slope.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, widths: Sequence[int] = (16, 32, 64, 128),
-                 pool_time: bool = False, negative_slope: float = 0.01) -> None:
+                 pool_time: bool = True, negative_slope: float = 0.01) -> None:
         super().__init__()
         self.encoder = UNet3DEncoder({"x": in_channels}, widths, n_specific=0, pool_time=pool_time,
                                      negative_slope=negative_slope)
@@ -210,3 +215,57 @@ class UNet3D(nn.Module):
         _check_5d(x, "UNet3D")
         x, size = pad_to_multiple(x, self.encoder.spatial_factor, self.encoder.temporal_factor)
         return crop_to(self.decoder(self.encoder(x, "x")), size)
+
+
+def pooled_date_mask(date_mask: Tensor, factor: int, length: int | None = None) -> Tensor:
+    """Validity of the time cells of a map pooled by ``factor`` along T (a cell is valid if it covers a real date).
+
+    Args:
+        date_mask: ``[B, T]`` boolean, ``True`` for real dates (``False`` for padding appended at the end).
+        factor: temporal pooling factor of the map (1: unpooled).
+        length: number of time cells of the map (default ``ceil(T / factor)``); cells beyond the input are invalid.
+
+    Returns:
+        ``[B, length]`` boolean: cell ``k`` is valid when any of the dates ``k * factor .. (k + 1) * factor - 1``
+        is real.
+    """
+    if date_mask.ndim != 2:
+        raise ValueError(f"date_mask must be [B, T], got shape {tuple(date_mask.shape)}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    m = date_mask.bool()
+    t = m.shape[1]
+    cells = -(-t // factor)
+    pad = cells * factor - t
+    if pad:
+        m = torch.cat([m, m.new_zeros(m.shape[0], pad)], dim=1)
+    out = m.view(m.shape[0], cells, factor).any(2)
+    if length is not None:
+        if length >= cells:
+            out = torch.cat([out, out.new_zeros(out.shape[0], length - cells)], dim=1)
+        else:
+            out = out[:, :length]
+    return out
+
+
+def masked_time_mean(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean over T of ``[B, C, T, H, W]`` restricted to the valid time cells ``[B, T]`` (``None``: all)."""
+    if valid is None:
+        return x.mean(2)
+    if valid.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"time mask of shape {tuple(valid.shape)} does not match [B, T] = {(x.shape[0], x.shape[2])}")
+    w = valid.to(x.dtype)
+    if bool((w.sum(1) == 0).any()):
+        raise ValueError("a sample has no valid date (all-False date_mask)")
+    return (x * w[:, None, :, None, None]).sum(2) / w.sum(1)[:, None, None, None]
+
+
+def masked_time_max(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Maximum over T of ``[B, C, T, H, W]`` restricted to the valid time cells ``[B, T]`` (``None``: all)."""
+    if valid is None:
+        return x.amax(2)
+    if valid.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"time mask of shape {tuple(valid.shape)} does not match [B, T] = {(x.shape[0], x.shape[2])}")
+    if bool((~valid.bool()).all(1).any()):
+        raise ValueError("a sample has no valid date (all-False date_mask)")
+    return x.masked_fill(~valid.bool()[:, None, :, None, None], float("-inf")).amax(2)

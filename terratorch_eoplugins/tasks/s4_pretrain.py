@@ -1,7 +1,9 @@
 """S4 self-supervised pretraining task (Lightning): ``L = w_c * L_c + lambda * L_r`` (paper Eq. 1).
 
 * ``L_c``: pixel-wise multi-modal space-time InfoNCE (:func:`~terratorch_eoplugins.losses.s4_pixel_infonce`,
-  temperature 0.5) between the projected bottleneck features of the radar and optical encoders.
+  temperature 0.5) between the projected bottleneck features of the radar and optical encoders, over *every*
+  space-time position of the bottleneck (paper), computed in chunks of anchor rows so memory stays bounded;
+  ``num_pixels: 256`` samples positions instead (the project's earlier default).
 * ``L_r``: cross-modal reconstruction (:func:`~terratorch_eoplugins.losses.s4_reconstruction_l1`), the mean
   L1 between the other modality's series and ``h(f_in(x_in))``, averaged over the reconstruction
   directions (``reconstruct_from``: both by default, so both encoders get a decoder to fine-tune).
@@ -15,7 +17,10 @@ Ablations of the paper (section 5.5), all from the config:
   the pixel correspondence the loss relies on) instead of radar vs optical.
 
 Batches come from :class:`~terratorch_eoplugins.datamodules.s4.S4PASTISDataModule`:
-``image = {"optical": [B, C_o, T, H, W], "radar": [B, C_r, T, H, W]}`` with equal T, H, W.
+``image = {"optical": [B, C_o, T, H, W], "radar": [B, C_r, T, H, W]}`` with equal T, H, W (every aligned date,
+RGB optical by default) and ``date_mask`` ``[B, T]`` when the series of the batch have different lengths: the
+padded dates are excluded from ``L_c`` (a bottleneck time cell counts when it pools a real date; it is neither
+anchor nor negative otherwise) and from ``L_r`` (the mean runs over the real dates).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 from torchgeo.trainers import BaseTask
 
-from terratorch_eoplugins.losses import s4_pixel_infonce, s4_reconstruction_l1
+from terratorch_eoplugins.losses import S4_INFONCE_CHUNK, s4_pixel_infonce, s4_reconstruction_l1
 from terratorch_eoplugins.models.s4 import DEFAULT_WIDTHS, S4Model
 from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 
@@ -74,16 +79,17 @@ class S4PretrainTask(BaseTask):
     """S4 pretraining on aligned radar/optical series (multi-modal contrastive + cross-modal reconstruction).
 
     Args:
-        optical_channels: optical input channels (after ``optical_bands``).
+        optical_channels: optical input channels (after ``optical_bands``; default 3, the RGB the data serves).
         radar_channels: radar input channels.
-        optical_bands: optical channels to keep (e.g. ``[2, 1, 0]``: PASTIS S2 RGB as in the paper's
-            experiments); ``None`` keeps all.
+        optical_bands: optical channels to keep from the batch (e.g. ``[2, 1, 0]``: RGB out of 10 PASTIS S2 bands
+            when the data serves all of them); ``None`` keeps what the data serves (RGB by default).
         widths: 3-D U-Net level widths.
         n_specific: modality-specific encoder levels (paper: first two of four).
-        pool_time: pool the time axis in the U-Net too.
+        pool_time: pool the time axis in the U-Net too (default, paper); ``False``: space only.
         proj_dim: projection head output dimension.
         temperature: InfoNCE temperature (paper: 0.5).
-        num_pixels: space-time positions sampled per sample for InfoNCE (``None``: all).
+        num_pixels: space-time positions sampled per sample for InfoNCE; ``None`` (default, paper): all.
+        infonce_chunk_size: anchor rows per chunk of the InfoNCE logits (memory bound; the value is exact).
         contrastive_weight: weight of ``L_c`` (0 for the "L_r only" ablation).
         reconstruction_weight: ``lambda`` of Eq. 1 (0 for the "L_c only" ablation).
         reconstruct_from: input modalities whose decoder ``h`` reconstructs the other modality.
@@ -97,9 +103,10 @@ class S4PretrainTask(BaseTask):
 
     monitor = "val/loss"
 
-    def __init__(self, optical_channels: int = 10, radar_channels: int = 3, optical_bands: Sequence[int] | None = None,
-                 widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = False,
-                 proj_dim: int = 64, temperature: float = 0.5, num_pixels: int | None = 256,
+    def __init__(self, optical_channels: int = 3, radar_channels: int = 3, optical_bands: Sequence[int] | None = None,
+                 widths: Sequence[int] = DEFAULT_WIDTHS, n_specific: int = 2, pool_time: bool = True,
+                 proj_dim: int = 64, temperature: float = 0.5, num_pixels: int | None = None,
+                 infonce_chunk_size: int | None = S4_INFONCE_CHUNK,
                  contrastive_weight: float = 1.0, reconstruction_weight: float = 1.0,
                  reconstruct_from: Sequence[str] = ("optical", "radar"),
                  mode: Literal["multimodal", "single_modal"] = "multimodal",
@@ -122,6 +129,8 @@ class S4PretrainTask(BaseTask):
                              f"optical_channels={optical_channels}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if infonce_chunk_size is not None and infonce_chunk_size < 1:
+            raise ValueError(f"infonce_chunk_size must be a positive int or None, got {infonce_chunk_size}")
         OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
         super().__init__()
         self.augment_kwargs = dict(augment or {})
@@ -138,6 +147,19 @@ class S4PretrainTask(BaseTask):
         return OPTIMIZATION.configure(self, self.parameters())
 
     # ------------------------------------------------------------------ inputs
+    def _date_mask(self, batch: Mapping[str, Any], x: Mapping[str, Tensor]) -> Tensor | None:
+        """``[B, T]`` real-date flags of the batch (``None``: every date real)."""
+        mask = batch.get("date_mask")
+        if mask is None:
+            return None
+        v = next(iter(x.values()))
+        mask = torch.as_tensor(mask, dtype=torch.bool, device=v.device)
+        if mask.shape != (v.shape[0], v.shape[2]):
+            raise ValueError(f"batch['date_mask'] must be [B, T] = {(v.shape[0], v.shape[2])}, got {tuple(mask.shape)}")
+        if bool((~mask).all(1).any()):
+            raise ValueError("batch['date_mask'] has a sample without any real date")
+        return None if bool(mask.all()) else mask
+
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         image = batch.get("image")
         if not isinstance(image, Mapping):
@@ -172,8 +194,10 @@ class S4PretrainTask(BaseTask):
         """``loss`` (total), ``loss_c`` and ``loss_r`` of one batch."""
         hp = self.hparams
         x = self._inputs(batch)
+        mask = self._date_mask(batch, x)
         zero = next(iter(x.values())).new_zeros(())
         out = {"loss_c": zero, "loss_r": zero}
+        chunk = hp.get("infonce_chunk_size", S4_INFONCE_CHUNK)
         if hp["mode"] == "single_modal":
             m = hp["single_modal_modality"]
             views = [augment_series(x[m], **self.augment_kwargs) for _ in range(2)]
@@ -181,20 +205,25 @@ class S4PretrainTask(BaseTask):
             for v in views:
                 feats, size = self.model.encode(v, m)
                 z.append(self.model.project(feats, size))
-            out["loss_c"] = s4_pixel_infonce(z[0], z[1], hp["temperature"], hp["num_pixels"])
+            valid = self.model.bottleneck_valid(mask, size)
+            out["loss_c"] = s4_pixel_infonce(z[0], z[1], hp["temperature"], hp["num_pixels"], valid=valid,
+                                             chunk_size=chunk)
             out["loss"] = hp["contrastive_weight"] * out["loss_c"]
             return out
         enc = {m: self.model.encode(v, m) for m, v in x.items()}
         if hp["contrastive_weight"] > 0:
             z_r = self.model.project(*enc["radar"])
             z_o = self.model.project(*enc["optical"])
-            out["loss_c"] = s4_pixel_infonce(z_r, z_o, hp["temperature"], hp["num_pixels"])
+            valid = self.model.bottleneck_valid(mask, enc["radar"][1])
+            out["loss_c"] = s4_pixel_infonce(z_r, z_o, hp["temperature"], hp["num_pixels"], valid=valid,
+                                             chunk_size=chunk)
         if hp["reconstruction_weight"] > 0:
             losses = []
             for m in self.model.decoders:
                 other = "radar" if m == "optical" else "optical"
                 feats, size = enc[m]
-                losses.append(s4_reconstruction_l1(self.model.reconstruct(feats, m, size), x[other]))
+                rmask = None if mask is None else mask[:, None, :, None, None]
+                losses.append(s4_reconstruction_l1(self.model.reconstruct(feats, m, size), x[other], rmask))
             out["loss_r"] = torch.stack(losses).mean()
         out["loss"] = hp["contrastive_weight"] * out["loss_c"] + hp["reconstruction_weight"] * out["loss_r"]
         return out

@@ -20,9 +20,10 @@ from terratorch_eoplugins.analysis.s4_clouds import (
     series_cloud_ratio,
 )
 from terratorch_eoplugins.datamodules.s4 import S4PASTISDataModule
-from terratorch_eoplugins.datasets.pastis import PASTIS
+from terratorch_eoplugins.datasets.s4 import S4PASTIS, collate_s4
 from terratorch_eoplugins.errors import EODataError
-from terratorch_eoplugins.models.s4 import S4UNet3DBackbone, s4_unet3d
+from terratorch_eoplugins.models.s4 import S4Model, S4UNet3DBackbone, s4_unet3d
+from terratorch_eoplugins.nn.unet3d import UNet3D, pooled_date_mask
 from terratorch_eoplugins.tasks.s4_pretrain import S4PretrainTask, augment_series
 
 SMALL = [4, 8, 8, 16]
@@ -41,13 +42,14 @@ def _batch(tiny_world_dir: Path, crop: int = 32, num_dates: int = 3) -> dict:
 def test_pretraining_losses_decrease_on_the_synthetic_world(tiny_world_dir: Path) -> None:
     torch.manual_seed(0)
     batch = _batch(tiny_world_dir, crop=16)
-    assert set(batch) == {"image", "mask", "filename"} and set(batch["image"]) == {"optical", "radar"}
+    assert set(batch) == {"image", "mask", "filename", "date_mask"} and set(batch["image"]) == {"optical", "radar"}
+    assert batch["image"]["optical"].shape[1] == 3  # RGB by default
     task = S4PretrainTask(widths=SMALL, num_pixels=64, lr=3e-3)
     opt = task.configure_optimizers()["optimizer"]
     first = {k: v.item() for k, v in task.compute_losses(batch).items()}
     assert first["loss"] == pytest.approx(first["loss_c"] + first["loss_r"], rel=1e-6)
-    # untrained: about log(number of candidates) = log(3 dates x 2 x 2 bottleneck positions), all kept (< 64)
-    assert 0.5 < first["loss_c"] < np.log(3 * 2 * 2) + 0.5
+    # untrained: about log(number of candidates) = log(1 pooled time cell x 2 x 2 bottleneck positions)
+    assert 0.3 < first["loss_c"] < np.log(1 * 2 * 2) + 0.5
     for _ in range(20):
         out = task.compute_losses(batch)
         opt.zero_grad()
@@ -84,7 +86,7 @@ def test_ablation_modes_select_the_losses(tiny_world_dir: Path) -> None:
 
 def test_pretraining_bad_input(tiny_world_dir: Path) -> None:
     task = S4PretrainTask(widths=SMALL)
-    opt, rad = torch.randn(2, 10, 3, 16, 16), torch.randn(2, 3, 3, 16, 16)
+    opt, rad = torch.randn(2, 3, 3, 16, 16), torch.randn(2, 3, 3, 16, 16)
     with pytest.raises(ValueError, match="share B, T, H and W"):
         task.compute_losses({"image": {"optical": opt, "radar": rad[..., :12]}})  # mismatched H x W
     with pytest.raises(ValueError, match="share B, T, H and W"):
@@ -95,8 +97,10 @@ def test_pretraining_bad_input(tiny_world_dir: Path) -> None:
         task.compute_losses({"image": {"optical": opt}})
     with pytest.raises(ValueError, match="expects batch\\['image'\\]"):
         task.compute_losses({"image": opt})
-    with pytest.raises(ValueError, match="expects 10 channels, got 4"):
-        task.compute_losses({"image": {"optical": opt[:, :4], "radar": rad}})
+    with pytest.raises(ValueError, match="expects 3 channels, got 10"):
+        task.compute_losses({"image": {"optical": torch.randn(2, 10, 3, 16, 16), "radar": rad}})
+    with pytest.raises(ValueError, match="date_mask"):
+        task.compute_losses({"image": {"optical": opt, "radar": rad}, "date_mask": torch.ones(2, 4, dtype=torch.bool)})
 
 
 # ----------------------------------------------------------------------------- checkpoint -> backbone -> fine-tuning
@@ -116,7 +120,7 @@ def pretrained_ckpt(tiny_world_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 def test_backbone_loads_the_pretrained_encoder_and_decoder(pretrained_ckpt: tuple[Path, S4PretrainTask]) -> None:
     path, task = pretrained_ckpt
-    for modality, cin in (("optical", 10), ("radar", 3)):
+    for modality, cin in (("optical", 3), ("radar", 3)):
         bb = BACKBONE_REGISTRY.build("s4_unet3d", modality=modality, widths=SMALL, ckpt_path=str(path))
         src = task.model
         assert torch.equal(bb.encoder.specific[modality][0][0].weight, src.encoder.specific[modality][0][0].weight)
@@ -130,7 +134,7 @@ def test_backbone_loads_the_pretrained_encoder_and_decoder(pretrained_ckpt: tupl
     with pytest.raises(ValueError, match="widths"):
         S4UNet3DBackbone("optical", widths=[8, 16, 32, 64], ckpt_path=path)
     with pytest.raises(ValueError, match="different in_channels"):
-        S4UNet3DBackbone("optical", widths=SMALL, band_indices=[2, 1, 0], ckpt_path=path)
+        S4UNet3DBackbone("optical", widths=SMALL, band_indices=[2, 1], ckpt_path=path)
     with pytest.raises(FileNotFoundError, match="S4 checkpoint not found"):
         S4UNet3DBackbone("optical", widths=SMALL, ckpt_path=path.parent / "nope.ckpt")
     with pytest.raises(ValueError, match="pretrained=True needs ckpt_path"):
@@ -145,7 +149,7 @@ def test_fine_tuning_task_holds_exactly_the_pretrained_tensors(pretrained_ckpt: 
 
     path, _ = pretrained_ckpt
     ckpt = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    for modality, cin in (("optical", 10), ("radar", 3)):
+    for modality, cin in (("optical", 3), ("radar", 3)):
         task = SemanticSegmentationTask(
             model_factory="EncoderDecoderFactory",
             model_args={"backbone": "s4_unet3d", "backbone_modality": modality, "backbone_in_channels": cin,
@@ -175,22 +179,20 @@ def test_terratorch_decoders_work_on_the_backbone() -> None:
         assert out.shape == (2, 5, 24, 24)
     bb = BACKBONE_REGISTRY.build("s4_unet3d", widths=SMALL, output="pyramid").eval()
     assert bb.out_channels == SMALL
-    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 10, 1, 20, 20))] == [(20, 20), (10, 10), (5, 5), (3, 3)]
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 1, 20, 20))] == [(20, 20), (10, 10), (5, 5), (3, 3)]
     assert TERRATORCH_BACKBONE_REGISTRY["s4_unet3d"] is s4_unet3d  # the factory itself, as timm registers
     assert type(s4_unet3d(widths=SMALL, output="pyramid")) is type(bb) is S4UNet3DBackbone
     rgb = BACKBONE_REGISTRY.build("s4_unet3d", widths=SMALL, band_indices=[2, 1, 0]).eval()
     assert rgb.in_channels == 3 and rgb(torch.randn(1, 10, 2, 8, 8))[0].shape == (1, SMALL[0], 8, 8)
     with pytest.raises(ValueError, match="single modality"):
-        bb({"S2": torch.randn(1, 10, 1, 8, 8)})
+        bb({"S2": torch.randn(1, 3, 1, 8, 8)})
     with pytest.raises(ValueError, match="T = 0"):
-        bb(torch.randn(1, 10, 0, 8, 8))
+        bb(torch.randn(1, 3, 0, 8, 8))
 
 
 def test_fine_tuning_from_the_checkpoint_and_cloud_robustness(pretrained_ckpt: tuple[Path, S4PretrainTask],
                                                               tiny_world_dir: Path, tmp_path: Path) -> None:
     from terratorch.tasks import SemanticSegmentationTask
-
-    from terratorch_eoplugins.datamodules.pastis import PASTISDataModule
 
     path, _ = pretrained_ckpt
     pl.seed_everything(0)
@@ -199,7 +201,8 @@ def test_fine_tuning_from_the_checkpoint_and_cloud_robustness(pretrained_ckpt: t
         model_args={"backbone": "s4_unet3d", "backbone_modality": "optical", "backbone_widths": SMALL,
                     "backbone_ckpt_path": str(path), "decoder": "IdentityDecoder", "num_classes": 19},
         loss="ce", ignore_index=-1, lr=1e-2, optimizer="AdamW")
-    dm = PASTISDataModule(str(tiny_world_dir / "PASTIS-R"), num_dates=2, batch_size=2, label_fraction=1.0)
+    # S4 fine-tuning data: every aligned date, padded batches whose date_mask reaches the backbone through terratorch
+    dm = S4PASTISDataModule(str(tiny_world_dir / "PASTIS-R"), inference_modality="optical", batch_size=2)
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
     trainer.fit(task, datamodule=dm)
@@ -214,8 +217,9 @@ def test_fine_tuning_from_the_checkpoint_and_cloud_robustness(pretrained_ckpt: t
         model_factory="EncoderDecoderFactory",
         model_args={"backbone": "s4_unet3d", "backbone_modality": "optical", "backbone_widths": SMALL,
                     "decoder": "IdentityDecoder", "num_classes": 19}, loss="ce", ignore_index=-1).eval()
-    test = PASTIS(tiny_world_dir / "PASTIS-R", folds=(1, 2, 3, 4, 5), num_dates=2)
-    table = cloud_robustness({"s4": (model, "S2"), "scratch": (scratch, "S2")}, test, bins=(0, 0.05, 0.25, 1))
+    test = S4PASTIS(tiny_world_dir / "PASTIS-R", folds=(1, 2, 3, 4, 5))
+    table = cloud_robustness({"s4": (model, "optical"), "scratch": (scratch, "optical")}, test,
+                             bins=(0, 0.05, 0.25, 1))
     assert list(table["bin"]) == ["[0.00, 0.05)", "[0.05, 0.25)", "[0.25, 1.00]", "all"]
     assert table["n_series"].iloc[:-1].sum() == table["n_series"].iloc[-1] == len(test)
     ratios = sorted(series_cloud_ratio(test[i]["cloud_cover"]) for i in range(len(test)))
@@ -265,7 +269,8 @@ def test_benchmark_arms_differ_only_in_the_backbone_init(tiny_world_dir: Path, t
 
     args = argparse.Namespace(root=str(tiny_world_dir / "PASTIS-R"), widths=SMALL, num_dates=2, label_fraction=1.0,
                               pretrain_folds=[1, 2, 3, 4, 5], pretrain_crop_size=16, pretrain_batch_size=2,
-                              pretrain_steps=2, pretrain_lr=1e-3, num_pixels=32, temperature=0.5, lambda_r=1.0,
+                              pretrain_steps=2, pretrain_lr=1e-3, num_pixels=None, temperature=0.5, lambda_r=1.0,
+                              optical_bands=[2, 1, 0], pool_time=True, cloud_source="auto",
                               finetune_steps=0, finetune_batch_size=2, finetune_crop_size=16, finetune_lr=1e-3,
                               finetune_warmup=2)
     ckpt, losses = bench.pretrain(args, tmp_path)
@@ -281,3 +286,50 @@ def test_benchmark_arms_differ_only_in_the_backbone_init(tiny_world_dir: Path, t
     model = bench.finetune(args, "radar", 1, str(ckpt))
     assert not model.training
     assert not torch.equal(model.encoder.encoder.shared[0][0].weight, state["model.encoder.shared.0.0.weight"])
+
+
+# ----------------------------------------------------------------------------- space-time pooling, padded series
+def test_space_time_pooling_handles_any_series_length() -> None:
+    torch.manual_seed(0)
+    net = UNet3D(2, 4, widths=[4, 4, 8, 8]).eval()  # pools T by default: factor 8 at the bottleneck
+    assert net.encoder.pool_time and net.encoder.temporal_factor == 8
+    for t in (1, 2, 3, 5, 7, 8, 9, 17, 38, 61):
+        assert net(torch.randn(1, 2, t, 12, 10)).shape == (1, 4, t, 12, 10)
+    enc = S4Model(widths=[4, 4, 8, 8]).encoder
+    feats = enc(torch.randn(1, 3, 24, 16, 16), "optical")
+    assert [f.shape[2] for f in feats] == [24, 12, 6, 3]  # T halved at every level
+    assert [f.shape[2] for f in S4Model(widths=[4, 4, 8, 8], pool_time=False).encoder(
+        torch.randn(1, 3, 5, 16, 16), "optical")] == [5, 5, 5, 5]  # the earlier space-only option
+    # pooled validity: a cell counts when it covers a real date
+    m = torch.tensor([[True] * 17 + [False] * 7, [True] * 24])
+    assert pooled_date_mask(m, 8).tolist() == [[True, True, True], [True, True, True]]
+    assert pooled_date_mask(m[:, :20], 4, 6).tolist() == [[True] * 5 + [False], [True] * 5 + [False]]
+    assert pooled_date_mask(torch.tensor([[True] * 9 + [False] * 7]), 8).tolist() == [[True, True]]
+    assert pooled_date_mask(torch.tensor([[True] * 8 + [False] * 8]), 8).tolist() == [[True, False]]
+
+
+def test_padded_series_with_date_mask_give_the_unpadded_outputs() -> None:
+    """Eval mode: a series padded with its last date inside a batch (collate_s4) gives the same segmentation
+    features and the same S4 losses as the series alone, as long as both pad to the same multiple of 8 dates."""
+    torch.manual_seed(0)
+    a = {"image": torch.randn(3, 10, 16, 16, dtype=torch.float64), "mask": torch.zeros(16, 16, dtype=torch.long)}
+    b = {"image": torch.randn(3, 14, 16, 16, dtype=torch.float64), "mask": torch.zeros(16, 16, dtype=torch.long)}
+    batch = collate_s4([a, b])
+    for output in ("decoder", "pyramid"):
+        bb = S4UNet3DBackbone("radar", widths=SMALL, output=output).double().eval()  # float64: no bf16 convolutions
+        with torch.no_grad():
+            both = bb(batch["image"], date_mask=batch["date_mask"])
+            alone = bb(a["image"][None])
+        for f, g in zip(both, alone):
+            assert torch.allclose(f[:1], g, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():  # without the mask the padded dates would enter the mean
+            assert not torch.allclose(bb(batch["image"])[0][:1], alone[0], rtol=1e-6)
+    task = S4PretrainTask(widths=SMALL).double().eval()
+    pair = collate_s4([{"image": {m: torch.randn(3, t, 16, 16, dtype=torch.float64) for m in ("optical", "radar")}}
+                       for t in (10, 14)])
+    with torch.no_grad():
+        together = task.compute_losses(pair)
+        single = [task.compute_losses({"image": {k: v[i:i + 1, :, :t] for k, v in pair["image"].items()}})
+                  for i, t in enumerate((10, 14))]
+    for key in ("loss_c", "loss_r", "loss"):
+        assert together[key].item() == pytest.approx((single[0][key].item() + single[1][key].item()) / 2, rel=1e-9)

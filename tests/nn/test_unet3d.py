@@ -35,8 +35,10 @@ def test_padding_then_cropping_matches_a_manual_replicate_pad() -> None:
 
 
 def test_architecture_is_conv3d_batchnorm_leakyrelu_with_maxpool_and_transposed_convs() -> None:
-    enc = UNet3DEncoder({"radar": 3, "optical": 10}, (8, 16, 32, 64), n_specific=2)
-    dec = UNet3DDecoder((8, 16, 32, 64), out_channels=10)
+    # the paper's pooling over space and time by default; space only (the earlier choice) as an option
+    assert UNet3DEncoder({"radar": 3}, (8, 16, 32, 64)).pool.kernel_size == (2, 2, 2)
+    enc = UNet3DEncoder({"radar": 3, "optical": 10}, (8, 16, 32, 64), n_specific=2, pool_time=False)
+    dec = UNet3DDecoder((8, 16, 32, 64), out_channels=10, pool_time=False)
     block_layers = [type(layer) for layer in enc.shared[0]]
     assert block_layers == [nn.Conv3d, nn.BatchNorm3d, nn.LeakyReLU] * 2
     assert isinstance(enc.pool, nn.MaxPool3d) and enc.pool.kernel_size == (1, 2, 2)
@@ -50,7 +52,7 @@ def test_architecture_is_conv3d_batchnorm_leakyrelu_with_maxpool_and_transposed_
 
 def test_first_two_levels_are_per_modality_and_last_two_shared() -> None:
     enc = UNet3DEncoder({"radar": 3, "optical": 10}, W, n_specific=2)
-    enc(torch.randn(1, 10, 2, 8, 8), "optical")[-1].sum().backward()
+    enc(torch.randn(2, 10, 8, 8, 8), "optical")[-1].sum().backward()
     grads = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters()}
     assert all(v for n, v in grads.items() if n.startswith(("shared.", "specific.optical.")))
     assert not any(v for n, v in grads.items() if n.startswith("specific.radar."))
