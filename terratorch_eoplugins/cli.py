@@ -56,6 +56,10 @@ _DELEGATED: dict[str, tuple[str, str]] = {
         "terratorch_eoplugins.analysis.lianet_pastis_protocol",
         "LIANet PASTIS protocol: 5 folds x tiles fine-tune + test, mean +- std of macro metrics",
     ),
+    "lianet-convert": (
+        "terratorch_eoplugins.analysis.lianet_convert",
+        "LIANet: convert an authors' checkpoint (model_state_dict + used_parameters.json) for backbone_ckpt_path",
+    ),
     "s4-clouds": (
         "terratorch_eoplugins.analysis.s4_clouds",
         "S4 cloud robustness: mIoU by cloud-cover ratio of the test series",

@@ -4,22 +4,35 @@ The generator maps a patch origin ``(x0, y0)`` in the pretraining region's pixel
 acquisition time to the 12-band Sentinel-2 L2A patch: multiresolution hash encoding of every pixel's
 coordinates (:class:`~terratorch_eoplugins.nn.hash_encoding.HashGridEncoding2D`) + a time vector
 (:class:`~terratorch_eoplugins.nn.time_encoding.TimeEncoding`) added to it, a 1x1 pre-projection,
-a CNN trunk and a final 3x3 conv block to the bands. Variants:
+a CNN trunk and a final 3x3 conv block to the bands. Variants (defaults = the authors' code,
+``mojganmadadi/LIANet``):
 
-* ``base``: per-level tables (L = 11, F = 128, T = 2**17), index time embedding (4 seasons),
-  ResNet50 U-Net trunk (decoder widths 512, 256, 256, 256), ReLU output (reference v1.0.0);
+* ``base``: per-level tables (L = 11, F = 4, T = 2**17; the reference config's ``feat_dim: 4``, 74.8M
+  parameters), index time embedding (4 seasons, N(0, 1e-3) init), ResNet50 U-Net trunk (decoder widths 512, 256,
+  256, 256; the reference's biased skip-fusion convs and final up-conv without GroupNorm), pixel-centre
+  coordinates (``x0 + 0.5 ... x0 + H - 0.5``), ReLU output (reference tag v1.0.0; tag v1.0.1, which the
+  supplement links, holds the same code);
 * ``large``: same with a ResNet101 encoder and decoder widths 512 x 4;
 * ``modified``: one shared table (L = 13, F = 128, T = 2**19), learned Fourier time encoding, a light
-  full-resolution CNN trunk (1x1 to 256, three residual 3x3 blocks, 1x1 to 128), identity output
-  (reference v1.0.1, the PASTIS/BurnScars model).
+  full-resolution CNN trunk (1x1 to 256, three residual 3x3 blocks, 1x1 to 128), pixel-corner coordinates
+  (``x0 ... x0 + H - 1``), identity output (reference branch ``release/v1.0.1`` = tag v4.2.0, the PASTIS/BurnScars
+  model).
+
+Options that select the project's earlier choices (loaded automatically for checkpoints written before the
+options existed, see :data:`LEGACY_DEFAULTS`): ``pixel_centers``, ``resunet_decoder="groupnorm"``,
+``activate_features=False``, ``mlp_phase="year_fraction"``. Authors' checkpoints are imported with
+:mod:`terratorch_eoplugins.models.lianet_convert` (``eoplugins lianet-convert``).
 
 Fine-tuning (:func:`lianet_base`, :func:`lianet_large`, :func:`lianet_modified` in terratorch's backbone
-registry): the generator is loaded from a pretraining checkpoint, frozen (kept in eval mode, so batch
-norm statistics do not drift), and its 128-channel trunk features are the backbone output. The
+registry): the generator is loaded from a pretraining checkpoint, frozen (kept in eval mode by default, so batch
+norm statistics do not drift; ``freeze_eval=False`` follows the reference), and its 128-channel trunk features,
+passed through the generator's output activation as in the reference (ReLU for Base/Large), are the backbone
+output. The
 patch origin and time reach the backbone as batch keys ``origin_px`` (``[B, 2]`` = column, row of the
 patch's top-left pixel) and ``time_days`` (``[B]`` days since 2015-01-01) or ``time_index``; the
 ``image`` batch entry is only a placeholder whose spatial size sets the patch size. The paper's
-convolutional head is the ``lianet_head`` decoder (terratorch adds the final 1x1 classifier).
+convolutional head is the ``eoplugins_lianet_classifier_head`` decoder (conv blocks + the reference's 3x3 classifier;
+terratorch adds no head) or ``lianet_head`` (conv blocks; terratorch adds its 1x1 classifier).
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
+from terratorch.registry import DECODER_REGISTRY, TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
+from terratorch.registry.registry import Registry
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -49,11 +63,15 @@ from terratorch_eoplugins.runtime import read_checkpoint
 logger = logging.getLogger("terratorch_eoplugins.models.lianet")
 
 __all__ = [
-    "LIANET_VARIANTS", "LIANetBackbone", "LIANetGenerator", "LIANetHead", "generator_config", "lianet_base",
-    "lianet_head", "lianet_large", "lianet_modified", "load_generator", "parameter_counts", "save_generator",
+    "LEGACY_DEFAULTS", "LIANET_VARIANTS", "LIANetBackbone", "LIANetGenerator", "LIANetHead", "generator_config",
+    "lianet_base", "lianet_classifier_head", "lianet_head", "lianet_large", "lianet_modified", "load_generator",
+    "parameter_counts", "save_generator",
 ]
 
-REGISTERED = {"backbone": ["lianet_base", "lianet_large", "lianet_modified"], "decoder": ["lianet_head"]}
+#: prefix of the decoder-registry source of decoders that include their classifier (terratorch adds no head)
+HEAD_SOURCE = "eoplugins"
+REGISTERED = {"backbone": ["lianet_base", "lianet_large", "lianet_modified"],
+              "decoder": ["lianet_head", f"{HEAD_SOURCE}_lianet_classifier_head"]}
 
 #: Checkpoint key holding the generator configuration (plain Python types only).
 CKPT_KEY = "lianet"
@@ -63,18 +81,31 @@ _COMMON: dict[str, Any] = {
     "init_range": None, "num_timestamps": None, "num_frequencies": 8, "time_hidden": 64, "time_scale": 1.0,
     "preproj_channels": 128, "trunk_hidden": 256, "trunk_blocks": 3, "trunk_out": 128, "decoder_widths": None,
     "out_bands": 12, "region_shape": None, "acquisitions": None, "region_crs": None, "region_transform": None,
+    "mlp_phase": "doy", "time_init_std": 0.02, "resunet_decoder": "reference", "activate_features": True,
 }
 #: Default hyper-parameters of each variant (reference values; override any of them by keyword).
 LIANET_VARIANTS: dict[str, dict[str, Any]] = {
-    "base": {**_COMMON, "levels": 11, "features_per_level": 128, "log2_table_size": 17, "shared_table": False,
-             "time_mode": "index", "num_timestamps": 4, "trunk": "resnet50", "decoder_widths": [512, 256, 256, 256],
-             "final_activation": "relu", "clamp": 100.0},
-    "large": {**_COMMON, "levels": 11, "features_per_level": 128, "log2_table_size": 17, "shared_table": False,
-              "time_mode": "index", "num_timestamps": 4, "trunk": "resnet101", "decoder_widths": [512, 512, 512, 512],
-              "final_activation": "relu", "clamp": 100.0},
+    "base": {**_COMMON, "levels": 11, "features_per_level": 4, "log2_table_size": 17, "shared_table": False,
+             "time_mode": "index", "num_timestamps": 4, "time_init_std": 1e-3, "trunk": "resnet50",
+             "decoder_widths": [512, 256, 256, 256], "final_activation": "relu", "clamp": 100.0,
+             "pixel_centers": True},
+    "large": {**_COMMON, "levels": 11, "features_per_level": 4, "log2_table_size": 17, "shared_table": False,
+              "time_mode": "index", "num_timestamps": 4, "time_init_std": 1e-3, "trunk": "resnet101",
+              "decoder_widths": [512, 512, 512, 512], "final_activation": "relu", "clamp": 100.0,
+              "pixel_centers": True},
     "modified": {**_COMMON, "levels": 13, "features_per_level": 128, "log2_table_size": 19, "shared_table": True,
-                 "time_mode": "fourier_learned", "trunk": "lite", "final_activation": "none", "clamp": None},
+                 "time_mode": "fourier_learned", "trunk": "lite", "final_activation": "none", "clamp": None,
+                 "pixel_centers": False},
 }
+#: values of options added after checkpoints were first written: a stored configuration without the key was
+#: trained with the project's earlier behaviour, so loading it (load_generator, the pretraining task) fills these in
+LEGACY_DEFAULTS: dict[str, Any] = {"pixel_centers": False, "resunet_decoder": "groupnorm", "activate_features": False,
+                                   "mlp_phase": "year_fraction", "time_init_std": 0.02}
+
+
+def with_legacy_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored generator configuration completed with :data:`LEGACY_DEFAULTS` for the keys it lacks."""
+    return {**LEGACY_DEFAULTS, **dict(config)}
 
 
 def generator_config(variant: str = "modified", **overrides: Any) -> dict[str, Any]:
@@ -93,6 +124,8 @@ def generator_config(variant: str = "modified", **overrides: Any) -> dict[str, A
             cfg["num_timestamps"] = len(cfg["acquisitions"])
     if cfg["region_shape"] is not None:
         cfg["region_shape"] = [int(v) for v in cfg["region_shape"]]
+    if cfg["resunet_decoder"] not in ("reference", "groupnorm"):
+        raise ValueError(f"resunet_decoder must be 'reference' or 'groupnorm', got {cfg['resunet_decoder']!r}")
     return cfg
 
 
@@ -143,20 +176,26 @@ class _GNResBlock(nn.Module):
         return F.relu(x + self.body(x))
 
 
-def _conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=True))
+def _conv_gn_relu(cin: int, cout: int, bias: bool = False, norm: bool = True) -> nn.Sequential:
+    """3x3 conv (+ bias) + GroupNorm (or identity, keeping the module indices) + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), group_norm(cout) if norm else nn.Identity(),
+                         nn.ReLU(inplace=True))
 
 
 class ResUNetTrunk(nn.Module):
     """LIANet-Base/Large trunk: untrained torchvision ResNet encoder (5 stages, /2 ... /32) and a GN U-Net decoder.
 
     The ResNet's first conv takes ``in_channels``; each decoder stage upsamples x2 (bilinear), concatenates the
-    skip, applies 3x3 conv + GN + ReLU and three GN residual blocks; a last x2 upsampling, conv to 256, one
-    residual block and a 1x1 conv give ``out_channels`` at full resolution. Input sides must be multiples of 32.
+    skip, applies 3x3 conv + GN + ReLU and three GN residual blocks; a last x2 upsampling, 3x3 conv to 256 + ReLU,
+    one residual block and a 1x1 conv give ``out_channels`` at full resolution. Input sides must be multiples of 32.
+
+    ``decoder="reference"`` (``Pretraining/src/models/ResUNet.py``, tag v1.0.0): the four skip-fusion convs and the
+    final up-conv keep their biases and the up-conv has no GroupNorm. ``decoder="groupnorm"``: the project's earlier
+    variant (bias-free convs, GroupNorm after the up-conv), kept to load checkpoints trained with it.
     """
 
     def __init__(self, in_channels: int, depth: str = "resnet50", widths: Sequence[int] = (512, 256, 256, 256),
-                 out_channels: int = 128) -> None:
+                 out_channels: int = 128, decoder: str = "reference") -> None:
         super().__init__()
         import torchvision
 
@@ -164,6 +203,9 @@ class ResUNetTrunk(nn.Module):
             raise ValueError(f"ResUNet depth must be 'resnet50' or 'resnet101', got {depth!r}")
         if len(widths) != 4:
             raise ValueError(f"decoder_widths must have 4 values, got {list(widths)}")
+        if decoder not in ("reference", "groupnorm"):
+            raise ValueError(f"ResUNet decoder must be 'reference' or 'groupnorm', got {decoder!r}")
+        ref = decoder == "reference"
         net = getattr(torchvision.models, depth)(weights=None)
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
@@ -173,10 +215,11 @@ class ResUNetTrunk(nn.Module):
         stages = []
         cin = 2048
         for w, s in zip(widths, skips):
-            stages.append(nn.Sequential(_conv_gn_relu(cin + s, w), *[_GNResBlock(w) for _ in range(3)]))
+            stages.append(nn.Sequential(_conv_gn_relu(cin + s, w, bias=ref), *[_GNResBlock(w) for _ in range(3)]))
             cin = w
         self.stages = nn.ModuleList(stages)
-        self.head = nn.Sequential(_conv_gn_relu(cin, 256), _GNResBlock(256), nn.Conv2d(256, out_channels, 1))
+        self.head = nn.Sequential(_conv_gn_relu(cin, 256, bias=ref, norm=not ref), _GNResBlock(256),
+                                  nn.Conv2d(256, out_channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -206,7 +249,11 @@ class LIANetGenerator(nn.Module):
             ``per_level_seeds``, ``bilinear``, ``init_range``; time: ``time_mode``, ``num_timestamps``,
             ``num_frequencies``, ``time_hidden``, ``time_scale``; trunk: ``preproj_channels``, ``trunk``
             (``lite``/``resnet50``/``resnet101``), ``trunk_hidden``, ``trunk_blocks``, ``trunk_out``,
-            ``decoder_widths``; output: ``out_bands``, ``final_activation`` (``relu``/``none``), ``clamp``;
+            ``decoder_widths``, ``resunet_decoder`` (``reference``/``groupnorm``); output: ``out_bands``,
+            ``final_activation`` (``relu``/``none``), ``clamp``, ``activate_features`` (fine-tuning features pass
+            through the output activation, as in the reference); coordinates: ``pixel_centers`` (sample pixel
+            centres ``x0 + 0.5 ...``, the v1.0.0 reference, or corners ``x0 ...``, release/v1.0.1); time extras:
+            ``mlp_phase`` (``doy``/``year_fraction``), ``time_init_std`` (index embedding init);
             region metadata used for range checks: ``region_shape`` (H, W), ``acquisitions`` (days since
             2015-01-01 of the pretraining acquisitions), ``region_crs``, ``region_transform``).
     """
@@ -224,7 +271,8 @@ class LIANetGenerator(nn.Module):
         enc_ch = self.encoder.out_dim
         self.time_encoder = TimeEncoding(cfg["time_mode"], enc_ch, num_timestamps=cfg["num_timestamps"],
                                          num_frequencies=cfg["num_frequencies"], hidden_dim=cfg["time_hidden"],
-                                         time_scale=cfg["time_scale"])
+                                         time_scale=cfg["time_scale"], mlp_phase=cfg["mlp_phase"],
+                                         index_init_std=cfg["time_init_std"])
         pre = cfg["preproj_channels"]
         self.preproj = nn.Conv2d(enc_ch, pre, 1) if pre else nn.Identity()
         trunk_in = pre or enc_ch
@@ -232,7 +280,7 @@ class LIANetGenerator(nn.Module):
             self.trunk: nn.Module = LiteTrunk(trunk_in, cfg["trunk_out"], cfg["trunk_hidden"], cfg["trunk_blocks"])
         elif cfg["trunk"] in ("resnet50", "resnet101"):
             self.trunk = ResUNetTrunk(trunk_in, cfg["trunk"], cfg["decoder_widths"] or (512, 256, 256, 256),
-                                      cfg["trunk_out"])
+                                      cfg["trunk_out"], decoder=cfg["resunet_decoder"])
         else:
             raise ValueError(f"trunk must be 'lite', 'resnet50' or 'resnet101', got {cfg['trunk']!r}")
         c = cfg["trunk_out"]
@@ -318,6 +366,8 @@ class LIANetGenerator(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
                                 torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
         grid = torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2)
+        if self.config["pixel_centers"]:
+            grid = grid + 0.5  # exact in float32, as the reference's linspace(0.5, H - 0.5, H)
         coords = (grid + origin.to(dev, torch.float32)[:, None, :]).reshape(b * h * w, 2)
         enc = self.encoder(coords).view(b, h, w, -1)
         tf = self.time_encoder(t.to(dev)).to(enc.dtype)
@@ -332,6 +382,12 @@ class LIANetGenerator(nn.Module):
         if self.config["clamp"]:
             x = x.clamp(-self.config["clamp"], self.config["clamp"])
         return self.trunk(self.preproj(x)).contiguous()
+
+    def backbone_features(self, origin: Tensor, t: Tensor, size: tuple[int, int] | int = 128) -> Tensor:
+        """Fine-tuning features: :meth:`features` through the output activation if ``activate_features`` (the
+        reference replaces ``final_layer`` by an identity, so its features pass ``out_act``: ReLU for Base/Large)."""
+        feats = self.features(origin, t, size)
+        return self.out_act(feats) if self.config["activate_features"] else feats
 
     def forward(self, origin: Tensor, t: Tensor, size: tuple[int, int] | int = 128) -> Tensor:
         """Reconstructed L2A reflectance ``[B, out_bands, H, W]`` (units of ``(DN - 1000) / 10000``)."""
@@ -357,7 +413,7 @@ def load_generator(ckpt_path: str | Path, variant: str | None = None, **expected
     ckpt = read_checkpoint(path, "LIANet")
     if CKPT_KEY not in ckpt or "config" not in ckpt[CKPT_KEY]:
         raise ValueError(f"{path}: not a LIANet checkpoint (no {CKPT_KEY!r} entry with the generator config)")
-    cfg = dict(ckpt[CKPT_KEY]["config"])
+    cfg = with_legacy_defaults(ckpt[CKPT_KEY]["config"])
     stored_variant = cfg.pop("variant", None)
     if variant is not None and stored_variant != variant:
         raise ValueError(f"{path}: checkpoint holds a LIANet-{stored_variant} generator, not LIANet-{variant}; "
@@ -408,12 +464,20 @@ class LIANetBackbone(nn.Module):
     """terratorch backbone around a (frozen) :class:`LIANetGenerator`; returns ``[trunk features]``.
 
     ``forward(x, origin_px, time_days=None, time_index=None, **kwargs)``: ``x`` is only used for its
-    spatial size (the image placeholder of the LIANet datamodules); other batch keys are ignored.
+    spatial size (the image placeholder of the LIANet datamodules); other batch keys are ignored. Features:
+    :meth:`LIANetGenerator.backbone_features`.
+
+    ``freeze_eval``: a frozen generator stays in eval mode (default). The reference's ``DownstreamModel`` calls
+    ``generator.eval()`` once and the training loop's ``model.train()`` puts it back in train mode, so the ResNet
+    batch-norm statistics of Base/Large keep drifting while the head trains (the features of a "frozen" backbone
+    change); the project deliberately avoids that. ``freeze_eval=False`` reproduces the reference.
     """
 
-    def __init__(self, generator: LIANetGenerator, freeze: bool = True, pretrained_source: str | None = None) -> None:
+    def __init__(self, generator: LIANetGenerator, freeze: bool = True, pretrained_source: str | None = None,
+                 freeze_eval: bool = True) -> None:
         super().__init__()
         self.generator = generator
+        self.freeze_eval = bool(freeze_eval)
         self.out_channels = [generator.feature_channels]
         #: absolute path of the pretraining checkpoint the generator came from (``None``: random generator)
         self.pretrained_source = pretrained_source
@@ -431,7 +495,8 @@ class LIANetBackbone(nn.Module):
         return {"ckpt_path": None, "pretrained_from": self.pretrained_source, "generator_args": config}
 
     def freeze(self) -> None:
-        """Freeze the whole generator (tables, time encoder, trunk) and keep it in eval mode."""
+        """Freeze the whole generator (tables, time encoder, trunk) and put it in eval mode (kept there if
+        ``freeze_eval``)."""
         for p in self.generator.parameters():
             p.requires_grad_(False)
         self.frozen = True
@@ -439,8 +504,8 @@ class LIANetBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> LIANetBackbone:
         super().train(mode)
-        if self.frozen:
-            self.generator.eval()  # no batch-norm statistics drift while fine-tuning (reference v1.0.0 bug)
+        if self.frozen and self.freeze_eval:
+            self.generator.eval()  # no batch-norm statistics drift while fine-tuning (reference: see class doc)
         return self
 
     def forward(self, x: Tensor | Mapping[str, Tensor] | None = None, origin_px: Tensor | None = None,
@@ -456,7 +521,7 @@ class LIANetBackbone(nn.Module):
         t = self.generator.resolve_time(time_days, time_index)
         ctx = torch.no_grad() if self.frozen else torch.enable_grad()
         with ctx:
-            feats = self.generator.features(origin_px.float(), t, size)
+            feats = self.generator.backbone_features(origin_px.float(), t, size)
         return [feats]
 
     def reconstruct(self, origin_px: Tensor, time_days: Tensor | None = None, time_index: Tensor | None = None,
@@ -466,12 +531,14 @@ class LIANetBackbone(nn.Module):
 
 
 #: keyword arguments of the lianet_* builders besides the generator configuration keys
-_BUILDER_ARGS = ("ckpt_path", "pretrained", "freeze", "generator_args", "pretrained_from")
+_BUILDER_ARGS = ("ckpt_path", "pretrained", "freeze", "generator_args", "pretrained_from", "freeze_eval")
 
 
 def _build_backbone(variant: str, ckpt_path: str | None, pretrained: bool, freeze: bool,
                     generator_args: Mapping[str, Any] | None, kwargs: Mapping[str, Any],
                     pretrained_from: str | None = None) -> LIANetBackbone:
+    kwargs = dict(kwargs)
+    freeze_eval = bool(kwargs.pop("freeze_eval", True))
     name = f"lianet_{variant}"
     known = set(LIANET_VARIANTS[variant])
     check_builder_kwargs(name, {k: v for k, v in kwargs.items() if k not in known}, (*_BUILDER_ARGS, *sorted(known)))
@@ -489,6 +556,8 @@ def _build_backbone(variant: str, ckpt_path: str | None, pretrained: bool, freez
         if pretrained and not pretrained_from:
             raise ValueError(f"{name}: pretrained=True needs ckpt_path (a LIANet pretraining checkpoint of "
                              "the same region; no weights can be downloaded)")
+        if pretrained_from:  # self-contained checkpoint: its full config, older ones lack the later options
+            args = with_legacy_defaults(args)
         generator = LIANetGenerator(variant, **args)
         source = pretrained_from
         if source:
@@ -497,7 +566,7 @@ def _build_backbone(variant: str, ckpt_path: str | None, pretrained: bool, freez
             warn_no_pretrained(name, f"model_args.{PRETRAINED_FLAG}", "the frozen generator is random",
                                "pretrain with configs/lianet_pretrain_*.yaml and pass its checkpoint as "
                                f"--model.init_args.model_args.{PRETRAINED_FLAG}")
-    return LIANetBackbone(generator, freeze=freeze, pretrained_source=source)
+    return LIANetBackbone(generator, freeze=freeze, pretrained_source=source, freeze_eval=freeze_eval)
 
 
 @TERRATORCH_BACKBONE_REGISTRY.register
@@ -508,7 +577,8 @@ def lianet_base(ckpt_path: str | None = None, pretrained: bool = False, freeze: 
 
     ``generator_args`` (or generator keys given directly) set the generator configuration (checked against the
     checkpoint); ``pretrained_from`` is written by self-contained checkpoints and never read
-    (:mod:`terratorch_eoplugins.models.pretrained`). Other keyword arguments are errors.
+    (:mod:`terratorch_eoplugins.models.pretrained`); ``freeze_eval`` (default True): see :class:`LIANetBackbone`.
+    An authors' checkpoint is first converted with ``eoplugins lianet-convert``. Other keyword arguments are errors.
     """
     return _build_backbone("base", ckpt_path, pretrained, freeze, generator_args, kwargs, pretrained_from)
 
@@ -530,33 +600,45 @@ def lianet_modified(ckpt_path: str | None = None, pretrained: bool = False, free
 
 
 class LIANetHead(nn.Module):
-    """The paper's fine-tuning head without its classifier: 3x3 conv + GN + ReLU blocks.
+    """The paper's fine-tuning head: 3x3 conv + GN + ReLU blocks, optionally with its classifier conv.
 
-    Default channels (reference v1.0.1): 4 x 128, 4 x 64, 2 x 32 (~0.80M parameters on 128 input channels);
-    terratorch's segmentation/regression head adds the final 1x1 classifier. Kaiming initialisation.
+    Default channels (reference ``release/v1.0.1``): 4 x 128, 4 x 64, 2 x 32 (~0.80M parameters on 128 input
+    channels). Without ``num_classes`` (decoder ``lianet_head``) terratorch's segmentation/regression head adds a 1x1
+    classifier; with it (decoder ``eoplugins_lianet_classifier_head``) the head ends in the reference's
+    ``classifier_kernel`` x ``classifier_kernel`` classifier conv (3) and terratorch adds none. Kaiming-normal
+    initialisation (fan-out, as the reference), zero biases.
 
     Args:
         embed_dim: channels of the backbone features (terratorch passes the list).
         channels: output channels of each conv block.
         in_index: which backbone feature map to use.
+        num_classes: classes (or regression outputs) of the included classifier; ``None``: no classifier.
+        classifier_kernel: kernel size of the included classifier (odd; 3 in the reference, 1 = terratorch's).
     """
 
     def __init__(self, embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
-                 in_index: int = -1) -> None:
+                 in_index: int = -1, num_classes: int | None = None, classifier_kernel: int = 3) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one conv block width")
+        if classifier_kernel < 1 or classifier_kernel % 2 == 0:
+            raise ValueError(f"classifier_kernel must be a positive odd number, got {classifier_kernel}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.in_index = in_index
         cin = int(list(embed_dim)[in_index])
-        layers = []
+        layers: list[nn.Module] = []
         for c in channels:
             layers += [nn.Conv2d(cin, c, 3, padding=1), group_norm(c), nn.ReLU(inplace=True)]
             cin = c
+        if num_classes is not None:
+            layers.append(nn.Conv2d(cin, num_classes, classifier_kernel, padding=classifier_kernel // 2))
+            cin = num_classes
         self.net = nn.Sequential(*layers)
         self.out_channels = cin
         for m in self.net:
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: list[Tensor]) -> Tensor:
@@ -566,6 +648,36 @@ class LIANetHead(nn.Module):
 @TERRATORCH_DECODER_REGISTRY.register
 def lianet_head(embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                 in_index: int = -1, **kwargs: Any) -> LIANetHead:
-    """The LIANet fine-tuning conv head as a terratorch decoder (other keyword arguments are errors)."""
+    """The LIANet fine-tuning conv blocks as a terratorch decoder; terratorch adds its 1x1 classifier (other keyword
+    arguments are errors)."""
     check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index"), prefix="decoder_")
     return LIANetHead(embed_dim, channels, in_index)
+
+
+#: decoders that include their classifier: terratorch's factory passes them ``num_classes`` and adds no head. It reads
+#: ``includes_head`` from the decoder's registry source (if the builder has the attribute), so they live in their own
+#: source, named with its prefix (``eoplugins_<name>``; an unprefixed name would be tried in the smp source first,
+#: which raises).
+if HEAD_SOURCE not in DECODER_REGISTRY.keys():
+    _HEADS = Registry()
+    _HEADS.includes_head = True  # type: ignore[attr-defined]
+    DECODER_REGISTRY.register_source(HEAD_SOURCE, _HEADS)
+else:  # module re-imported: reuse the source registered the first time
+    _HEADS = DECODER_REGISTRY[HEAD_SOURCE]
+
+
+@_HEADS.register
+def lianet_classifier_head(embed_dim: Sequence[int],
+                           channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
+                           in_index: int = -1, num_classes: int = 1, classifier_kernel: int = 3,
+                           **kwargs: Any) -> LIANetHead:
+    """The reference's whole fine-tuning head (conv blocks + ``classifier_kernel`` classifier, 3x3 by default) as
+    the terratorch decoder ``eoplugins_lianet_classifier_head``; ``num_classes`` is filled by terratorch from the
+    task's ``num_classes`` (the default 1 only serves bare builds). Other keyword arguments are errors."""
+    check_builder_kwargs(f"{HEAD_SOURCE}_lianet_classifier_head", kwargs,
+                         ("channels", "in_index", "classifier_kernel"), prefix="decoder_")
+    return LIANetHead(embed_dim, channels, in_index, num_classes=num_classes, classifier_kernel=classifier_kernel)
+
+
+# terratorch's factory asks the builder whether it has ``includes_head``, then reads the flag of its registry source
+lianet_classifier_head.includes_head = True  # type: ignore[attr-defined]

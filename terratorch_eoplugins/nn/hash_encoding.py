@@ -184,11 +184,12 @@ class HashGridEncoding2D(nn.Module):
         base_resolution: grid resolution ``N_0`` of the coarsest level.
         growth: per-level growth factor ``b`` (``N_l = round(N_0 * b**l)``).
         region_size: side ``S`` of the region in pixels; level ``l`` scales coordinates by ``N_l / S``.
-        shared_table: one ``[T, F]`` table for all levels (LIANet v1.0.1) or ``[L, T, F]`` (v1.0.0).
+        shared_table: one ``[T, F]`` table for all levels (LIANet-Modified, reference branch ``release/v1.0.1`` = tag
+            v4.2.0) or ``[L, T, F]`` (Base/Large, tag v1.0.0).
         per_level_seeds: independent hash seed per level (otherwise the level-0 seed everywhere).
         bilinear: bilinear blending of the four corners (otherwise their plain mean).
         init_range: tables are initialised ``U(-init_range, init_range)``; default 1e-2 for a shared
-            table, 1e-4 for per-level tables (the reference's two releases).
+            table, 1e-4 for per-level tables (the reference's two code versions).
         sparse_grad: return the table gradient as a coalesced sparse COO tensor of the touched rows (see the
             module docstring; needs ``torch.optim.SparseAdam``/``SGD`` for the table). Default: dense.
         backend: ``"torch"`` (always available), ``"tcnn"`` (tiny-cuda-nn, requires it and CUDA) or

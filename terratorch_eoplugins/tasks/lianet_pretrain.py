@@ -10,7 +10,9 @@ plots. The generator's region (grid shape, acquisitions, CRS) is what the datamo
 through :func:`~terratorch_eoplugins.tasks.preparation.train_split_info`; it is stored
 with the weights under the checkpoint key ``"lianet"``, so fine-tuning rebuilds the same generator
 with ``torch.load(..., weights_only=True)``. At the end of ``fit`` the generator is also exported to
-``<log_dir>/lianet_generator.pt``.
+``<log_dir>/lianet_generator.pt``. An authors' checkpoint converted by ``eoplugins lianet-convert`` is a weights-only
+checkpoint of this task (``hyper_parameters``, ``state_dict`` with ``generator.`` keys and the ``"lianet"`` config):
+``LIANetPretrainTask.load_from_checkpoint`` rebuilds the generator from it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from torchgeo.trainers import BaseTask
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from terratorch_eoplugins.models.lianet import CKPT_KEY, LIANetGenerator, generator_config, save_generator
+from terratorch_eoplugins.models.lianet import (
+    CKPT_KEY,
+    LIANetGenerator,
+    generator_config,
+    save_generator,
+    with_legacy_defaults,
+)
 from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import train_split_info
 
@@ -112,6 +120,7 @@ class LIANetPretrainTask(BaseTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = dict(checkpoint.get(CKPT_KEY, {}).get("config", {}))
         if cfg:
+            cfg = with_legacy_defaults(cfg)  # options added later: the behaviour the checkpoint was trained with
             variant = cfg.pop("variant", self.variant)
             if variant != self.variant:
                 raise ValueError(f"checkpoint holds a LIANet-{variant} generator, this task trains "

@@ -105,7 +105,7 @@ def _s4_pretraining(path: Path) -> Path:
     torch.manual_seed(0)
     model = S4Model({"optical": 4, "radar": 2}, S4_WIDTHS)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"widths": S4_WIDTHS, "n_specific": 2, "pool_time": False}}, path)
+                "hyper_parameters": {"widths": S4_WIDTHS, "n_specific": 2, "pool_time": True}}, path)
     return path
 
 
@@ -197,7 +197,8 @@ def test_dunia_zero_shot_checkpoint_loads_after_its_pretraining_file_is_deleted(
     from terratorch_eoplugins.tasks.dunia_knn import DUNIAZeroShotKNNTask
 
     pre = _dunia_pretraining(tmp_path / "dunia.ckpt")
-    task = DUNIAZeroShotKNNTask(backbone_ckpt_path=str(pre), k_values=[1, 5], k=5, na_backend="torch")
+    task = DUNIAZeroShotKNNTask(backbone_ckpt_path=str(pre), keys="vertical", k_values=[1, 5], k=5,
+                                na_backend="torch")
     batch = _fine_tune_and_save(task, _Samples(_dunia_sample), tmp_path / "knn.ckpt", callbacks=[])
     pre.unlink()
     hp = _hparams(tmp_path / "knn.ckpt")

@@ -15,6 +15,7 @@ from terratorch.registry import BACKBONE_REGISTRY, DECODER_REGISTRY
 import terratorch_eoplugins  # noqa: F401
 from terratorch_eoplugins.datamodules.lianet import LIANetPretrainDataModule
 from terratorch_eoplugins.models.lianet import (
+    LEGACY_DEFAULTS,
     LIANetBackbone,
     LIANetGenerator,
     load_generator,
@@ -30,13 +31,81 @@ SMALL = dict(levels=6, features_per_level=4, log2_table_size=12, base_resolution
 
 
 def test_parameter_counts_match_the_reference() -> None:
+    """Base/Large: the reference config's F = 4 (tables 11 x 2**17 x 4; 74.8M for Base); Modified: 71.0M (the
+    supplement). The exact per-key layout is checked in test_lianet_convert.py."""
     base, large, mod = (parameter_counts(variant=v) for v in ("base", "large", "modified"))
-    assert round(base["hash_tables"] / 1e6, 1) == 184.5 and round(base["without_tables"] / 1e6, 1) == 69.2
-    assert round(large["hash_tables"] / 1e6, 1) == 184.5 and round(large["without_tables"] / 1e6, 1) == 127.3
+    assert base["hash_tables"] == large["hash_tables"] == 11 * 2**17 * 4
+    assert round(base["total"] / 1e6, 1) == 74.8
     assert round(mod["hash_tables"] / 1e6, 1) == 67.1 and round(mod["without_tables"] / 1e6, 2) == 3.93
+    assert round(mod["total"] / 1e6, 1) == 71.0
     head = DECODER_REGISTRY.build("lianet_head", [128])
     tunable = sum(p.numel() for p in head.parameters()) + 32 * 19 + 19  # + terratorch's 1x1 classifier
     assert 0.75e6 < tunable < 1e6 and head.out_channels == 32
+    full = DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [128], num_classes=19)
+    last = full.net[-1]
+    assert isinstance(last, torch.nn.Conv2d) and last.kernel_size == (3, 3) and full.out_channels == 19
+    assert sum(p.numel() for p in full.parameters()) == tunable - 32 * 19 - 19 + 32 * 19 * 9 + 19
+
+
+def test_the_factory_builds_the_reference_head_with_its_3x3_classifier() -> None:
+    """decoder eoplugins_lianet_classifier_head: terratorch adds no head; the decoder ends in a 3x3 classifier."""
+    from terratorch.models import EncoderDecoderFactory
+
+    model = EncoderDecoderFactory().build_model(
+        task="segmentation", backbone="lianet_modified", backbone_generator_args={**SMALL, "region_size": 64.0},
+        decoder="eoplugins_lianet_classifier_head", decoder_channels=[8, 8], decoder_classifier_kernel=3,
+        num_classes=5)
+    assert isinstance(model.head, torch.nn.Identity)
+    clf = model.decoder.net[-1]
+    assert clf.kernel_size == (3, 3) and clf.in_channels == 8 and clf.out_channels == 5
+    out = model(torch.zeros(1, 1, 16, 16), origin_px=torch.tensor([[0.0, 0.0]]), time_days=torch.tensor([15.0]))
+    assert out.output.shape == (1, 5, 16, 16)
+
+
+def test_reference_coordinates_features_decoder_and_legacy_options(tmp_path: Path) -> None:
+    from terratorch_eoplugins.nn.hash_encoding import level_seeds, naive_hash_grid
+
+    origin, size = torch.tensor([[5.0, 7.0], [40.0, 2.0]]), (8, 8)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    pix = torch.stack([xs, ys], -1).reshape(1, 64, 2) + origin[:, None]  # pixel corners x0 ... x0 + 7
+    for variant, offset in (("base", 0.5), ("modified", 0.0)):  # v1.0.0 samples pixel centres, release/v1.0.1 corners
+        g = LIANetGenerator(variant, **{**SMALL, "trunk": "lite"}, region_size=100.0)
+        enc = g.encoder
+        expected = naive_hash_grid((pix + offset).reshape(-1, 2), enc.table, enc.resolutions, 100.0,
+                                   level_seeds(enc.levels)).reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
+        t = torch.tensor([0, 1]) if variant == "base" else torch.tensor([10.0, 20.0])
+        expected = expected + g.time_encoder(t)[:, :, None, None]
+        torch.testing.assert_close(g.encode(origin, t, size), expected, rtol=0, atol=1e-6)
+    # Base/Large: the reference ResUNet decoder (biased fuse and up-convs, no GroupNorm after the up-conv)
+    with torch.device("meta"):  # structure only
+        ref = LIANetGenerator("base", **{**SMALL, "decoder_widths": [16, 16, 16, 16]}).trunk
+        old = LIANetGenerator("base", **{**SMALL, "decoder_widths": [16, 16, 16, 16],
+                                         "resunet_decoder": "groupnorm"}).trunk
+    assert all(st[0][0].bias is not None for st in ref.stages) and ref.head[0][0].bias is not None
+    assert isinstance(ref.head[0][1], torch.nn.Identity) and isinstance(old.head[0][1], torch.nn.GroupNorm)
+    assert all(st[0][0].bias is None for st in old.stages)
+    # fine-tuning features pass the output activation (ReLU for Base/Large), as the reference's
+    g = LIANetGenerator("base", **{**SMALL, "trunk": "lite"}, region_size=100.0).eval()
+    bb = LIANetBackbone(g)
+    o, ti = torch.tensor([[1.0, 2.0]]), torch.tensor([3])
+    torch.testing.assert_close(bb(torch.zeros(1, 1, 8, 8), origin_px=o, time_index=ti)[0],
+                               torch.relu(g.features(o, ti, 8)))
+    raw = LIANetBackbone(LIANetGenerator("base", **{**SMALL, "trunk": "lite"}, region_size=100.0,
+                                         activate_features=False))
+    assert float(raw(torch.zeros(1, 1, 8, 8), origin_px=o, time_index=ti)[0].min()) < 0
+    # frozen batch norm: eval by default, the reference's train-mode drift with freeze_eval=False
+    assert not bb.train().generator.training and LIANetBackbone(g, freeze_eval=False).train().generator.training
+    # a checkpoint written before the options existed loads with the behaviour it was trained with
+    legacy = LIANetGenerator("base", **{**SMALL, "trunk": "lite"}, region_size=100.0, pixel_centers=False,
+                             resunet_decoder="groupnorm", activate_features=False, mlp_phase="year_fraction")
+    path = save_generator(legacy, tmp_path / "old.pt")
+    ck = torch.load(path, weights_only=True)
+    for k in ("pixel_centers", "resunet_decoder", "activate_features", "mlp_phase", "time_init_std"):
+        del ck["lianet"]["config"][k]
+    torch.save(ck, path)
+    loaded = load_generator(path, variant="base").eval()
+    assert {k: loaded.config[k] for k in LEGACY_DEFAULTS} == LEGACY_DEFAULTS
+    torch.testing.assert_close(loaded(o, ti, 8), legacy.eval()(o, ti, 8))
 
 
 def test_generator_shapes_and_range_checks() -> None:

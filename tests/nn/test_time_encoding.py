@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import pytest
 import torch
 
-from terratorch_eoplugins.nn.time_encoding import TimeEncoding
+from terratorch_eoplugins.nn.time_encoding import TimeEncoding, day_of_year
 
 
 def test_index_mode_is_a_lookup_table() -> None:
@@ -46,14 +47,28 @@ def test_learned_fourier_frequencies_receive_gradients() -> None:
     assert enc.frequencies.grad is not None and enc.frequencies.grad.abs().sum() > 0
 
 
-def test_mlp_mode_feeds_days_and_annual_phase() -> None:
+def test_mlp_mode_feeds_days_and_the_reference_day_of_year_phase() -> None:
+    """Reference (Pretraining/src/dataset.py): [days since 2015-01-01, sin, cos of 2 pi (doy - 1) / 365], doy of the
+    acquisition's calendar date; computed here with Python's datetime."""
     torch.manual_seed(0)
     enc = TimeEncoding("mlp", 7, hidden_dim=16)
     assert sum(isinstance(m, torch.nn.Linear) for m in enc.mlp) == 3
-    t = torch.tensor([0.0, 365.2425 / 4])
-    phase = torch.tensor([0.0, math.pi / 2])
-    expected = enc.mlp(torch.stack([t, torch.sin(phase), torch.cos(phase)], 1))
-    torch.testing.assert_close(enc(t), expected, rtol=1e-5, atol=1e-5)
+    stamps = [dt.datetime(2015, 1, 1), dt.datetime(2016, 12, 31, 23, 59), dt.datetime(2019, 7, 7, 10, 30, 31),
+              dt.datetime(2020, 3, 1, 0, 0, 1), dt.datetime(2014, 12, 31, 12)]
+    t = torch.tensor([(s - dt.datetime(2015, 1, 1)).total_seconds() / 86400 for s in stamps], dtype=torch.float64)
+    phase = [2 * math.pi * (s.timetuple().tm_yday - 1) / 365.0 for s in stamps]
+    assert [s.timetuple().tm_yday for s in stamps] == day_of_year(t).tolist()
+    x = torch.stack([t.float(), torch.tensor([math.sin(a) for a in phase]), torch.tensor([math.cos(a) for a in phase])],
+                    1)
+    torch.testing.assert_close(enc(t), enc.mlp(x), rtol=0, atol=1e-6)
+    # the project's earlier continuous phase stays available
+    old = TimeEncoding("mlp", 7, hidden_dim=16, mlp_phase="year_fraction")
+    t2 = torch.tensor([0.0, 365.2425 / 4])
+    ph = torch.tensor([0.0, math.pi / 2])
+    torch.testing.assert_close(old(t2), old.mlp(torch.stack([t2, torch.sin(ph), torch.cos(ph)], 1)), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="mlp_phase"):
+        TimeEncoding("mlp", 7, mlp_phase="season")
 
 
 def test_bad_inputs() -> None:
