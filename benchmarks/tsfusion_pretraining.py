@@ -18,6 +18,11 @@ For each seed:
    R^2 = Corr.^2 in 69 of 72 cells, as MMST-ViT), R2 (coefficient of determination), and the calibration of
    the predictions (``test_bias``: mean predicted - true yield; ``test_std_ratio``: std of predicted / true yields).
 
+Recipe (issue 20 defaults): pretraining with independent image / weather Dirichlets (eq. 3, ``--dirichlet``) and the
+input-only raw image modality (``--raw-patch-size``, alpha 1000); fine-tuning with the paper's encoder dropout 0.25,
+attention dropout 0.3 and stochastic depth 0.5 (``--regularization``) on the crop's paper state subset (``--states``).
+The earlier behaviour: ``--dirichlet joint --raw-patch-size 0 --regularization none --states all``.
+
 Prints per-run rows and mean +- std over seeds, side by side, and writes them to ``--csv``.
 ``--pretrain-dir`` keeps the pretraining checkpoints and reuses one made with the same settings and seed
 (runs are deterministic on CPU), so seeds can run as separate processes and fine-tuning variants can share them;
@@ -124,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch")
     p.add_argument("--pretrain-dir", default=None,
                    help="keep pretraining checkpoints here and reuse one made with the same settings")
+    p.add_argument("--dirichlet", default="independent", choices=["independent", "joint"],
+                   help="pretraining token budgets: independent image / time-series Dirichlets (paper eq. 3) or joint")
+    p.add_argument("--raw-patch-size", type=int, default=8,
+                   help="patch side of the input-only raw image modality (alpha 1000, paper A.1); 0: none")
+    p.add_argument("--regularization", default="paper", choices=["paper", "none"],
+                   help="fine-tuning encoder dropout / attention dropout / stochastic depth: paper 0.25 / 0.3 / 0.5, "
+                        "or none (0 / 0 / 0, the earlier figures)")
+    p.add_argument("--states", nargs="+", default=["paper"],
+                   help="fine-tuning states: 'paper' (the crop's subset of appendix A.2), 'all', or state names")
     p.add_argument("--csv", default="benchmarks/results/tsfusion_pretraining.csv")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pretrain-only", action="store_true",
@@ -159,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         write_world(world, size=args.size, seed=0, products=["cropnet"])
     root = world / "CropNet"
     shared = dict(before=args.before, after=args.after, image_size=args.image_size,
-                  tokenizer_steps=args.tokenizer_steps)
+                  tokenizer_steps=args.tokenizer_steps, raw_patch_size=args.raw_patch_size or None)
+    reg = (dict(encoder_dropout=0.25, attn_dropout=0.3, drop_path=0.5) if args.regularization == "paper"
+           else dict(encoder_dropout=0.0, attn_dropout=0.0, drop_path=0.0))
     pre_dm = TSFusionPretrainDataModule(root, split_years={"train": (2021, 2022), "val": (2020,), "test": (2020,)},
                                         before=args.before, after=args.after, image_size=args.image_size,
                                         batch_size=32, max_pairs=None)
@@ -167,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                               long_term_years=0, batch_size=4, batch_keys=list(REQUIRED_KEYS),
                               image_size=args.image_size, max_dates=args.max_dates,
                               window_weather=("tavg", "tmax", "tmin", "precip"), window_before=args.before,
-                              window_after=args.after)
+                              window_after=args.after,
+                              states=None if args.states == ["all"] else "paper" if args.states == ["paper"]
+                              else args.states)
     BestValR2 = _best_callback()
     rows, cands = [], []
     t_all = time.time()
@@ -178,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         pl.seed_everything(seed, verbose=False)
         t0 = time.time()
         pre = TSFusionPretrainTask(lr=args.pretrain_lr, input_budget=48, target_budget=48, generate_batches=2,
-                                   **shared)
+                                   dirichlet=args.dirichlet, **shared)
         tag = (f"{world.resolve().name}_e{args.pretrain_epochs}_lr{args.pretrain_lr:g}_b{args.before}a{args.after}"
                f"_px{args.image_size}_tok{args.tokenizer_steps}")
+        if args.dirichlet != "joint" or args.raw_patch_size:
+            tag += f"_{args.dirichlet}_raw{args.raw_patch_size}"
         ckpt = keep / f"pretrain_{tag}_seed{seed}.ckpt"
         if args.pretrain_dir and ckpt.is_file():  # same settings and seed: reuse
             from terratorch_eoplugins.tasks.tsfusion_pretrain import TSFusionPretrainTask as _T
@@ -204,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                        backbone_ckpt_path=str(ckpt) if arm == "pretrained" else None,
                                        tokenizer_ckpt=str(ckpt), train_samples_per_county=args.samples_per_county,
                                        scheduler_hparams={"warmup_epochs": args.warmup_epochs},
-                                       encoder_lr_scale=args.encoder_lr_scale,
+                                       encoder_lr_scale=args.encoder_lr_scale, **reg,
                                        **shared)
             best = BestValR2()
             tr = _trainer(args.finetune_epochs, callbacks=[best])

@@ -69,6 +69,7 @@ class CropNetDataModule(EODataModule):
         window_weather: Sequence[str] | None = None,
         window_before: int = 29,
         window_after: int = 10,
+        states: str | Sequence[str] | None = None,
     ) -> None:
         """Configure the datamodule.
 
@@ -78,8 +79,9 @@ class CropNetDataModule(EODataModule):
             split_years: years of ``train``/``val``/``test`` (default 2021 / 2022 / 2020).
             months, image_months, long_term_years, days_per_month, image_size, max_dates, weather_variables,
                 target, grid_aggregation, s2_root, s2_product, hrrr_root, usda_root, crop_dirs, window_weather,
-                window_before, window_after: see :class:`~terratorch_eoplugins.datasets.cropnet.CropNet`
-                (``window_weather`` adds TS fusion's ``weather_windows`` key).
+                window_before, window_after, states: see :class:`~terratorch_eoplugins.datasets.cropnet.CropNet`
+                (``window_weather`` adds TS fusion's ``weather_windows`` key; ``states: paper`` keeps TS fusion's
+                per-crop state subset of appendix A.2, a list of state names any subset, ``null`` every state).
             batch_size: county-years per batch (grids and dates are padded within a batch).
             num_workers: data loader workers.
             batch_keys: extra sample keys passed to the model (e.g. ``grid_mask``, ``weather_short``,
@@ -111,6 +113,7 @@ class CropNetDataModule(EODataModule):
             crop_dirs=dict(crop_dirs) if crop_dirs else None,
             window_weather=None if window_weather is None else tuple(window_weather), window_before=window_before,
             window_after=window_after,
+            states=states if states is None or isinstance(states, str) else tuple(states),
         )
         self.normalize = normalize
         self.stats_samples = stats_samples

@@ -83,6 +83,9 @@ from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, che
 __all__ = [
     "CROPS",
     "CROPNET_SPLIT_YEARS",
+    "PAPER_STATES",
+    "US_STATES",
+    "resolve_states",
     "HRRR_VARIABLES",
     "WEATHER_VARIABLES",
     "CropNet",
@@ -93,6 +96,70 @@ __all__ = [
 CROPS: tuple[str, ...] = ("Corn", "Cotton", "Soybeans", "WinterWheat")
 #: Default years of each split (MMST-ViT: train 2021, evaluate 2022; 2020 held out as test).
 CROPNET_SPLIT_YEARS: dict[str, tuple[int, ...]] = {"train": (2021,), "val": (2022,), "test": (2020,)}
+
+#: US states (and DC): name -> (FIPS code, USPS abbreviation), to select CropNet counties by state
+US_STATES: dict[str, tuple[str, str]] = {
+    "Alabama": ("01", "AL"), "Alaska": ("02", "AK"), "Arizona": ("04", "AZ"), "Arkansas": ("05", "AR"),
+    "California": ("06", "CA"), "Colorado": ("08", "CO"), "Connecticut": ("09", "CT"), "Delaware": ("10", "DE"),
+    "District of Columbia": ("11", "DC"), "Florida": ("12", "FL"), "Georgia": ("13", "GA"), "Hawaii": ("15", "HI"),
+    "Idaho": ("16", "ID"), "Illinois": ("17", "IL"), "Indiana": ("18", "IN"), "Iowa": ("19", "IA"),
+    "Kansas": ("20", "KS"), "Kentucky": ("21", "KY"), "Louisiana": ("22", "LA"), "Maine": ("23", "ME"),
+    "Maryland": ("24", "MD"), "Massachusetts": ("25", "MA"), "Michigan": ("26", "MI"), "Minnesota": ("27", "MN"),
+    "Mississippi": ("28", "MS"), "Missouri": ("29", "MO"), "Montana": ("30", "MT"), "Nebraska": ("31", "NE"),
+    "Nevada": ("32", "NV"), "New Hampshire": ("33", "NH"), "New Jersey": ("34", "NJ"), "New Mexico": ("35", "NM"),
+    "New York": ("36", "NY"), "North Carolina": ("37", "NC"), "North Dakota": ("38", "ND"), "Ohio": ("39", "OH"),
+    "Oklahoma": ("40", "OK"), "Oregon": ("41", "OR"), "Pennsylvania": ("42", "PA"), "Rhode Island": ("44", "RI"),
+    "South Carolina": ("45", "SC"), "South Dakota": ("46", "SD"), "Tennessee": ("47", "TN"), "Texas": ("48", "TX"),
+    "Utah": ("49", "UT"), "Vermont": ("50", "VT"), "Virginia": ("51", "VA"), "Washington": ("53", "WA"),
+    "West Virginia": ("54", "WV"), "Wisconsin": ("55", "WI"), "Wyoming": ("56", "WY"),
+}
+
+#: TS fusion's per-crop state subsets (Basile et al. 2025, appendix A.2: "select the following states per crop type
+#: to ensure sufficient sample sizes"): cotton 17 states, winter wheat 5, soybeans and corn 4 (the same 4)
+PAPER_STATES: dict[str, tuple[str, ...]] = {
+    "Cotton": ("Alabama", "Arizona", "Arkansas", "California", "Florida", "Georgia", "Kansas", "Louisiana",
+               "Mississippi", "Missouri", "New Mexico", "North Carolina", "Oklahoma", "South Carolina", "Tennessee",
+               "Texas", "Virginia"),
+    "WinterWheat": ("Illinois", "Indiana", "Kansas", "Kentucky", "Mississippi"),
+    "Soybeans": ("Illinois", "Iowa", "Louisiana", "Mississippi"),
+    "Corn": ("Illinois", "Iowa", "Louisiana", "Mississippi"),
+}
+
+
+def resolve_states(states: str | Sequence[str] | None, crop: str) -> frozenset[str] | None:
+    """State FIPS codes of a state selection: ``None`` (all states), ``"paper"`` (:data:`PAPER_STATES` of ``crop``)
+    or a list of state names (``Iowa``), USPS abbreviations (``IA``) or 2-digit FIPS codes (``19``), any case.
+
+    Raises:
+        ValueError: naming every unknown state, or for an empty list.
+    """
+    if states is None:
+        return None
+    if isinstance(states, str):
+        if states.strip().lower() != "paper":
+            raise ValueError(f"states: expected null, 'paper' or a list of US state names, got the string {states!r} "
+                             "(write a single state as a one-item list)")
+        if crop not in PAPER_STATES:
+            raise ValueError(f"states: 'paper' has no state list for crop {crop!r}; known: {list(PAPER_STATES)}")
+        states = PAPER_STATES[crop]
+    states = list(states)
+    if not states:
+        raise ValueError("states: expected a non-empty list of US states (or null for all states)")
+    lookup: dict[str, str] = {}
+    for name, (fips, abbr) in US_STATES.items():
+        lookup[name.lower()] = lookup[abbr.lower()] = lookup[fips] = fips
+    out, unknown = set(), []
+    for s in states:
+        key = str(s).strip().lower()
+        key = key.zfill(2) if key.isdigit() else key
+        if key in lookup:
+            out.add(lookup[key])
+        else:
+            unknown.append(s)
+    if unknown:
+        raise ValueError(f"states: unknown US state(s) {unknown}; expected names such as 'Iowa', USPS codes such as "
+                         "'IA' or 2-digit FIPS codes such as '19'")
+    return frozenset(out)
 #: The 11 meteorological columns of a WRF-HRRR CSV.
 HRRR_VARIABLES: tuple[str, ...] = (
     "Avg Temperature (K)", "Max Temperature (K)", "Min Temperature (K)", "Precipitation (kg m**-2)",
@@ -263,6 +330,7 @@ class CropNet(NonGeoDataset):
         window_weather: Sequence[str] | None = None,
         window_before: int = 29,
         window_after: int = 10,
+        states: str | Sequence[str] | None = None,
     ) -> None:
         """Index the county-years of ``crop`` in the years of ``split`` (or ``years``).
 
@@ -292,9 +360,12 @@ class CropNet(NonGeoDataset):
                 ``weather_variables``; needs ``grid_aggregation="none"`` and ``days_per_month=31``); ``None``: no
                 windows.
             window_before, window_after: Days before / after the acquisition day in ``weather_windows``.
+            states: Keep only the counties of these states (:func:`resolve_states`: names, USPS codes or FIPS codes;
+                ``"paper"``: TS fusion's per-crop subset, :data:`PAPER_STATES`); ``None`` keeps every state.
         """
         self.root = Path(root)
         self.crop = self._canonical_crop(crop)
+        self.state_fips = resolve_states(states, self.crop)
         splits = {k: tuple(int(y) for y in v) for k, v in (split_years or CROPNET_SPLIT_YEARS).items()}
         if years is None:
             if split not in splits:
@@ -345,7 +416,8 @@ class CropNet(NonGeoDataset):
 
         self._hrrr_cache: OrderedDict[Path, dict[str, _CountyHRRR]] = OrderedDict()
         self._monthly_cache: dict[Path, dict[str, tuple[np.ndarray, np.ndarray, dict]] | None] = {}
-        self.skipped: dict[str, int] = {"no_county_code": 0, "no_yield": 0, "no_images": 0, "no_weather": 0}
+        self.skipped: dict[str, int] = {"no_county_code": 0, "no_yield": 0, "no_images": 0, "no_weather": 0,
+                                        "other_state": 0}
         self._entries: list[_Entry] = []
         for year in self.years:
             self._entries.extend(self._index_year(year))
@@ -509,6 +581,9 @@ class CropNet(NonGeoDataset):
                 self.skipped["no_county_code"] += 1
                 continue
             sf, fips = f"{int(state[i]):02d}", f"{int(state[i]):02d}{int(county[i]):03d}"
+            if self.state_fips is not None and sf not in self.state_fips:
+                self.skipped["other_state"] += 1
+                continue
             if fips in seen:
                 duplicates += 1
                 continue
@@ -544,13 +619,17 @@ class CropNet(NonGeoDataset):
     def _report(self) -> None:
         what = {"no_county_code": "without county code", "no_yield": "without USDA yield/production",
                 "no_images": "without Sentinel-2 images (no grid group)", "no_weather": "without daily weather"}
+        if self.skipped["other_state"]:
+            logger.info("CropNet %s %s: left out %d county-years outside the selected states", self.crop,
+                        list(self.years), self.skipped["other_state"])
         for key, n in self.skipped.items():
-            if n:
+            if n and key in what:
                 logger.warning("CropNet %s %s: skipped %d county-years %s", self.crop, list(self.years), n, what[key])
         if not self._entries:
             raise EODataError(
                 f"CropNet {self.crop} split {self.split!r} (years {list(self.years)}) is empty: no county-year has a "
-                f"USDA yield, images under {self.s2_dir} and daily weather under {self.hrrr_dir} "
+                f"USDA yield, images under {self.s2_dir} and daily weather under {self.hrrr_dir}"
+                f"{'' if self.state_fips is None else ' in the selected states ' + str(sorted(self.state_fips))} "
                 f"(skipped: {self.skipped})")
         if self.long_term_years:
             missing = total = 0

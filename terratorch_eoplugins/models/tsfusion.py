@@ -13,13 +13,13 @@ Paper: "Task-agnostic fusion of time series and imagery for Earth observation" (
   (section 4, "the decoder operates in an autoregressive manner, using a causal attention mask"):
   the query of a target position also carries the embedding of the previous target token of the
   same modality (teacher forcing), and attention is causal within the modality.
-* **Token budgets** (section 4, Eq. 3 and appendix A.1): input and target budgets are split over
-  modalities by independent Dirichlet draws ``p ~ Dir(alpha)`` (``alpha = 0.5`` for the balanced
-  mixtures), scaled by ``N_in`` / ``N_tgt``, floored and clamped to each modality's token count
-  (:func:`sample_token_budgets`); targets are drawn from the tokens not given as input
-  (:func:`sample_token_masks`). Eq. 3 factorises over image and time-series modalities; one joint
-  Dirichlet over the concatenated modality list with the per-modality ``alpha`` is what the
-  appendix describes ("α = 0.5 for both input and target") and is what is implemented.
+* **Token budgets** (section 4, Eq. 3 and appendix A.1): input and target budgets ``N_in`` / ``N_tgt`` (128 / 128)
+  are split by Dirichlet draws, scaled, floored and clamped to each modality's token count
+  (:func:`sample_token_budgets`). Eq. 3 factorises into *independent* Dirichlets over the image-side and the
+  time-series modalities (:func:`sample_group_budgets`, used by the pretraining task by default; each group gets an
+  equal share of the budget, which the paper does not specify); one joint Dirichlet over all modalities stays an
+  option. The input-only raw image modality (``kind="raw"``, TerraMind's ``untok_*`` patch embedding; alpha = 1000,
+  never a target) joins the inputs. Targets are drawn from the tokens not given as input (:func:`sample_token_masks`).
 * **Generation** (:meth:`TSFusionModel.generate`): a weather series from an image (and optional
   coordinates), token by token for sequence modalities, in one pass for image modalities.
 * **Downstream** (appendix A.2): :class:`TSFusionRegressor` encodes every (grid, time) sample,
@@ -29,9 +29,12 @@ Paper: "Task-agnostic fusion of time series and imagery for Earth observation" (
 
 The transformer blocks are terratorch's TerraMind blocks (``terramind.model.tm_utils.Block`` and
 ``DecoderBlock``: SwiGLU-gated MLP, no qkv bias, LayerNorm eps 1e-6 without bias, appendix A.1),
-so the layer structure and mask convention (``True`` = do not attend) match TerraMind. TerraMind's
-own ``TerraMindViT`` embedding layers are not reused: they are tied to TerraMind's modality table
-(image patches of 16 px, captions/coordinates as 30K-vocabulary text) and have no weather modality.
+so the layer structure, key names and mask convention (``True`` = do not attend) match TerraMind. **Warm start**
+(section 4): :func:`load_terramind_weights` copies a TerraMind checkpoint (the ``TerraMind_v1_base.pt`` terratorch's
+``terramind_v1_base`` loads, by local path) into the encoder and decoder blocks, norms, context projection, mask
+token, the image-token embeddings / head (``tok_sen2l2a@224``) and the raw image patch embedding
+(``untok_sen2rgb@224``); the weather and coordinate modalities (TerraMind's coordinates are 30K-vocabulary text) are
+new and stay random (:func:`terramind_key_map` lists what is shared).
 
 Registered in terratorch: backbones ``tsfusion_base`` (12 + 12 layers, dim 768, 12 heads, as the
 paper) and ``tsfusion_tiny`` (2 + 2 layers, dim 64; tests and CPU runs); decoder ``tsfusion_head``.
@@ -39,6 +42,7 @@ paper) and ``tsfusion_tiny`` (2 + 2 layers, dim 64; tests and CPU runs); decoder
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +50,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from terratorch.models.backbones.terramind.model.tm_utils import Block, DecoderBlock, LayerNorm
 from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY, TERRATORCH_DECODER_REGISTRY
 from torch import Tensor, nn
@@ -59,6 +64,8 @@ from terratorch_eoplugins.models.pretrained import (
 )
 from terratorch_eoplugins.runtime import read_checkpoint
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ModalitySpec",
     "TSFusionModel",
@@ -66,6 +73,7 @@ __all__ = [
     "TSFusionRegressor",
     "sample_token_budgets",
     "sample_token_masks",
+    "sample_group_budgets",
     "pool_tokens",
     "ordinal_emd",
     "default_modalities",
@@ -73,6 +81,8 @@ __all__ = [
     "tsfusion_tiny",
     "tsfusion_head",
     "load_tsfusion_weights",
+    "load_terramind_weights",
+    "terramind_key_map",
     "MODEL_SIZES",
 ]
 
@@ -89,12 +99,16 @@ class ModalitySpec:
 
     Attributes:
         name: modality key (e.g. ``image``, ``weather_tavg``, ``coords``).
-        kind: ``image`` (2-D token grid, parallel decoding) or ``seq`` (1-D sequence, causal decoding).
-        vocab_size: number of token ids (including special tokens of the tokenizer).
+        kind: ``image`` (2-D token grid, parallel decoding), ``seq`` (1-D sequence, causal decoding) or ``raw``
+            (an *untokenized* image given as pixels ``[B, C, H, W]``, embedded by a linear patch projection as
+            TerraMind's ``untok_*`` modalities; input only, never a target: appendix A.1, "input only modalities,
+            where one untokenized image modality was emphasized (alpha = 1000) and never a target").
+        vocab_size: number of token ids (including special tokens of the tokenizer); unused (0) for ``raw``.
         num_tokens: tokens per sample (``h * w`` for images, the sequence length otherwise).
         group: pooling group of MMP (``image`` or ``weather``; default: ``name``).
         ordinal: number of leading token ids that are ordered bins (uniform / quantile weather tokens); they get
             the ordinal EMD loss of appendix A.1 in addition to cross-entropy. 0: not ordinal.
+        channels, patch_size: pixel channels and patch side of a ``raw`` modality (TerraMind: 16 px patches).
     """
 
     name: str
@@ -103,10 +117,17 @@ class ModalitySpec:
     num_tokens: int
     group: str | None = None
     ordinal: int = 0
+    channels: int = 0
+    patch_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("image", "seq"):
-            raise ValueError(f"modality {self.name!r}: kind must be 'image' or 'seq', got {self.kind!r}")
+        if self.kind not in ("image", "seq", "raw"):
+            raise ValueError(f"modality {self.name!r}: kind must be 'image', 'seq' or 'raw', got {self.kind!r}")
+        if self.kind == "raw":
+            if self.channels < 1 or self.patch_size < 1 or self.num_tokens < 1:
+                raise ValueError(f"raw modality {self.name!r}: channels, patch_size and num_tokens must be >= 1, got "
+                                 f"{self.channels}, {self.patch_size} and {self.num_tokens}")
+            return
         if self.vocab_size < 2 or self.num_tokens < 1:
             raise ValueError(f"modality {self.name!r}: vocab_size must be >= 2 and num_tokens >= 1, got "
                              f"{self.vocab_size} and {self.num_tokens}")
@@ -114,6 +135,10 @@ class ModalitySpec:
     @property
     def pool_group(self) -> str:
         return self.group or self.name
+
+    @property
+    def is_raw(self) -> bool:
+        return self.kind == "raw"
 
 
 def _as_specs(modalities: Sequence[ModalitySpec | Mapping[str, Any]]) -> list[ModalitySpec]:
@@ -172,6 +197,35 @@ def sample_token_budgets(alphas: Tensor, budget: int, limits: Tensor, batch_size
     p = torch.nan_to_num(p, nan=1.0 / alphas.numel())
     n = torch.floor(p * budget).long()
     return torch.minimum(n, limits.to(n.device).long().expand_as(n))
+
+
+def sample_group_budgets(alphas: Tensor, groups: Sequence[int], budget: int, limits: Tensor, batch_size: int,
+                         generator: torch.Generator | None = None, weights: Sequence[float] | None = None) -> Tensor:
+    """Token counts ``[B, M]`` from *independent* Dirichlets per modality group (section 4, eq. 3).
+
+    Eq. 3 factorises the sampling density into ``Dir(p^(I) | alpha^(I)) * Dir(p^(T) | alpha^(T))`` over the image and
+    the time-series modalities. Group ``g`` gets ``floor(budget * w_g)`` tokens (``weights``, normalised; default equal
+    shares, the paper gives no split), spread over its modalities by :func:`sample_token_budgets` with its own
+    ``p^(g)``. Modalities with ``groups[m] < 0`` get no token (e.g. an input-only modality in the target draw).
+    """
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    groups_t = torch.as_tensor(list(groups), dtype=torch.long)
+    if groups_t.numel() != alphas.numel():
+        raise ValueError(f"groups has {groups_t.numel()} entries but alphas {alphas.numel()}")
+    limits = torch.as_tensor(limits)
+    ids = sorted(int(g) for g in set(groups_t.tolist()) if g >= 0)
+    if not ids:
+        raise ValueError("every modality is excluded (groups < 0): nothing to sample")
+    w = torch.ones(len(ids), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.numel() != len(ids) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+        raise ValueError(f"weights must be {len(ids)} non-negative numbers with a positive sum, got {w.tolist()}")
+    w = w / w.sum()
+    out = torch.zeros(batch_size, alphas.numel(), dtype=torch.long)
+    for g, wg in zip(ids, w.tolist()):
+        sel = (groups_t == g).nonzero().flatten()
+        lim = limits[..., sel]
+        out[:, sel] = sample_token_budgets(alphas[sel], int(budget * wg), lim, batch_size, generator)
+    return out
 
 
 def _gamma_with_generator(alphas: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -242,15 +296,22 @@ class TSFusionModel(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden ratio (SwiGLU, so the hidden width is ``2/3`` of it, as TerraMind).
         with_decoder: build the decoder (pretraining / generation); fine-tuning drops it (appendix A.2).
-        drop_path: stochastic depth rate (0 in pretraining, appendix A.1).
+        drop_path: stochastic depth rate (0 in pretraining, appendix A.1; 0.5 in fine-tuning, appendix A.2), per
+            block by TerraMind's linear decay rule ``linspace(0, drop_path, depth)``.
+        drop: dropout after the attention projection of every block (TerraMind's ``drop_rate``; its gated MLP has
+            none); 0 in pretraining, 0.25 in fine-tuning (appendix A.2 "dropout at 0.25").
+        attn_drop: attention dropout (0 in pretraining, 0.3 in fine-tuning, appendix A.2).
     """
 
     def __init__(self, modalities: Sequence[ModalitySpec | Mapping[str, Any]], dim: int = 768,
                  encoder_depth: int = 12, decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 with_decoder: bool = True, drop_path: float = 0.0) -> None:
+                 with_decoder: bool = True, drop_path: float = 0.0, drop: float = 0.0, attn_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        for name, v in (("drop_path", drop_path), ("drop", drop), ("attn_drop", attn_drop)):
+            if not 0.0 <= float(v) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
         self.specs = _as_specs(modalities)
         self.names = [s.name for s in self.specs]
         self.dim = dim
@@ -258,22 +319,31 @@ class TSFusionModel(nn.Module):
         norm = partial(LayerNorm, eps=1e-6, bias=False)
         block = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, proj_bias=False, mlp_bias=False,
                      act_layer=nn.SiLU, norm_layer=norm, gated_mlp=True)
-        self.enc_tok = nn.ModuleDict({s.name: nn.Embedding(s.vocab_size, dim) for s in self.specs})
+        self.enc_tok = nn.ModuleDict({s.name: nn.Embedding(s.vocab_size, dim) for s in self.specs if not s.is_raw})
+        #: linear patch projections of the raw (untokenized) image modalities, TerraMind's ``proj`` (no bias)
+        self.enc_patch = nn.ModuleDict({s.name: nn.Linear(s.channels * s.patch_size**2, dim, bias=False)
+                                        for s in self.specs if s.is_raw})
         self.enc_pos = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(s.num_tokens, dim)) for s in self.specs})
         self.enc_mod = nn.Parameter(torch.zeros(len(self.specs), dim))
-        self.encoder = nn.ModuleList([Block(dim, drop_path=drop_path, **block) for _ in range(encoder_depth)])
+        dpr = [float(x) for x in torch.linspace(0, drop_path, encoder_depth)] if encoder_depth else []
+        self.encoder = nn.ModuleList([Block(dim, drop_path=dpr[i], drop=drop, attn_drop=attn_drop, **block)
+                                      for i in range(encoder_depth)])
         self.enc_norm = norm(dim)
         self.with_decoder = with_decoder
         if with_decoder:
             self.dec_tok = nn.ModuleDict({s.name: nn.Embedding(s.vocab_size, dim) for s in self.specs
                                           if s.kind == "seq"})
-            self.dec_pos = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(s.num_tokens, dim)) for s in self.specs})
+            self.dec_pos = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(s.num_tokens, dim)) for s in self.specs
+                                             if not s.is_raw})
             self.dec_mod = nn.Parameter(torch.zeros(len(self.specs), dim))
             self.mask_token = nn.Parameter(torch.zeros(dim))
             self.context_proj = nn.Linear(dim, dim)
-            self.decoder = nn.ModuleList([DecoderBlock(dim, **block) for _ in range(decoder_depth)])
+            self.decoder = nn.ModuleList([DecoderBlock(dim, drop=drop, attn_drop=attn_drop, **block)
+                                          for _ in range(decoder_depth)])
             self.dec_norm = norm(dim)
-            self.heads = nn.ModuleDict({s.name: nn.Linear(dim, s.vocab_size) for s in self.specs})
+            self.heads = nn.ModuleDict({s.name: nn.Linear(dim, s.vocab_size) for s in self.specs if not s.is_raw})
+        #: recompute encoder blocks in backward instead of storing their activations (memory, not results)
+        self.activation_checkpointing = False
         #: absolute path of the pretraining checkpoint loaded by the registered builders (``None``: none)
         self.pretrained_source: str | None = None
         self._init_weights()
@@ -309,6 +379,13 @@ class TSFusionModel(nn.Module):
             if name not in self.names:
                 raise KeyError(f"unknown modality {name!r}; the model has {self.names}")
             s = self.spec(name)
+            if s.is_raw:
+                p = s.patch_size
+                if (t.ndim != 4 or t.shape[1] != s.channels or t.shape[2] % p or t.shape[3] % p
+                        or (t.shape[2] // p) * (t.shape[3] // p) != s.num_tokens or not t.is_floating_point()):
+                    raise ValueError(f"raw modality {name!r} must be float pixels [B, {s.channels}, H, W] with "
+                                     f"(H/{p}) * (W/{p}) = {s.num_tokens} patches, got {tuple(t.shape)} ({t.dtype})")
+                continue
             if t.ndim != 2 or t.shape[1] != s.num_tokens:
                 raise ValueError(f"tokens[{name!r}] must be [B, {s.num_tokens}], got {tuple(t.shape)}")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= s.vocab_size):
@@ -322,7 +399,14 @@ class TSFusionModel(nn.Module):
         for i, s in enumerate(self.specs):
             if s.name not in tokens:
                 continue
-            parts.append(self.enc_tok[s.name](tokens[s.name]) + self.enc_pos[s.name] + self.enc_mod[i])
+            if s.is_raw:  # TerraMind's patchify order: "b d (nh ph) (nw pw) -> b (nh nw) (ph pw d)"
+                x, p = tokens[s.name], s.patch_size
+                bsz, c, h, w = x.shape
+                x = x.reshape(bsz, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, -1, p * p * c)
+                emb = self.enc_patch[s.name](x.to(self.enc_mod.dtype))
+            else:
+                emb = self.enc_tok[s.name](tokens[s.name])
+            parts.append(emb + self.enc_pos[s.name] + self.enc_mod[i])
             ids.append(torch.full((s.num_tokens,), i, dtype=torch.long))
         if not parts:
             raise ValueError(f"no token of any modality given; expected some of {self.names}")
@@ -336,7 +420,11 @@ class TSFusionModel(nn.Module):
             eye = torch.eye(n, dtype=torch.bool, device=x.device)
             mask = ~(valid[:, None, :] | eye[None])  # True = do not attend (TerraMind convention)
         for blk in self.encoder:
-            x = blk(x, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the block in backward (same dropout / drop-path draws: the RNG state is restored)
+                x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
         return self.enc_norm(x)
 
     def encode(self, tokens: Mapping[str, Tensor], input_masks: Mapping[str, Tensor] | None = None
@@ -373,6 +461,8 @@ class TSFusionModel(nn.Module):
         for i, s in enumerate(self.specs):
             if s.name not in target_masks:
                 continue
+            if s.is_raw:
+                raise ValueError(f"modality {s.name!r} is raw (untokenized): input only, never a target")
             t = targets[s.name]
             b = t.shape[0]
             q = self.mask_token + self.dec_pos[s.name] + self.dec_mod[i]
@@ -468,6 +558,9 @@ class TSFusionModel(nn.Module):
             ``[B, N_target]`` token ids, or a dict of them when ``target`` is a list.
         """
         names = [target] if isinstance(target, str) else list(target)
+        raw = [n for n in names if self.spec(n).is_raw]
+        if raw:
+            raise ValueError(f"raw (untokenized) modalities {raw} cannot be generated; they are input only")
         clash = [n for n in names if n in tokens]
         if clash:
             raise ValueError(f"target modalities {clash} must not be among the inputs {list(tokens)}")
@@ -595,7 +688,9 @@ class TSFusionRegressor(nn.Module):
 
     def embed_samples(self, tokens: Mapping[str, Tensor]) -> Tensor:
         """Encoder input embeddings ``[B*S, N, D]`` (exposed for gradient sensitivity)."""
-        flat = {m: tokens[m].reshape(-1, tokens[m].shape[-1]) for m in self.modalities}
+        flat = {m: tokens[m].reshape(-1, *tokens[m].shape[2:])
+                if self.encoder.spec(m).is_raw else tokens[m].reshape(-1, tokens[m].shape[-1])
+                for m in self.modalities}
         return self.encoder.embed(flat)[0]
 
     def forward_embeddings(self, x: Tensor, valid: Tensor) -> Tensor:
@@ -619,15 +714,22 @@ class TSFusionRegressor(nn.Module):
 
 # -------------------------------------------------------------------------------- registration
 #: keyword arguments of the tsfusion_* builders
-_BUILDER_ARGS = ("modalities", "pretrained", "ckpt_path", "pretrained_from", "mlp_ratio", "with_decoder", "drop_path")
+_BUILDER_ARGS = ("modalities", "pretrained", "ckpt_path", "pretrained_from", "mlp_ratio", "with_decoder", "drop_path",
+                 "drop", "attn_drop", "terramind_ckpt_path", "terramind_image_modality", "terramind_raw_modality")
 
 
 def _build(name: str, modalities: Any, pretrained: bool, ckpt_path: str | None, pretrained_from: str | None,
            **kwargs: Any) -> TSFusionModel:
     check_builder_kwargs(name, {k: v for k, v in kwargs.items() if k not in _BUILDER_ARGS}, _BUILDER_ARGS)
-    if pretrained and not ckpt_path and not pretrained_from:
-        raise ValueError("no public TS-fusion weights exist: pass ckpt_path to a tsfusion pretraining checkpoint "
-                         "(or pretrained: false)")
+    tm_path = kwargs.pop("terramind_ckpt_path", None)
+    tm_kw = {k[len("terramind_"):]: kwargs.pop(k) for k in ("terramind_image_modality", "terramind_raw_modality")
+             if k in kwargs}
+    if pretrained and not ckpt_path and not pretrained_from and not tm_path:
+        raise ValueError("no public TS-fusion weights exist: pass ckpt_path to a tsfusion pretraining checkpoint, "
+                         "terramind_ckpt_path to a local TerraMind_v1_base.pt (warm start), or pretrained: false")
+    if tm_path and ckpt_path:
+        raise ValueError("give either ckpt_path (a TS-fusion checkpoint) or terramind_ckpt_path (a TerraMind warm "
+                         "start), not both")
     dim, encoder_depth, decoder_depth, num_heads = MODEL_SIZES[name]
     mods = default_modalities() if modalities is None else modalities
     model = TSFusionModel(mods, dim=dim, encoder_depth=encoder_depth, decoder_depth=decoder_depth,
@@ -635,6 +737,9 @@ def _build(name: str, modalities: Any, pretrained: bool, ckpt_path: str | None, 
     if ckpt_path:
         load_tsfusion_weights(model, ckpt_path)
         model.pretrained_source = resolve_source(ckpt_path)
+    elif tm_path:
+        load_terramind_weights(model, tm_path, **tm_kw)
+        model.pretrained_source = resolve_source(tm_path)
     elif pretrained_from:
         model.pretrained_source = pretrained_from
         log_restored(name, pretrained_from)
@@ -673,13 +778,130 @@ def load_tsfusion_weights(model: TSFusionModel, path: str, strict_encoder: bool 
     return sorted(sub)
 
 
+#: TerraMind state-dict names (``TerraMind`` / ``TerraMindViT`` of terratorch 1.2.11) -> names in TSFusionModel
+_TERRAMIND_RENAMES = (("encoder_norm.", "enc_norm."), ("decoder_norm.", "dec_norm."),
+                      ("decoder_proj_context.", "context_proj."))
+
+
+def terramind_key_map(model: TSFusionModel, image_modality: str = "tok_sen2l2a@224",
+                      raw_modality: str = "untok_sen2rgb@224", image_name: str = "image") -> dict[str, str]:
+    """``{TSFusionModel key: TerraMind key}`` of every tensor the two models share (by structure, not by shape).
+
+    Shared: the encoder blocks (``encoder.<i>.*``) and ``encoder_norm``; with a decoder, the decoder blocks
+    (``decoder.<i>.*``), ``decoder_norm``, ``decoder_proj_context`` and the ``mask_token``; the embeddings of the
+    tokenized image modality ``image_modality`` (encoder token embedding, position and modality embeddings; decoder
+    position and modality embeddings and ``to_logits`` -> the image head's weight) and of the raw image modality
+    ``raw_modality`` (patch projection, position and modality embeddings, for this model's ``raw`` modality).
+    Not shared (stay randomly initialised): weather and coordinate modalities (TerraMind has no weather; its
+    ``coords`` are 30K-vocabulary text tokens), the weather decoder token embeddings, the bias of every head
+    (TerraMind's ``to_logits`` has none) and the heads of non-image modalities.
+    """
+    own = model.state_dict()
+    out: dict[str, str] = {}
+    for k in own:
+        if k.startswith(("encoder.", "decoder.")):
+            out[k] = k
+        for theirs, mine in _TERRAMIND_RENAMES:
+            if k.startswith(mine):
+                out[k] = theirs + k[len(mine):]
+    if "mask_token" in own:
+        out["mask_token"] = "mask_token"
+    for i, s in enumerate(model.specs):
+        if s.name == image_name and s.kind == "image":
+            tm = image_modality
+            out[f"enc_tok.{s.name}.weight"] = f"encoder_embeddings.{tm}.token_emb.weight"
+            out[f"enc_pos.{s.name}"] = f"encoder_embeddings.{tm}.pos_emb"
+            out[f"enc_mod#{i}"] = f"encoder_embeddings.{tm}.mod_emb"
+            if model.with_decoder:
+                out[f"dec_pos.{s.name}"] = f"decoder_embeddings.{tm}.pos_emb"
+                out[f"dec_mod#{i}"] = f"decoder_embeddings.{tm}.mod_emb"
+                out[f"heads.{s.name}.weight"] = f"decoder_embeddings.{tm}.to_logits.weight"
+        elif s.is_raw:
+            tm = raw_modality
+            out[f"enc_patch.{s.name}.weight"] = f"encoder_embeddings.{tm}.proj.weight"
+            out[f"enc_pos.{s.name}"] = f"encoder_embeddings.{tm}.pos_emb"
+            out[f"enc_mod#{i}"] = f"encoder_embeddings.{tm}.mod_emb"
+    return out
+
+
+def load_terramind_weights(model: TSFusionModel, path: str, image_modality: str = "tok_sen2l2a@224",
+                           raw_modality: str = "untok_sen2rgb@224", image_name: str = "image",
+                           state: Mapping[str, Tensor] | None = None) -> dict[str, list[str]]:
+    """Warm start (section 4, "we warm start our pretraining by leveraging ... backbone weights from TerraMind"): copy
+    the shared tensors of a TerraMind checkpoint into ``model`` (:func:`terramind_key_map`).
+
+    ``path`` is the local file terratorch's ``terramind_v1_base`` loads (``TerraMind_v1_base.pt``, a plain state dict of
+    the encoder-decoder ``TerraMind``), or a state dict saved from ``terramind_v1_base`` (encoder only: then the decoder
+    stays random and is reported as missing). Read with ``torch.load(weights_only=True)``; never downloads.
+    ``(1, N, D)`` position and ``(1, 1, D)`` modality embeddings and the ``(1, 1, D)`` mask token are squeezed.
+
+    Returns ``{"loaded": model keys, "missing": model keys the map names but the file lacks, "not_shared": model
+    keys outside the map, "unused": file keys not loaded}``.
+
+    Raises:
+        ValueError: a shared tensor whose shape differs (naming both keys and shapes), or a file with no encoder block.
+    """
+    if state is None:
+        blob = read_checkpoint(path, "TerraMind")
+        state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else blob
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a TerraMind state dict (TerraMind_v1_base.pt), got {type(state).__name__}")
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    if not any(k.startswith("encoder.0.") for k in state):
+        raise ValueError(f"{path}: no 'encoder.0.*' weights; expected the state dict terratorch's terramind_v1_base "
+                         "loads (TerraMind_v1_base.pt)")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("encoder.") and k.split(".")[1].isdigit())
+    if depth != len(model.encoder):
+        raise ValueError(f"{path}: TerraMind encoder has {depth} blocks, this model {len(model.encoder)}; use "
+                         "tsfusion_base (12 + 12 layers, dim 768) for terramind_v1_base")
+    own = model.state_dict()
+    mapping = terramind_key_map(model, image_modality, raw_modality, image_name)
+    loaded, missing = [], []
+    new: dict[str, Tensor] = {}
+    mods = {}
+    for mine, theirs in mapping.items():
+        if theirs not in state:
+            missing.append(mine)
+            continue
+        src = state[theirs]
+        if mine.startswith(("enc_mod#", "dec_mod#")):
+            name, idx = mine.split("#")
+            target = own[name][int(idx)]
+        else:
+            target = own[mine]
+        while src.ndim > target.ndim and src.shape[0] == 1:  # (1, N, D) -> (N, D), (1, 1, D) -> (D)
+            src = src[0]
+        if src.shape != target.shape:
+            raise ValueError(f"{path}: TerraMind key {theirs!r} has shape {tuple(state[theirs].shape)} but "
+                             f"TSFusionModel key {mine!r} needs {tuple(target.shape)} (dim, vocabulary, token grid "
+                             "or patch channels differ)")
+        if mine.startswith(("enc_mod#", "dec_mod#")):
+            mods.setdefault(name, own[name].clone())[int(idx)] = src
+        else:
+            new[mine] = src.to(target.dtype)
+        loaded.append(mine)
+    new.update(mods)
+    model.load_state_dict(new, strict=False)
+    used = {mapping[k] for k in loaded}
+    report = {"loaded": sorted(loaded), "missing": sorted(missing),
+              "not_shared": sorted(k for k in own if k not in mapping and not any(
+                  m.startswith(k + "#") for m in mapping)),
+              "unused": sorted(k for k in state if k not in used)}
+    logger.info("TerraMind warm start from %s: %d tensors loaded, %d missing in the file, %d model tensors not shared "
+                "(e.g. %s)", path, len(loaded), len(missing), len(report["not_shared"]), report["not_shared"][:4])
+    return report
+
+
 @TERRATORCH_BACKBONE_REGISTRY.register
 def tsfusion_base(modalities: Any = None, pretrained: bool = False, ckpt_path: str | None = None,
                   pretrained_from: str | None = None, **kwargs: Any) -> TSFusionModel:
     """Paper size (appendix A.1): 12 encoder + 12 decoder layers, dim 768, 12 heads, SwiGLU.
 
     ``ckpt_path``: TS-fusion pretraining checkpoint; ``pretrained_from`` is written by self-contained checkpoints
-    and never read; ``kwargs``: ``mlp_ratio``, ``with_decoder``, ``drop_path`` (others are errors).
+    and never read; ``kwargs``: ``mlp_ratio``, ``with_decoder``, ``drop_path``, ``drop``, ``attn_drop``, and the
+    TerraMind warm start (section 4): ``terramind_ckpt_path`` (a local ``TerraMind_v1_base.pt``, the file terratorch's
+    ``terramind_v1_base`` loads; :func:`load_terramind_weights`), ``terramind_image_modality`` (default
+    ``tok_sen2l2a@224``) and ``terramind_raw_modality`` (default ``untok_sen2rgb@224``); others are errors.
     """
     return _build("tsfusion_base", modalities, pretrained, ckpt_path, pretrained_from, **kwargs)
 

@@ -22,8 +22,12 @@ from terratorch_eoplugins.nn.image_tokenizer import build_image_tokenizer, train
 from terratorch_eoplugins.nn.ts_tokenizers.factory import build_ts_tokenizer
 from terratorch_eoplugins.nn.ts_tokenizers.training import train_fsq_tokenizer
 
-__all__ = ["DEFAULT_IMAGE_TOKENIZER", "TSFusionTokenizers", "build_tsfusion_image_tokenizer", "coordinate_tokens",
-           "fit_image_tokenizer", "image_token_grid"]
+__all__ = ["DEFAULT_IMAGE_TOKENIZER", "RAW_IMAGE", "TSFusionTokenizers", "build_tsfusion_image_tokenizer",
+           "coordinate_tokens", "fit_image_tokenizer", "image_token_grid"]
+
+
+#: name of the input-only raw (untokenized) image modality
+RAW_IMAGE = "untok_image"
 
 
 def coordinate_tokens(coords: Tensor, resolution: float = 0.25) -> Tensor:
@@ -52,13 +56,18 @@ class TSFusionTokenizers(nn.Module):
         coords: add the ``coords`` modality (needed by the counterfactual analysis).
         coords_resolution: degrees per coordinate bin.
         image_steps, fsq_steps: training steps of the image tokenizer / the FSQ time-series tokenizer.
+        raw_patch_size: add the input-only raw (untokenized) image modality ``untok_image`` (appendix A.1, TerraMind's
+            ``untok_sen2rgb@224``): the pixels cut into patches of this side; ``None``: none.
     """
 
     def __init__(self, weather: Sequence[str], window: int, image_size: int, image_channels: int = 3,
                  ts_kind: str = "uniform", ts_kwargs: Mapping[str, Any] | None = None,
                  image_kwargs: Mapping[str, Any] | None = None, coords: bool = True, coords_resolution: float = 0.25,
-                 image_steps: int = 200, fsq_steps: int = 200) -> None:
+                 image_steps: int = 200, fsq_steps: int = 200, raw_patch_size: int | None = None) -> None:
         super().__init__()
+        if raw_patch_size is not None and (raw_patch_size < 1 or image_size % raw_patch_size):
+            raise ValueError(f"raw_patch_size must divide image_size {image_size}, got {raw_patch_size}")
+        self.raw_patch_size = raw_patch_size
         self.weather = list(weather)
         if not self.weather:
             raise ValueError("weather must name at least one variable")
@@ -102,6 +111,10 @@ class TSFusionTokenizers(nn.Module):
         if self.use_coords:
             n = round(180 / self.coords_resolution) + round(360 / self.coords_resolution)
             mods.append(ModalitySpec("coords", "seq", n, 2, "coords"))
+        if self.raw_patch_size:
+            p = self.raw_patch_size
+            mods.append(ModalitySpec(RAW_IMAGE, "raw", 0, (self.image_size // p) ** 2, "image",
+                                     channels=self.image_channels, patch_size=p))
         return mods
 
     @property
@@ -147,6 +160,8 @@ class TSFusionTokenizers(nn.Module):
         if image is not None:
             tok = self.image.encode(image)
             out["image"] = tok.reshape(tok.shape[0], -1).long()
+            if self.raw_patch_size:
+                out[RAW_IMAGE] = image.float()
         if weather is not None:
             if weather.ndim != 3 or weather.shape[1] != len(self.weather) or weather.shape[2] != self.window:
                 raise ValueError(f"weather must be [B, {len(self.weather)}, {self.window}], got {tuple(weather.shape)}")

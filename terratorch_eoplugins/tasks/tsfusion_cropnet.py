@@ -139,6 +139,13 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
             image_tokenizer_kwargs, tokenizer_steps: tokenizer settings (as in pretraining).
         use_modalities: modalities fed to the encoder (default image + weather, as the paper's downstream model).
         hidden_dim, dropout, residual_scale: head (appendix A.2: dropout 0.25, residual 0.1).
+        encoder_dropout, attn_dropout, drop_path: encoder regularisation of appendix A.2 ("dropout at 0.25, attention
+            dropout at 0.3, and stochastic depth at 0.5"; :class:`~terratorch_eoplugins.models.tsfusion.TSFusionModel`
+            ``drop``, ``attn_drop``, ``drop_path``); 0 / 0 / 0 was the earlier behaviour.
+        raw_patch_size: the input-only raw image modality of pretraining (must match the pretraining run; the
+            downstream model feeds it only when ``use_modalities`` names ``untok_image``).
+        activation_checkpointing: recompute the encoder blocks in backward (saves activation memory at the cost of a
+            second forward; the same results: dropout draws are replayed).
         lr: base learning rate (paper: 5e-5; larger rates for short CPU runs).
         optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks; defaults: ``AdamW``
             with ``{weight_decay: 0.01}``, ``WarmupCosine`` with ``{warmup_epochs: 0, interval: step}``.
@@ -165,7 +172,9 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
                  optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
                  scheduler_hparams: dict[str, Any] | None = None, train_samples_per_county: int | None = None,
                  encoder_lr_scale: float = 1.0, backbone_pretrained_from: str | None = None,
-                 pretrained_ckpt: str | None = None) -> None:
+                 pretrained_ckpt: str | None = None, encoder_dropout: float = 0.25, attn_dropout: float = 0.3,
+                 drop_path: float = 0.5, raw_patch_size: int | None = None,
+                 activation_checkpointing: bool = False) -> None:
         reject_renamed_flags("TSFusionCropNetTask", pretrained_ckpt=pretrained_ckpt)
         if pooling not in ("mp", "mmp"):
             raise ValueError(f"pooling must be 'mp' or 'mmp', got {pooling!r}")
@@ -184,11 +193,14 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         self.tokenizers = TSFusionTokenizers(hp["weather"], hp["before"] + 1 + hp["after"], hp["image_size"],
                                              hp["image_channels"], hp["ts_tokenizer"], hp["ts_tokenizer_kwargs"],
                                              hp["image_tokenizer_kwargs"], coords=True,
-                                             image_steps=hp["tokenizer_steps"], fsq_steps=hp["tokenizer_steps"])
+                                             image_steps=hp["tokenizer_steps"], fsq_steps=hp["tokenizer_steps"],
+                                             raw_patch_size=hp.get("raw_patch_size"))
         dim, enc, dec, heads = MODEL_SIZES[hp["model"]]
-        kw = dict(dim=dim, encoder_depth=enc, decoder_depth=dec, num_heads=heads)
+        kw = dict(dim=dim, encoder_depth=enc, decoder_depth=dec, num_heads=heads, drop=hp.get("encoder_dropout", 0.0),
+                  attn_drop=hp.get("attn_dropout", 0.0), drop_path=hp.get("drop_path", 0.0))
         kw.update(dict(hp["model_kwargs"] or {}))
         encoder = TSFusionModel(self.tokenizers.modalities(), with_decoder=False, **kw)
+        encoder.activation_checkpointing = bool(hp.get("activation_checkpointing", False))
         use = hp["use_modalities"] or ["image", *[f"weather_{v}" for v in hp["weather"]]]
         self.model = TSFusionRegressor(encoder, hp["pooling"], 1, hp["hidden_dim"], hp["dropout"],
                                        hp["residual_scale"], modalities=use)
@@ -296,7 +308,7 @@ class TSFusionCropNetTask(TrainSplitPreparation, BaseTask):
         valid = torch.arange(s_max)[None] < counts[:, None]
         out = {}
         for name, tok in flat.items():
-            full = tok.new_zeros(b, s_max, tok.shape[-1])
+            full = tok.new_zeros(b, s_max, *tok.shape[1:])
             full[valid] = tok
             out[name] = full
         return out, valid.to(image.device)

@@ -34,6 +34,8 @@ from terratorch_eoplugins.metrics import generation_scores
 from terratorch_eoplugins.models.tsfusion import (
     MODEL_SIZES,
     TSFusionModel,
+    load_terramind_weights,
+    sample_group_budgets,
     sample_token_budgets,
     sample_token_masks,
 )
@@ -62,6 +64,19 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
             :class:`~terratorch_eoplugins.models.tsfusion_tokenizers.TSFusionTokenizers` (``tokenizer_steps``
             trains the image and FSQ tokenizers).
         alpha: Dirichlet concentration per modality (a float for all, or ``{modality: alpha}``; 0.5 in the paper).
+        dirichlet: ``independent`` (section 4, eq. 3: one Dirichlet over the image-side modalities -- image tokens,
+            the raw image and coordinates -- and an independent one over the weather modalities, each group getting
+            ``group_weights`` of the budget) or ``joint`` (one Dirichlet over all modalities; earlier behaviour).
+        group_weights: budget shares of the (image, time-series) groups with ``independent`` (the paper gives none:
+            equal shares).
+        raw_patch_size: add the input-only raw image modality (appendix A.1: "one untokenized image modality was
+            emphasized (alpha = 1000) and never a target"), patches of this side (TerraMind: 16); ``None``: none.
+        raw_alpha: its Dirichlet concentration in the input draw (1000 in the paper).
+        terramind_ckpt_path: warm start (section 4) from a local TerraMind checkpoint, the file terratorch's
+            ``terramind_v1_base`` loads (``TerraMind_v1_base.pt``), with ``model: tsfusion_base``
+            (:func:`~terratorch_eoplugins.models.tsfusion.load_terramind_weights`); ``None``: random init.
+        terramind_image_modality, terramind_raw_modality: the TerraMind modalities whose embeddings initialise the
+            image-token and raw-image modalities (defaults ``tok_sen2l2a@224`` and ``untok_sen2rgb@224``).
         input_budget, target_budget: ``N_in`` and ``N_tgt`` (128 / 128 in the paper).
         lr, optimizer, optimizer_hparams, scheduler, scheduler_hparams: as in terratorch's tasks; defaults:
             ``AdamW`` with ``{weight_decay: 0.05, betas: [0.9, 0.95]}``, ``WarmupCosine`` with
@@ -81,7 +96,15 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
                  target_budget: int = 64, lr: float = 1e-3, optimizer: str = OPTIMIZATION.optimizer,
                  optimizer_hparams: dict[str, Any] | None = None, scheduler: str | None = OPTIMIZATION.scheduler,
                  scheduler_hparams: dict[str, Any] | None = None, generate_batches: int = 1,
-                 emd_weight: float = 1.0) -> None:
+                 emd_weight: float = 1.0, dirichlet: str = "independent",
+                 group_weights: Sequence[float] | None = None, raw_patch_size: int | None = None,
+                 raw_alpha: float = 1000.0, terramind_ckpt_path: str | None = None,
+                 terramind_image_modality: str = "tok_sen2l2a@224",
+                 terramind_raw_modality: str = "untok_sen2rgb@224") -> None:
+        if dirichlet not in ("independent", "joint"):
+            raise ValueError(f"dirichlet must be 'independent' (paper eq. 3) or 'joint', got {dirichlet!r}")
+        if raw_alpha <= 0:
+            raise ValueError(f"raw_alpha must be > 0, got {raw_alpha}")
         if model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {model!r}")
         if input_budget < 1 or target_budget < 1:
@@ -95,11 +118,15 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
         self.tokenizers = TSFusionTokenizers(hp["weather"], hp["before"] + 1 + hp["after"], hp["image_size"],
                                              hp["image_channels"], hp["ts_tokenizer"], hp["ts_tokenizer_kwargs"],
                                              hp["image_tokenizer_kwargs"], hp["coords"],
-                                             image_steps=hp["tokenizer_steps"], fsq_steps=hp["tokenizer_steps"])
+                                             image_steps=hp["tokenizer_steps"], fsq_steps=hp["tokenizer_steps"],
+                                             raw_patch_size=hp.get("raw_patch_size"))
         dim, enc, dec, heads = MODEL_SIZES[hp["model"]]
         kw = dict(dim=dim, encoder_depth=enc, decoder_depth=dec, num_heads=heads)
         kw.update(dict(hp["model_kwargs"] or {}))
         self.model = TSFusionModel(self.tokenizers.modalities(), **kw)
+        if hp.get("terramind_ckpt_path"):
+            load_terramind_weights(self.model, hp["terramind_ckpt_path"], hp.get("terramind_image_modality",
+                                   "tok_sen2l2a@224"), hp.get("terramind_raw_modality", "untok_sen2rgb@224"))
         alpha = hp["alpha"]
         names = self.model.names
         if isinstance(alpha, Mapping):
@@ -109,6 +136,13 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
             values = [float(alpha.get(n, 0.5)) for n in names]
         else:
             values = [float(alpha)] * len(names)
+        raw = [s.is_raw for s in self.model.specs]
+        if not (isinstance(alpha, Mapping) and any(n in alpha for n, r in zip(names, raw) if r)):
+            values = [float(hp.get("raw_alpha", 1000.0)) if r else v for v, r in zip(values, raw)]
+        # eq. 3 groups: 0 = image side (image tokens, raw image, coordinates), 1 = time series (weather)
+        self.groups = [1 if n.startswith("weather_") else 0 for n in names]
+        #: target draw: raw (input-only) modalities never get targets
+        self.target_groups = [-1 if r else g for g, r in zip(self.groups, raw)]
         self.register_buffer("alphas", torch.tensor(values, dtype=torch.float64), persistent=False)
         self.register_buffer("limits", torch.tensor([s.num_tokens for s in self.model.specs]), persistent=False)
         self._gen: dict[str, list[Tensor]] = {"pred": [], "true": []}
@@ -162,15 +196,25 @@ class TSFusionPretrainTask(TrainSplitPreparation, BaseTask):
         tokens = self.tokenize(batch)
         b = next(iter(tokens.values())).shape[0]
         hp = self.hparams
-        n_in = sample_token_budgets(self.alphas.cpu(), hp["input_budget"], self.limits.cpu(), b, generator)
-        n_tg = sample_token_budgets(self.alphas.cpu(), hp["target_budget"], self.limits.cpu(), b, generator)
+        alphas, limits = self.alphas.cpu(), self.limits.cpu()
+        if hp.get("dirichlet", "independent") == "joint":
+            n_in = sample_token_budgets(alphas, hp["input_budget"], limits, b, generator)
+            keep = torch.tensor([g >= 0 for g in self.target_groups])
+            n_tg = torch.zeros_like(n_in)
+            n_tg[:, keep] = sample_token_budgets(alphas[keep], hp["target_budget"], limits[keep], b, generator)
+        else:
+            gw = hp.get("group_weights")
+            n_in = sample_group_budgets(alphas, self.groups, hp["input_budget"], limits, b, generator, gw)
+            present = sorted({g for g in self.target_groups if g >= 0})
+            gw_t = None if gw is None else [list(gw)[g] for g in present]
+            n_tg = sample_group_budgets(alphas, self.target_groups, hp["target_budget"], limits, b, generator, gw_t)
         empty = n_in.sum(1) == 0  # every sample needs one input token to attend to
         if bool(empty.any()):
             n_in[empty, 0] = 1
         ins, tgts = sample_token_masks(n_in, n_tg, [s.num_tokens for s in self.model.specs], generator)
         dev = next(iter(tokens.values())).device
         in_m = {n: m.to(dev) for n, m in zip(self.model.names, ins)}
-        tg_m = {n: m.to(dev) for n, m in zip(self.model.names, tgts)}
+        tg_m = {n: m.to(dev) for n, m, s in zip(self.model.names, tgts, self.model.specs) if not s.is_raw}
         return self.model.correlation_loss(tokens, in_m, tg_m, self.hparams["emd_weight"])
 
     def _log(self, out: Mapping[str, Tensor], stage: str, bsz: int) -> None:
