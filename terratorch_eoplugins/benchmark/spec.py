@@ -38,9 +38,11 @@ stage (``{config: configs/lianet_pretrain_pastis.yaml, ckpt_arg: model.init_args
 overrides: [...]}``) whose ``last.ckpt`` is passed to the fine-tuning run. The top-level configs are paper scale: an
 entry (and its ``pretrain`` stage) sizes a run for CPU with ``profile: configs/profiles/cpu/<runnable>.yaml``, an
 overlay passed as a second ``-c`` right after the run's config (before every override and the checkpoint flag).
-Model entries whose ``pretrain`` stages name the same ``share`` key reuse one pretraining per task x seed (e.g.
-DUNIA's low-shot head and zero-shot KNN runs); their stages must then be identical. Entries with ``optional: true``
-whose pieces do not exist yet are skipped (so a model whose configs are still being written is one YAML edit away).
+``across_tasks: true`` in a stage makes it one pretraining per seed for all the model's tasks (a stage that reads
+no task data). Model entries whose ``pretrain`` stages name the same ``share`` key reuse one pretraining per task x
+seed (e.g. DUNIA's low-shot head and zero-shot KNN runs); their stages must then be identical. Entries with
+``optional: true`` whose pieces do not exist yet are skipped (so a model whose configs are still being written is one
+YAML edit away).
 
 Model patches (``model:`` of a setting) are merged into the model piece's ``init_args``: scalar keys become
 ``--model.init_args.<key>=<value>`` and a ``model_args`` patch is merged into the piece's ``model_args``
@@ -83,6 +85,9 @@ class PretrainSpec:
     share: str | None = None
     #: an overlay (``configs/profiles/<profile>/<config>.yaml``) passed as ``-c`` right after ``config``
     profile: str | None = None
+    #: one pretraining per seed for every task of the model (the stage reads no task data: e.g. TS fusion's
+    #: pretraining on every crop's (image, weather) pairs, then fine-tuned per crop); default: per task x seed
+    across_tasks: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ class RunSpec:
     @property
     def pretrain_id(self) -> str:
         owner = self.pretrain.share if self.pretrain is not None and self.pretrain.share else self.model
+        if self.pretrain is not None and self.pretrain.across_tasks:
+            return f"{owner}__s{self.seed}"
         return f"{owner}__{self.task}__s{self.seed}"
 
 
@@ -165,6 +172,14 @@ def profile_model_args(profile: Path | None) -> dict | None:
     return args if isinstance(args, dict) else None
 
 
+def _cli_value(value: Any) -> str:
+    """A value as jsonargparse reads it back: a plain string as itself (a quoted ``"mp"`` fails a ``Literal``
+    check), a string that YAML would read as something else (``"true"``, ``"1"``) and every other value as JSON."""
+    if isinstance(value, str) and yaml.safe_load(value) == value and value.strip() == value and value:
+        return value
+    return json.dumps(value)
+
+
 def model_overrides(model_piece: Path, patch: dict, profile: Path | None = None) -> list[str]:
     """CLI overrides that apply ``patch`` to the model piece (see module docstring); a ``model_args`` patch is merged
     into the ``profile``'s ``model_args`` where the profile sets them (it replaces the piece's)."""
@@ -182,7 +197,7 @@ def model_overrides(model_piece: Path, patch: dict, profile: Path | None = None)
             merged = _strip_deletes(deep_merge(base, value))
             out.append(f"--model.init_args.model_args={json.dumps(merged, separators=(',', ':'))}")
         elif value != DELETE:  # an init_args key cannot be removed on the command line: the piece's stays
-            out.append(f"--model.init_args.{key}={json.dumps(value)}")
+            out.append(f"--model.init_args.{key}={_cli_value(value)}")
     return out
 
 
@@ -339,7 +354,8 @@ def load_sweep(path: str | Path, repo: str | Path = ".", trainer: str | None = N
                                         ckpt_arg=_req(pre, "ckpt_arg", f"{where}.tasks.{tname}.pretrain"),
                                         overrides=tuple(pre.get("overrides") or ()), ckpt=pre.get("ckpt", "last"),
                                         share=str(pre["share"]) if pre.get("share") else None,
-                                        profile=str(pre["profile"]) if pre.get("profile") else None)
+                                        profile=str(pre["profile"]) if pre.get("profile") else None,
+                                        across_tasks=bool(pre.get("across_tasks", False)))
             run_fractions = [float(f) for f in entry.get("label_fractions", tinfo.get("label_fractions", fractions))]
             folds = tinfo.get("folds", sweep_folds)
             if folds is not None and (not isinstance(folds, list) or not all(isinstance(k, int) for k in folds)):

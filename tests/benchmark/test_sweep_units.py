@@ -74,6 +74,9 @@ def test_model_patch_merges_model_args_and_deletes_keys() -> None:
     assert {k: v for k, v in merged.items() if k not in patch["model_args"]} == \
         {k: v for k, v in base.items() if k not in patch["model_args"]}
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    # strings reach jsonargparse unquoted (a Literal rejects '"mp"'), unless YAML would read them as another type
+    assert model_overrides(piece, {"pooling": "mp", "name": "true", "lr": 1e-4}) == [
+        "--model.init_args.pooling=mp", '--model.init_args.name="true"', "--model.init_args.lr=0.0001"]
 
 
 def _write_sweep(tmp: Path, models: list, **extra) -> Path:
@@ -465,3 +468,20 @@ def test_a_sweep_extends_another_and_patches_its_models_by_name(tmp_path: Path) 
     child.write_text(yaml.safe_dump({"extends": base.name, "models": [{"name": "nope", "__delete__": True}]}))
     with pytest.raises(SweepSpecError, match="'nope' is not a model of"):
         load_sweep(child, repo=REPO)
+
+
+def test_a_pretraining_across_tasks_is_one_per_seed(tmp_path: Path) -> None:
+    pre = {"config": "configs/s4_pretrain_pastis.yaml", "ckpt_arg": "model.init_args.model_args.backbone_ckpt_path"}
+    tasks = {"tasks": {"optical": {"data": "configs/data/pastis_s4_optical.yaml"},
+                       "radar": {"data": "configs/data/pastis_s4_radar.yaml"}}}
+    entry = {"optical": {"model": "configs/models/pastis/s4_optical.yaml", "pretrain": pre},
+             "radar": {"model": "configs/models/pastis/s4_radar.yaml", "pretrain": pre}}
+    per_task = load_sweep(_write_sweep(tmp_path, [{"name": "s4", "tasks": entry}], seeds=[0, 1], **tasks), repo=REPO)
+    assert {r.pretrain_id for r in per_task.runs} == {"s4__optical__s0", "s4__radar__s0", "s4__optical__s1",
+                                                       "s4__radar__s1"}
+    shared = {t: {**e, "pretrain": {**pre, "across_tasks": True}} for t, e in entry.items()}
+    across = load_sweep(_write_sweep(tmp_path, [{"name": "s4", "tasks": shared}], seeds=[0, 1], **tasks), repo=REPO)
+    assert {r.pretrain_id for r in across.runs} == {"s4__s0", "s4__s1"}
+    shared["radar"]["pretrain"] = {**shared["radar"]["pretrain"], "overrides": ["--trainer.max_epochs=1"]}
+    with pytest.raises(SweepSpecError, match="must be identical"):
+        load_sweep(_write_sweep(tmp_path, [{"name": "s4", "tasks": shared}], **tasks), repo=REPO)
