@@ -87,26 +87,24 @@ def _header_line(columns: list[str] = COLUMNS) -> bytes:
     return head.getvalue().encode()
 
 
-def _file_columns(path: Path) -> list[str]:
-    """The columns of an existing results CSV: :data:`COLUMNS` or :data:`LEGACY_COLUMNS`."""
-    with open(path, "rb") as f:
-        first = f.readline(1 << 16).rstrip(b"\r\n")
-    return LEGACY_COLUMNS if first == _header_line(LEGACY_COLUMNS).rstrip(b"\r\n") else COLUMNS
-
-
-def check_results_csv(path: Path) -> None:
-    """Raise :class:`SweepOutputError` when ``path`` exists, is not empty and is not a results CSV of a sweep
-    (its header must be :data:`COLUMNS`): rows are only ever appended to files the sweep created."""
+def check_results_csv(path: Path) -> list[str]:
+    """The columns rows are appended with: :data:`COLUMNS` for a new or empty file, the file's own header
+    (:data:`COLUMNS` or :data:`LEGACY_COLUMNS`) otherwise. Raise :class:`SweepOutputError` when ``path`` exists, is not
+    empty and is not a results CSV of a sweep: rows are only ever appended to files the sweep created."""
     if not path.exists():
-        return
+        return COLUMNS
     if not path.is_file():
         raise SweepOutputError(f"{path}: exists and is not a file; the sweep writes its results CSV there")
     with open(path, "rb") as f:
         first = f.readline(1 << 16)
-    if first and first.rstrip(b"\r\n") not in (_header_line(c).rstrip(b"\r\n") for c in (COLUMNS, LEGACY_COLUMNS)):
-        raise SweepOutputError(f"{path}: not a results CSV written by `eoplugins sweep` (its header is not the sweep's "
-                               f"{len(COLUMNS)} columns run_id,sweep,...,metrics); refusing to append to it: move it "
-                               "away or choose another --results-dir")
+    if not first:  # empty file
+        return COLUMNS
+    for columns in (COLUMNS, LEGACY_COLUMNS):
+        if first.rstrip(b"\r\n") == _header_line(columns).rstrip(b"\r\n"):
+            return columns
+    raise SweepOutputError(f"{path}: not a results CSV written by `eoplugins sweep` (its header is not the sweep's "
+                           f"{len(COLUMNS)} columns run_id,sweep,...,metrics); refusing to append to it: move it "
+                           "away or choose another --results-dir")
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -130,8 +128,7 @@ def append_row(path: Path, row: dict) -> None:
         if os.fstat(fd).st_size == 0:
             data = _header_line() + line(COLUMNS)
         else:
-            check_results_csv(path)
-            data = line(_file_columns(path))
+            data = line(check_results_csv(path))
         os.write(fd, data)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
