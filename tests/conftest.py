@@ -126,6 +126,18 @@ def cli_env() -> dict[str, str]:
 
 
 @pytest.fixture
+def quiet_lightning():
+    """Run a test with warnings ignored and Lightning's logger at ERROR (short Trainer runs print a lot)."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        yield
+
+
+@pytest.fixture
 def one_torch_thread():
     """Run a test on one torch thread: small 3-D convolutions are far faster that way on contended CI cores."""
     import torch

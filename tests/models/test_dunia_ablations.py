@@ -3,8 +3,6 @@ term; each ablation piece runs through the CLI (fast_dev_run) on the tiny world.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,8 @@ PIECES = sorted(p.stem.removeprefix("dunia_") for p in (REPO / "configs" / "mode
 
 
 @pytest.fixture(autouse=True)
-def _setup(one_torch_thread: None):
+def _setup(one_torch_thread: None, quiet_lightning: None) -> None:
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        yield
 
 
 # ----------------------------------------------------------------------------------------- Zero-CL forms

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +41,8 @@ def _trainer():
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        yield
+def _quiet(quiet_lightning: None) -> None:
+    """Every test of this file runs with Lightning quiet (:func:`quiet_lightning`)."""
 
 
 # ----------------------------------------------------------------------------------------- input preparation

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +19,8 @@ LENGTH = 64
 
 
 @pytest.fixture(autouse=True)
-def _setup(one_torch_thread: None):
+def _setup(one_torch_thread: None, quiet_lightning: None) -> None:
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        yield
 
 
 class Spectral(nn.Module):
