@@ -307,8 +307,9 @@ class HLSBurnScars(NonGeoDataset):
                     win = Window(window[1], window[0], self.crop_size, self.crop_size)
                     r, c = window
                     mask = full_mask[r : r + self.crop_size, c : c + self.crop_size].copy()
-                image = _read_tif(src, ipath, "6 float reflectance bands", window=win).astype(np.float32)
-                invalid = ~np.isfinite(image) | (image == self.no_data_value)
+                image = _read_tif(src, ipath, "6 float reflectance bands", window=win).astype(np.float32, copy=False)
+                invalid = ~np.isfinite(image)
+                invalid |= image == self.no_data_value
                 if file_nodata is not None and not np.isnan(file_nodata):
                     invalid |= image == file_nodata
                 mask[invalid.any(axis=0)] = -1
@@ -329,12 +330,14 @@ class HLSBurnScars(NonGeoDataset):
             image[invalid] = self.no_data_replace
         if self.band_indices != list(range(image.shape[0])):
             image = image[self.band_indices]
-        if self.normalize:
-            image = (image - self.means[:, None, None]) / self.stds[:, None, None]
+        if self.normalize:  # in place, in float32 (the statistics rounded to float32)
+            image = np.ascontiguousarray(image)
+            np.subtract(image, self.means.astype(np.float32)[:, None, None], out=image)
+            np.divide(image, self.stds.astype(np.float32)[:, None, None], out=image)
         if window is not None:  # the crop's top-left corner becomes the origin
             x0, y0 = _xy(transform, window[1], window[0])
             transform = Affine(transform.a, transform.b, x0, transform.d, transform.e, y0)
-        return {"image": image.astype(np.float32), "mask": mask, "crs": crs, "transform": transform}
+        return {"image": image.astype(np.float32, copy=False), "mask": mask, "crs": crs, "transform": transform}
 
     #: random crops drawn before giving up on finding one with a labelled pixel
     crop_tries: int = 10

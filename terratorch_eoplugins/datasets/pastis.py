@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import mmap
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ from pyproj import Transformer
 from torch import Tensor
 from torchgeo.datasets import NonGeoDataset
 
+from terratorch_eoplugins.datasets._fused import convert_dates
 from terratorch_eoplugins.datasets.common import bounds_transform, logger, plot_panels, subsample_fraction
 from terratorch_eoplugins.errors import EODataError, check_array, require_dir, require_file
 
@@ -253,6 +255,27 @@ def _scatter_read(f: BinaryIO, block: np.ndarray, start: int) -> bool:
     return os.preadv(f.fileno(), views, start) == block.nbytes
 
 
+#: read through a memory map of the file (no copy through a read buffer); ``False`` reads with ``preadv``/``readinto``
+_USE_MMAP = hasattr(mmap, "MAP_SHARED")
+
+
+def _map_dates(f: BinaryIO, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> np.ndarray | None:
+    """The ``T x C x H x W`` array at ``offset`` of ``f`` as a read-only view of a memory map of the file, or ``None``
+    (memory maps off, or the file cannot be mapped: the caller reads it instead). The caller has checked the file's
+    size against ``shape``; the map lives as long as a view of it."""
+    if not _USE_MMAP:
+        return None
+    try:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # e.g. a pipe or a file system without mmap
+        return None
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(mm) < offset + count * dtype.itemsize:  # shrank since its size was checked
+        mm.close()
+        return None
+    return np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
@@ -286,6 +309,8 @@ class PASTIS(NonGeoDataset):
     norm_filename = "NORM_{modality}_patch.json"
     data_dirname = "DATA_{modality}"
     annotation_dirname = "ANNOTATIONS"
+    #: normalise with the fused numba kernel (:mod:`._fused`); ``False``: numpy's passes (same values, slower)
+    fused: bool = True
 
     def __init__(
         self,
@@ -554,12 +579,12 @@ class PASTIS(NonGeoDataset):
     def _load_modality(self, patch: dict[str, Any], m: str) -> tuple[np.ndarray, np.ndarray]:
         """Read the kept dates of modality ``m`` as float32 ``C x T x H x W`` (normalised when asked).
 
-        Reads only the kept dates, in blocks of consecutive dates (float32: one ``preadv`` straight into the
-        ``C x T`` output; int16/float16: through a small per-thread buffer, then cast and transposed), and
-        normalises each block while it is in cache: the same float32 operations in the same order as
-        :meth:`_load_modality_exact`, so the values are bit-identical. The value checks use the blocks' minimum
-        and maximum (the normalisation is monotone); when they cannot prove that a check passes, the exact
-        reader runs and decides (same errors, same values).
+        Reads only the kept dates, in blocks of consecutive dates, from a memory map of the file (without one:
+        float32 with one ``preadv`` straight into the ``C x T`` output, other dtypes through a small per-thread
+        buffer), and casts, transposes and normalises each block in one fused pass (:mod:`._fused`): the same
+        float32 operations in the same order as :meth:`_load_modality_exact`, so the values are bit-identical.
+        The value checks use the blocks' minimum and maximum (the normalisation is monotone); when they cannot
+        prove that a check passes, the exact reader runs and decides (same errors, same values).
         """
         path = require_file(patch["files"][m], f"PASTIS {m} patch file")
         what = f"PASTIS {m} patch"
@@ -592,14 +617,19 @@ class PASTIS(NonGeoDataset):
         date_bytes = c * h * w * dtype.itemsize
         per_block = max(1, _BLOCK_BYTES // date_bytes)
         out = np.empty((c, len(idx), h, w), np.float32)
+        flat = out.reshape(c, len(idx), h * w)
         norm = self.norm_stats[m] if self.normalize else None
-        if norm is not None:
-            mean, std = norm[0][:, None, None, None], norm[1][:, None, None, None]
         need_range = (dtype.kind == "f" or m != "S2"
                       or (norm is not None and not (dtype.kind in "iu" and self._range_safe(m, dtype))))
-        direct = dtype == np.float32 and hasattr(os, "preadv")  # read straight into the C x T output
+        mapped = _map_dates(f, shape, dtype, offset)  # the page cache itself: no copy into a buffer first
+        direct = mapped is None and dtype == np.float32 and hasattr(os, "preadv")  # straight into the output
         lows: list[np.ndarray] = []
         highs: list[np.ndarray] = []
+        if mapped is not None and self.fused:  # every kept date in one kernel call, row by row while in cache
+            extremes = convert_dates(mapped.reshape(shape[0], c, h * w), flat, 0, norm, need_range, dates=idx)
+            if extremes is None:
+                return out, None, None
+            return out, extremes[0], extremes[1]
         j = 0
         while j < len(idx):
             # a run of consecutive dates, at most per_block of them
@@ -608,21 +638,20 @@ class PASTIS(NonGeoDataset):
                 n += 1
             block = out[:, j:j + n]
             start = offset + int(idx[j]) * date_bytes
-            src: np.ndarray = block
-            if not (direct and _scatter_read(f, block, start)):
+            raw: np.ndarray | None = None  # the dates as stored, n x C x H x W (None: already in ``block``)
+            if mapped is not None:
+                raw = mapped[int(idx[j]):int(idx[j]) + n]
+            elif not (direct and _scatter_read(f, block, start)):
                 raw = _scratch(n * date_bytes).view(dtype).reshape(n, c, h, w)
                 _read_exact(f, raw, start, path)
-                src = raw.transpose(1, 0, 2, 3)
-            if need_range:  # raw extremes; the cast to float32 is monotone, so these are the float32 block's
-                lows.append(np.float32(src.min()))
-                highs.append(np.float32(src.max()))
-            if norm is not None:
-                # the cast to float32 runs inside the subtraction (one pass less): the same float32 values as
-                # casting first, then (x - mean) / std
-                np.subtract(src, mean, out=block, dtype=np.float32)
-                np.divide(block, std, out=block)
-            elif src is not block:
-                np.copyto(block, src)
+            # one fused pass: cast, normalise (the same float32 values as casting first, then (x - mean) / std)
+            # and the raw extremes (the cast to float32 is monotone, so these are the float32 block's);
+            # in place when the dates were read straight into the output
+            src = flat[:, j:j + n].transpose(1, 0, 2) if raw is None else raw.reshape(n, c, h * w)
+            extremes = convert_dates(src, flat, j, norm, need_range, fused=self.fused and raw is not None)
+            if extremes is not None:
+                lows.append(extremes[0])
+                highs.append(extremes[1])
             j += n
         if not need_range or not lows:
             return out, None, None

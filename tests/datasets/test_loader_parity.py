@@ -1,9 +1,10 @@
 """The PASTIS loader returns exactly torchgeo's arrays for the same files, on every read path of the fast loader.
 
 torchgeo's :class:`torchgeo.datasets.PASTIS` reads a whole patch with ``np.load`` and ``float()``; ours reads only
-the kept dates in blocks (a scratch buffer and a cast for int16/float16, ``preadv`` straight into the output for
-float32) and normalises in place. The arrays must be bit-identical (``torch.equal``) to torchgeo's, transposed to
-``C x T x H x W``, cut to the PANGAEA dates and normalised with the same float32 operations.
+the kept dates in blocks (through a memory map of the file; without one, a scratch buffer and a cast for
+int16/float16, ``preadv`` straight into the output for float32) and normalises each block in one fused pass
+(numba; numpy's two passes as the fallback). The arrays must be bit-identical (``torch.equal``) to torchgeo's,
+transposed to ``C x T x H x W``, cut to the PANGAEA dates and normalised with the same float32 operations.
 """
 
 from __future__ import annotations
@@ -90,10 +91,17 @@ def test_pastis_arrays_equal_torchgeo(tree, block_bytes, monkeypatch):
     _check(tree, ref, ("S1A",), None, True)
 
 
-def test_pastis_read_paths_agree(tree, monkeypatch):
-    """The scatter read (float32), the scratch-buffer read and the exact whole-array reader give the same bytes."""
+@pytest.mark.parametrize(("use_mmap", "fused", "scatter"), [(True, False, True), (False, True, True),
+                                                            (False, True, False), (False, False, False)],
+                         ids=["mmap_numpy", "read_fused", "scratch_fused", "scratch_numpy"])
+def test_pastis_read_paths_agree(tree, use_mmap, fused, scatter, monkeypatch):
+    """Every read path (memory map, scatter read for float32, scratch buffer) with the fused numba normalisation or
+    numpy's passes, and the exact whole-array reader, give the same bytes as torchgeo's arrays."""
     ref = _torchgeo(tree)
-    monkeypatch.setattr(pastis_module, "_scatter_read", lambda *a: False)  # as after a short preadv / no preadv
+    monkeypatch.setattr(pastis_module, "_USE_MMAP", use_mmap)
+    monkeypatch.setattr(PASTIS, "fused", fused)
+    if not scatter:
+        monkeypatch.setattr(pastis_module, "_scatter_read", lambda *a: False)  # as after a short preadv / no preadv
     _check(tree, ref, MODS, None, True)
     ds = PASTIS(tree.root, modalities=MODS, num_dates=6)
     for k in range(len(ds)):
