@@ -50,9 +50,10 @@ search (the bound assumes float32 accumulation); on MPS (no float64) the re-rank
 
 The bound costs little: for DUNIA-like sizes (``N = 2^18``, ``D = 64``, ``k = 50``) a query keeps about 77
 candidates on Gaussian data and about 420 on tightly clustered data (``benchmarks/knn_retrieval.py --data
-clustered``). The rounded keys are cached by :class:`KNNDatabase` between searches. On the CPU the candidate
-extraction and re-rank (many operations on small tensors) run on a quarter of the caller's threads (one up to 7
-threads): their parallel regions cost more than they save on a busy machine. The float32 and float64 products run
+clustered``). The rounded keys are cached by :class:`KNNDatabase` between searches. On the CPU with several torch
+threads, the query chunks are searched in parallel, one single-threaded pipeline per thread (the candidate
+extraction and re-rank are many operations on small tensors, whose own parallel regions cost more than they save;
+parallel chunks scale instead); the caller's thread count is restored afterwards. The float32 and float64 products run
 under :func:`~terratorch_eoplugins.runtime.exact_matmul`, which restores the caller's precision setting afterwards.
 
 :class:`KNNDatabase` holds keys, labels and the *fingerprint* of the model that produced the keys
@@ -66,8 +67,10 @@ import contextlib
 import hashlib
 import json
 import math
+import threading
 import zipfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -297,12 +300,35 @@ def cosine_topk(queries: Tensor, keys: Tensor, k: int, max_chunk_bytes: int = DE
     # re-rank chunks: the candidates of several tiles are re-ranked together (fewer, larger operations)
     super_rows = min(q_total, max(rows, 1024 // rows * rows))
     # the products run at "highest": float32 candidate passes and the float64 fallback stay exact under "medium"
-    # The candidate extraction and re-rank are many operations on small tensors: on the CPU they run on a quarter
-    # of the threads (one for up to 7), as their parallel regions cost more than they save on a busy machine.
+    # With one chunk (or one thread) the candidate extraction and re-rank run on a quarter of the threads (one for
+    # up to 7): many operations on small tensors, whose parallel regions cost more than they save.
     threads = torch.get_num_threads() if queries.device.type == "cpu" else None
+    starts = list(range(0, q_total, super_rows))
+    # CPU: the query chunks run in parallel, one single-threaded pipeline per thread (the candidate extraction is
+    # many small operations that do not scale inside one chunk, so chunks, not operations, are what to parallelise)
+    workers = 1 if threads is None else min(threads, len(starts))
+    if workers > 1:
+        chunk_lock = threading.Lock()
+        pending = iter(starts)
+        bufs = [buf] + [torch.empty_like(buf) for _ in range(workers - 1)]
+
+        def work(w: int) -> None:
+            while True:
+                with chunk_lock:
+                    s = next(pending, None)
+                if s is None:
+                    return
+                v, i = _search_chunk(queries[s:s + super_rows], blocks, k, g, bufs[w], bound, max_chunk_bytes, 1)
+                out_v[s:s + v.shape[0]] = v.to(out_v.dtype)
+                out_i[s:s + v.shape[0]] = i
+
+        with exact_matmul(), _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(work, w) for w in range(workers)]:
+                f.result()  # re-raises a worker's exception
+        return out_v, out_i
     post_threads = None if threads is None else max(1, threads // 4)
     with exact_matmul(), _float32_accumulation(queries.device), _intra_op_threads(post_threads):
-        for s in range(0, q_total, super_rows):
+        for s in starts:
             v, i = _search_chunk(queries[s:s + super_rows], blocks, k, g, buf, bound, max_chunk_bytes, threads)
             out_v[s:s + v.shape[0]] = v.to(out_v.dtype)
             out_i[s:s + v.shape[0]] = i

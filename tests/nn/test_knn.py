@@ -391,3 +391,34 @@ def test_key_cache_notices_keys_changed_in_place() -> None:
     v, i = cosine_topk(queries, keys, 5, normalized=True, key_cache=cache)
     _assert_exact_top_k(v, i, keys, queries, 5)
     assert not torch.equal(i, before[1])
+
+
+def test_parallel_query_chunks_give_the_exact_top_k(medium_precision) -> None:
+    """With several CPU threads the query chunks run in parallel pipelines (one thread each): same exact neighbours
+    on every adversarial set (including the exact fallback of negative thresholds), and the caller's thread count
+    and matmul precision are restored."""
+    torch.set_num_threads(3)  # the autouse fixture restores the session's count afterwards
+    for name, (keys, queries) in _adversarial_sets().items():
+        queries = queries.repeat(6, 1)  # enough query rows for several chunks under the small byte bound
+        for k in sorted({1, min(50, keys.shape[0] - 3)}):
+            v, i = cosine_topk(queries, keys, k, max_chunk_bytes=1 << 14, normalized=True)
+            _assert_exact_top_k(v, i, keys, queries, k)
+            v1, i1 = cosine_topk(queries[:7], keys, k, max_chunk_bytes=1 << 14, normalized=True)
+            assert torch.equal(v1, v[:7]), name  # the same similarities (indices may differ among ties)
+    assert torch.get_num_threads() == 3
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
+def test_parallel_search_reraises_a_worker_error(monkeypatch) -> None:
+    import terratorch_eoplugins.nn.knn as knn
+
+    torch.set_num_threads(2)
+    keys, queries = _data(500, 300, 8)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(knn, "_search_chunk", boom)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        cosine_topk(queries, keys, 5, max_chunk_bytes=1 << 12)
+    assert torch.get_num_threads() == 2
