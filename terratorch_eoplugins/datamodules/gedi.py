@@ -41,9 +41,13 @@ class GEDIDataModule(EODataModule):
                  label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto",
                  batch_size: int = 8, num_workers: int = 0, batch_keys: Sequence[str] | None = (),
                  image_modalities: Mapping[str, Sequence[int]] | None = None, dense_target: str | None = None,
-                 dense_splits: Sequence[str] = ("train",)) -> None:
+                 dense_splits: Sequence[str] = ("train",), leaf_on_months: Sequence[int] | None = None,
+                 waveform_window: str = "full", composite_20m: str | None = None,
+                 upsample_20m: str = "cubic") -> None:
         """Collect the :class:`GEDIChips` arguments (see there); ``composite`` defaults to
-        ``root/S2L2A_S1GRD_composite.tif``. ``label_fraction`` applies to the training split only.
+        ``root/S2L2A_S1GRD_composite.tif``. ``leaf_on_months``, ``waveform_window``, ``composite_20m`` and
+        ``upsample_20m`` are DUNIA's preprocessing options (off by default; set in the DUNIA configs).
+        ``label_fraction`` applies to the training split only.
         ``image_modalities`` splits the 14-band chips into named modalities (see :class:`EODataModule`).
         ``dense_target``/``dense_splits``: see the class docstring."""
         bad = sorted(set(dense_splits) - {"train", "val", "test"})
@@ -59,7 +63,12 @@ class GEDIDataModule(EODataModule):
                          min_sensitivity=min_sensitivity, filter_l2b_quality=filter_l2b_quality,
                          power_beams_only=power_beams_only, night_only=night_only, block_chips=block_chips,
                          split_fractions=tuple(split_fractions), label_fraction=label_fraction, seed=seed,
-                         s2_units=s2_units)
+                         s2_units=s2_units,
+                         leaf_on_months=None if leaf_on_months is None else tuple(leaf_on_months),
+                         waveform_window=waveform_window,
+                         composite_20m=(None if composite_20m is None else composite_20m if composite_20m == "auto"
+                                        else str(Path(composite_20m))),
+                         upsample_20m=upsample_20m)
         self.dense_target = None if dense_target is None else str(Path(dense_target))
         self.dense_splits = tuple(dense_splits)
 

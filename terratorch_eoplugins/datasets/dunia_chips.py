@@ -6,7 +6,15 @@ the multi-temporal input ``M`` of DUNIA's temporal autoencoder (section 4.1.1: "
 
 * the Sentinel-2 L2A acquisitions of the same region (``S2_TILES/{TILE}/{stamp}.tif``, optional
   ``MSK_CLDPRB``) and the Sentinel-1 VV/VH acquisitions (``S1_TILES/{TILE}/{ASC|DESC}/{stamp}.tif``) are
-  cut into ``num_periods`` equal periods spanning the S2 acquisition dates;
+  cut into periods: ``mosaic_periods="calendar"`` (default, the paper's "three four-month mosaics ... from
+  October 2019 until September 2020") uses October-January, February-May and June-September of the 12 months
+  ending in September of ``mosaic_year`` (default: the year whose October-September span holds the most S2
+  dates; :func:`~terratorch_eoplugins.datasets.preprocessing.calendar_periods`); ``"equal"`` cuts the S2 date
+  span into ``num_periods`` equal parts (the behaviour before the calendar windows);
+* Sentinel-1 is normalised to the reference incidence angle ``s1_incidence_ref`` (default 40 degrees, eq. 15 on
+  linear backscatter, per acquisition before the median) with the acquisition's ``angle`` band (GEE
+  ``COPERNICUS/S1_GRD`` convention: bands VV, VH, angle); ``None`` keeps the backscatter as stored (2-band
+  VV/VH files are then accepted);
 * per period, the per-pixel median of the cloud-free S2 observations (cloud probability < ``max_cloud``;
   pixels never clear in the period fall back to the median of all the period's observations) and the
   median of the S1 observations of both orbits (no S1 in the period: median of all S1 dates);
@@ -34,6 +42,8 @@ import torch
 from rasterio.windows import Window
 
 from terratorch_eoplugins.datasets.gedi_chips import GEDIChips
+from terratorch_eoplugins.datasets.gedi_shots import LEAF_ON_MONTHS
+from terratorch_eoplugins.datasets.preprocessing import calendar_periods, calendar_year, normalise_incidence
 from terratorch_eoplugins.datasets.s2_tiles import acquisition_time, scan_region
 from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, require_dir
 
@@ -49,30 +59,53 @@ class DUNIAPretrainChips(GEDIChips):
         num_periods: ``T`` (paper: 3 four-month mosaics).
         max_cloud: cloud probability (0-100) at or above which an S2 pixel is discarded.
         cache_series: keep computed series in memory (chips are re-read every epoch otherwise).
-        **kwargs: :class:`GEDIChips` arguments (defaults here: ``waveform_length=256``,
-            ``waveform_mode="resample"``, ``require_footprints=False``).
+        mosaic_periods: ``"calendar"`` (paper: Oct-Jan, Feb-May, Jun-Sep; needs ``num_periods=3``) or ``"equal"``.
+        mosaic_year: year of the calendar mosaics' September (None: chosen from the S2 dates, see above).
+        s1_incidence_ref: reference incidence angle in degrees (paper: 40) or None (no normalisation).
+        **kwargs: :class:`GEDIChips` arguments (defaults here, DUNIA's: ``waveform_length=256``,
+            ``waveform_mode="resample"``, ``waveform_window="signal"``, ``leaf_on_months=(4, ..., 9)``,
+            ``require_footprints=False``, ``composite_20m="auto"`` (``<root>/S2L2A_20m.tif`` when that file
+            exists), ``upsample_20m="cubic"``).
     """
 
     def __init__(self, root: str | Path = "data/demo/GEDI", s2_root: str | Path | None = None,
                  s1_root: str | Path | None = None, num_periods: int = 3, max_cloud: float = 50.0,
-                 cache_series: bool = True, **kwargs: Any) -> None:
+                 cache_series: bool = True, mosaic_periods: str = "calendar", mosaic_year: int | None = None,
+                 s1_incidence_ref: float | None = 40.0, **kwargs: Any) -> None:
         kwargs.setdefault("waveform_length", 256)
         kwargs.setdefault("waveform_mode", "resample")
+        kwargs.setdefault("waveform_window", "signal")
+        kwargs.setdefault("leaf_on_months", LEAF_ON_MONTHS)
         kwargs.setdefault("require_footprints", False)
-        super().__init__(root, **kwargs)
+        kwargs.setdefault("composite_20m", "auto")
         if num_periods < 1:
             raise ValueError(f"num_periods must be >= 1, got {num_periods}")
+        if mosaic_periods not in ("calendar", "equal"):
+            raise ValueError(f"mosaic_periods must be 'calendar' or 'equal', got {mosaic_periods!r}")
+        if mosaic_periods == "calendar" and num_periods != 3:
+            raise ValueError(f"mosaic_periods='calendar' makes 3 four-month mosaics; got num_periods={num_periods} "
+                             "(use mosaic_periods='equal' for another number)")
+        if s1_incidence_ref is not None and not 0 <= float(s1_incidence_ref) < 90:
+            raise ValueError(f"s1_incidence_ref must be None or an angle in [0, 90) degrees, got {s1_incidence_ref!r}")
+        super().__init__(root, **kwargs)
         base = Path(root).parent if isinstance(root, (str, Path)) else Path(".")
         self.s2_root = require_dir(s2_root or base / "S2_TILES", "Sentinel-2 tiles folder (S2_TILES)")
         self.s1_root = require_dir(s1_root or base / "S1_TILES", "Sentinel-1 tiles folder (S1_TILES)")
         self.num_periods, self.max_cloud, self.cache_series = int(num_periods), float(max_cloud), cache_series
+        self.mosaic_periods = mosaic_periods
+        self.s1_incidence_ref = None if s1_incidence_ref is None else float(s1_incidence_ref)
         self._cache: dict[int, np.ndarray] = {}
         self.region = scan_region(self.s2_root)
         self._check_grid()
         self.s1_files = self._scan_s1()
         times = self.region.times
-        t0, t1 = times[0], times[-1] + dt.timedelta(seconds=1)
-        self.period_edges = [t0 + (t1 - t0) * i / self.num_periods for i in range(self.num_periods + 1)]
+        if mosaic_periods == "calendar":
+            self.mosaic_year = int(mosaic_year) if mosaic_year is not None else calendar_year(times)
+            self.period_edges = calendar_periods(self.mosaic_year)
+        else:
+            t0, t1 = times[0], times[-1] + dt.timedelta(seconds=1)
+            self.mosaic_year = None
+            self.period_edges = [t0 + (t1 - t0) * i / self.num_periods for i in range(self.num_periods + 1)]
 
     # ------------------------------------------------------------------------------------ indexing
     def _check_grid(self) -> None:
@@ -111,6 +144,35 @@ class DUNIAPretrainChips(GEDIChips):
         raise EODataError(f"chip at composite row {row}, column {col} is not covered by one S2 tile of {self.s2_root}")
 
     # ------------------------------------------------------------------------------------ series
+    def _read_s1(self, path: Path, win: Window) -> np.ndarray:
+        """VV, VH (dB) of one S1 acquisition in ``win``, normalised to ``s1_incidence_ref`` when set.
+
+        Bands are found by description (``VV``, ``VH``, ``angle``, case-insensitive) or, without descriptions,
+        in the order VV, VH[, angle].
+        """
+        with rasterio.open(path) as src:
+            desc = [d.strip().upper() if d else None for d in src.descriptions]
+            if all(d is None for d in desc):
+                names = ["VV", "VH", "ANGLE"][: src.count] if src.count in (2, 3) else []
+            else:
+                names = desc
+            if "VV" not in names or "VH" not in names:
+                raise EODataError(f"{path}: expected Sentinel-1 bands VV, VH (dB)[, angle (degrees)], got "
+                                  f"{src.count} bands described {src.descriptions}")
+            idx = [names.index("VV") + 1, names.index("VH") + 1]
+            x = src.read(idx, window=win).astype(np.float32)
+            if self.s1_incidence_ref is None:
+                return x
+            if "ANGLE" not in names:
+                raise EODataError(f"{path}: no 'angle' band (incidence angle, degrees, as GEE COPERNICUS/S1_GRD "
+                                  f"exports it after VV and VH) for s1_incidence_ref={self.s1_incidence_ref}; "
+                                  "write it or set s1_incidence_ref: null")
+            angle = src.read(names.index("ANGLE") + 1, window=win).astype(np.float32)
+        bad = ~np.isfinite(angle) | (angle <= 0) | (angle >= 90)
+        if bad.all():
+            raise EODataError(f"{path}: angle band has no valid incidence angle (0-90 degrees) in the chip window")
+        return np.where(bad[None], np.nan, normalise_incidence(x, angle[None], self.s1_incidence_ref, db=True))
+
     def _period(self, when: dt.datetime) -> int:
         for i in range(self.num_periods):
             if self.period_edges[i] <= when < self.period_edges[i + 1]:
@@ -145,10 +207,7 @@ class DUNIAPretrainChips(GEDIChips):
         s1_all = []
         s1: list[list[np.ndarray]] = [[] for _ in range(tp)]
         for when, path in self.s1_files[tile.name]:
-            with rasterio.open(path) as src:
-                if src.count != 2:
-                    raise EODataError(f"{path}: expected 2 Sentinel-1 bands (VV, VH dB), got {src.count}")
-                x = src.read(window=win).astype(np.float32)
+            x = self._read_s1(path, win)
             s1_all.append(x)
             p = self._period(when)
             if p >= 0:
@@ -159,8 +218,9 @@ class DUNIAPretrainChips(GEDIChips):
             for p in range(tp):
                 if not s2[p]:
                     raise EODataError(f"{self.s2_root}: no Sentinel-2 acquisition in period {p + 1} of {tp} "
-                                      f"({self.period_edges[p]:%Y-%m-%d} - {self.period_edges[p + 1]:%Y-%m-%d}); "
-                                      "use fewer num_periods")
+                                      f"({self.period_edges[p]:%Y-%m-%d} - {self.period_edges[p + 1]:%Y-%m-%d}, "
+                                      f"mosaic_periods={self.mosaic_periods!r}); use another mosaic_year or "
+                                      "fewer num_periods with mosaic_periods='equal'")
                 med_clear = np.nanmedian(np.stack(clear[p]), 0)
                 med_all = np.nanmedian(np.stack(s2[p]), 0)
                 out[:12, p] = np.where(np.isfinite(med_clear), med_clear, med_all)

@@ -30,15 +30,18 @@ from torchgeo.datasets import NonGeoDataset
 
 from terratorch_eoplugins.datasets.common import logger, split_indices, subsample_fraction
 from terratorch_eoplugins.datasets.gedi_shots import TARGETS, GEDIShots
+from terratorch_eoplugins.datasets.preprocessing import S2_20M_BANDS, UPSAMPLE_MODES, upsample_20m
 from terratorch_eoplugins.errors import EODataError, require_file
 
-__all__ = ["CANOPY_HEIGHT_NAME", "COMPOSITE_BANDS", "COMPOSITE_NAME", "GEDIChips"]
+__all__ = ["CANOPY_HEIGHT_NAME", "COMPOSITE_20M_NAME", "COMPOSITE_BANDS", "COMPOSITE_NAME", "GEDIChips"]
 
 #: Bands of the collocated composite, in the order of the returned ``image``.
 COMPOSITE_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11",
                                     "B12", "VV", "VH")
 #: File name of the composite inside the GEDI root (as written by :mod:`terratorch_eoplugins.synthetic.gedi`).
 COMPOSITE_NAME = "S2L2A_S1GRD_composite.tif"
+#: File name of the 20 m S2 bands (:data:`S2_20M_BANDS`, native resolution) beside the composite.
+COMPOSITE_20M_NAME = "S2L2A_20m.tif"
 #: File name of the synthetic world's dense 10 m RH98 map (a stand-in for a GEDI-derived canopy-height product).
 CANOPY_HEIGHT_NAME = "canopy_height_rh98_10m.tif"
 
@@ -103,6 +106,13 @@ class GEDIChips(NonGeoDataset):
     ``transform`` (6 affine coefficients a, b, c, d, e, f) and ``bounds`` (left, bottom, right,
     top) float64, ``location_coords`` (lat, lon) of the chip centre, ``filename``
     (``<composite>_r<row>_c<col>``, the chip's window in the composite).
+
+    20 m bands (``composite_20m``): a GeoTIFF holding the six native 20 m S2 bands (band descriptions B05, B06,
+    B07, B8A, B11, B12; same CRS and units as the composite, pixel size twice the composite's, its grid aligned
+    with the composite's on 10 m pixel edges and covering it) replaces those bands of the composite, upsampled
+    to 10 m as ``upsample_20m`` says (:func:`~terratorch_eoplugins.datasets.preprocessing.upsample_20m`:
+    ``"cubic"``, DUNIA's choice, or ``"nearest"``; ``"none"`` ignores the file and keeps the composite's own
+    bands). Without ``composite_20m`` the composite's bands are used as they are.
     """
 
     def __init__(self, root: str | Path | Sequence[str | Path] = "data/demo/GEDI", composite: str | Path | None = None,
@@ -115,7 +125,9 @@ class GEDIChips(NonGeoDataset):
                  label_fraction: float = 1.0, seed: int = 0, s2_units: str = "auto", s2_offset: float = 1000.0,
                  means: Sequence[float] | None = None, stds: Sequence[float] | None = None,
                  crs: str | None = None, dense_target: str | Path | None = None, dense_band: int = 1,
-                 dense_resampling: str = "bilinear") -> None:
+                 dense_resampling: str = "bilinear", leaf_on_months: Sequence[int] | None = None,
+                 waveform_window: str = "full", composite_20m: str | Path | None = None,
+                 upsample_20m: str = "cubic") -> None:
         """Index shots and chips.
 
         Args:
@@ -141,6 +153,10 @@ class GEDIChips(NonGeoDataset):
                 ``mask`` then holds its values instead of the footprints' (see above).
             dense_band: 1-based band of ``dense_target`` to read.
             dense_resampling: rasterio resampling name used when the product is not on the composite's grid.
+            leaf_on_months, waveform_window: as in :class:`GEDIShots` (DUNIA: April-September, ``"signal"``).
+            composite_20m: GeoTIFF of the 20 m S2 bands (see above), e.g. ``root/S2L2A_20m.tif``; ``"auto"``: that
+                file when it exists (none otherwise); None: not used.
+            upsample_20m: ``"cubic"`` (default, DUNIA), ``"nearest"`` or ``"none"`` (ignore ``composite_20m``).
         """
         if split not in ("all", "train", "val", "test"):
             raise ValueError(f"split must be 'all', 'train', 'val' or 'test', got {split!r}")
@@ -150,6 +166,8 @@ class GEDIChips(NonGeoDataset):
             raise ValueError(f"block_chips must be >= 1, got {block_chips}")
         if s2_units not in ("auto", "reflectance", "dn"):
             raise ValueError(f"s2_units must be 'auto', 'reflectance' or 'dn', got {s2_units!r}")
+        if upsample_20m not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_20m must be one of {UPSAMPLE_MODES}, got {upsample_20m!r}")
         if max_footprints is not None and max_footprints < 1:
             raise ValueError(f"max_footprints must be >= 1, got {max_footprints}")
         self.split, self.chip_size, self.ignore_value = split, chip_size, float(ignore_value)
@@ -157,7 +175,8 @@ class GEDIChips(NonGeoDataset):
         self.shots_ds = GEDIShots(root, split="all", waveform_length=waveform_length, waveform_mode=waveform_mode,
                                   targets=targets, filter_quality=filter_quality, filter_degrade=filter_degrade,
                                   min_sensitivity=min_sensitivity, filter_l2b_quality=filter_l2b_quality,
-                                  power_beams_only=power_beams_only, night_only=night_only, beams=beams)
+                                  power_beams_only=power_beams_only, night_only=night_only, beams=beams,
+                                  leaf_on_months=leaf_on_months, waveform_window=waveform_window)
         if composite is None:
             if not isinstance(root, (str, Path)):
                 raise ValueError("composite must be given when root is a list of granule files")
@@ -167,6 +186,13 @@ class GEDIChips(NonGeoDataset):
                                       "`eoplugins synth --out DIR`.")
         self._raster = _RasterCache(str(self.composite))
         self._open_composite(crs, s2_units, s2_offset, means, stds)
+        if composite_20m == "auto":
+            found = Path(root) / COMPOSITE_20M_NAME if isinstance(root, (str, Path)) else None
+            composite_20m = found if found is not None and found.is_file() else None
+            if composite_20m is None and upsample_20m != "none":
+                logger.info("GEDI: no %s beside the granules; the composite's own 20 m bands are used",
+                            COMPOSITE_20M_NAME)
+        self._open_20m(composite_20m, upsample_20m)
         self._open_dense(dense_target, dense_band, dense_resampling)
         self._collocate()
         self._make_chips(split, block_chips, split_fractions, require_footprints, label_fraction, seed)
@@ -234,6 +260,67 @@ class GEDIChips(NonGeoDataset):
         self.means = np.asarray(means if means is not None else np.nanmean(small, axis=(1, 2)), np.float32)
         sd = np.asarray(stds if stds is not None else np.nanstd(small, axis=(1, 2)), np.float32)
         self.stds = np.where(sd > 0, sd, 1.0).astype(np.float32)
+
+    def _open_20m(self, path: str | Path | None, mode: str) -> None:
+        """Check the 20 m S2 raster against the composite grid (see the class docstring)."""
+        self.upsample_20m = mode
+        self.composite_20m: Path | None = None
+        self._r20: _RasterCache | None = None
+        if path is None or mode == "none":
+            return
+        self.composite_20m = require_file(path, "20 m Sentinel-2 bands GeoTIFF",
+                                          f"A GeoTIFF with bands {', '.join(S2_20M_BANDS)} at 20 m (the synthetic "
+                                          f"world writes {COMPOSITE_20M_NAME} beside the composite; worlds written "
+                                          "before it existed: `eoplugins synth --out DIR --overwrite`).")
+        p, t = self.composite_20m, self.transform
+        with rasterio.open(p) as src:
+            desc = [d.strip().upper() if d else None for d in src.descriptions]
+            if all(d is None for d in desc):
+                if src.count != len(S2_20M_BANDS):
+                    raise EODataError(f"{p}: {src.count} bands without descriptions; expected the {len(S2_20M_BANDS)}"
+                                      f" 20 m bands {', '.join(S2_20M_BANDS)} in that order")
+                self._idx20 = list(range(1, len(S2_20M_BANDS) + 1))
+            else:
+                missing = [b for b in S2_20M_BANDS if b not in desc]
+                if missing:
+                    raise EODataError(f"{p}: band descriptions {src.descriptions} lack {missing}; expected "
+                                      f"{', '.join(S2_20M_BANDS)}")
+                self._idx20 = [desc.index(b) + 1 for b in S2_20M_BANDS]
+            if src.crs is None or not ProjCRS.from_user_input(src.crs.to_wkt()).equals(self.crs_obj,
+                                                                                         ignore_axis_order=True):
+                raise EODataError(f"{p}: CRS {src.crs} differs from the composite's {self.crs_str}; expected the 20 m "
+                                  "bands on the composite's CRS")
+            t20 = src.transform
+            if abs(t20.a - 2 * t.a) > 1e-6 * abs(t.a) or abs(t20.e - 2 * t.e) > 1e-6 * abs(t.e) or t20.b or t20.d:
+                raise EODataError(f"{p}: pixel size ({t20.a}, {t20.e}) is not twice the composite's ({t.a}, {t.e}); "
+                                  "expected native 20 m bands of a 10 m composite")
+            ox, oy = (t.c - t20.c) / t.a, (t.f - t20.f) / t.e
+            if abs(ox - round(ox)) > 1e-3 or abs(oy - round(oy)) > 1e-3:
+                raise EODataError(f"{p}: grid is not aligned with the composite's 10 m pixel edges (offset {ox:.3f}, "
+                                  f"{oy:.3f} composite pixels)")
+            self._off20 = (int(round(oy)), int(round(ox)))  # composite (0, 0) in 10 m pixels of the 20 m grid
+            self._shape20 = (src.height, src.width)
+            if (self._off20[0] < 0 or self._off20[1] < 0 or self._off20[0] + self.height > 2 * src.height
+                    or self._off20[1] + self.width > 2 * src.width):
+                raise EODataError(f"{p}: 20 m raster ({src.height}x{src.width} px, bounds {tuple(src.bounds)}) does "
+                                  f"not cover the composite {self.composite} ({self.height}x{self.width} px)")
+        self._r20 = _RasterCache(str(p))
+
+    def _read_20m(self, row: int, col: int) -> np.ndarray:
+        """The 20 m bands upsampled to the composite pixels ``[row:row+cs, col:col+cs]`` (``[6, cs, cs]``).
+
+        A margin of two 20 m pixels (the cubic kernel's reach) is read around the chip, so every chip equals the
+        same pixels of the whole raster upsampled at once.
+        """
+        cs = self.chip_size
+        h20, w20 = self._shape20
+        r, c = row + self._off20[0], col + self._off20[1]
+        margin = 2 if self.upsample_20m == "cubic" else 0
+        r0, c0 = max(r // 2 - margin, 0), max(c // 2 - margin, 0)
+        r1, c1 = min(-(-(r + cs) // 2) + margin, h20), min(-(-(c + cs) // 2) + margin, w20)
+        arr = self._r20.get().read(indexes=self._idx20, window=Window(c0, r0, c1 - c0, r1 - r0), masked=True)
+        up = upsample_20m(np.ma.filled(arr.astype(np.float32), np.nan), self.upsample_20m)
+        return up[:, r - 2 * r0 : r - 2 * r0 + cs, c - 2 * c0 : c - 2 * c0 + cs]
 
     def _open_dense(self, path: str | Path | None, band: int, resampling: str) -> None:
         """Check the dense product and decide whether it must be warped onto the composite's grid."""
@@ -309,7 +396,10 @@ class GEDIChips(NonGeoDataset):
         cs = self.chip_size
         src = self._raster.get()
         arr = src.read(indexes=[i + 1 for i in self.band_index], window=Window(col, row, cs, cs), masked=True)
-        x = self._convert(np.ma.filled(arr.astype(np.float32), np.nan))
+        x = np.ma.filled(arr.astype(np.float32), np.nan)
+        if self._r20 is not None:  # native 20 m bands replace the composite's (DUNIA: cubic to 10 m)
+            x[[COMPOSITE_BANDS.index(b) for b in S2_20M_BANDS]] = self._read_20m(row, col)
+        x = self._convert(x)
         x = (x - self.means[:, None, None]) / self.stds[:, None, None]
         return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 

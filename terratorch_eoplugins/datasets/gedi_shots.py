@@ -13,6 +13,20 @@ waveforms are zero-padded at the end (bottom); longer ones are cropped to the wi
 ``waveform_length`` samples that holds the most energy. ``waveform_mode="resample"`` linearly
 interpolates the whole receive window onto ``waveform_length`` samples (fixed size whatever the
 window, at the price of a per-shot vertical scale) and renormalises to unit sum.
+
+DUNIA's preprocessing (appendix F), both off by default here and on in the DUNIA configs:
+
+* ``waveform_window="signal"`` first cuts each waveform between its signal start and signal end, read from
+  the real L2A fields ``BEAMxxxx/rx_processing_a<n>/toploc`` (highest detected return) and ``.../botloc``
+  (lowest detected return) of the shot's ``selected_algorithm`` ``<n>``: sample positions within the shot's
+  ``rx_sample_count`` samples, taken as 1-based like ``rx_sample_start_index`` and rounded outwards
+  (``floor(toploc) .. ceil(botloc)``, clipped to the waveform). The paper names the fields "signal start / signal
+  end" of L1B; the public L1B has no such fields, the L2A ones are their GEDI product equivalents. Shots whose
+  window is missing (-9999, NaN, ``botloc < toploc``) are dropped and counted (``signal_window``).
+  ``"full"`` keeps the whole receive window (GEDI-BDL).
+* ``leaf_on_months=(4, 5, 6, 7, 8, 9)`` keeps the shots acquired April-September (the L1B ``delta_time``,
+  seconds since 2018-01-01 UTC, gives the month), dropping leaf-off waveforms whose deciduous canopy
+  return differs; ``None`` keeps every shot. Removed shots are counted (``leaf_off``).
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from terratorch_eoplugins.errors import EODataError, EODatasetNotFoundError, req
 
 __all__ = [
     "ALL_BEAMS", "COVERAGE_BEAMS", "GEDIGranule", "GEDIShots", "POWER_BEAMS", "TARGETS", "extract_waveform",
-    "find_granules", "process_waveform",
+    "LEAF_ON_MONTHS", "cut_signal", "find_granules", "process_waveform", "shot_months",
 ]
 
 COVERAGE_BEAMS: tuple[str, ...] = ("BEAM0000", "BEAM0001", "BEAM0010", "BEAM0011")
@@ -48,6 +62,9 @@ TARGETS: tuple[str, ...] = ("rh98", "cover", "pai")
 #: GEDI ``delta_time`` counts seconds since this instant (UTC).
 GEDI_EPOCH = dt.datetime(2018, 1, 1)
 INVALID = -9999.0
+#: DUNIA's leaf-on season (appendix F: "only ... waveforms acquired during the leaf-on season", April-September).
+LEAF_ON_MONTHS: tuple[int, ...] = (4, 5, 6, 7, 8, 9)
+WAVEFORM_WINDOWS: tuple[str, ...] = ("full", "signal")
 
 _PRODUCTS = {"1_B": "L1B", "2_A": "L2A", "2_B": "L2B"}
 _NAME_RE = re.compile(r"^GEDI0(?P<level>1_B|2_A|2_B)_(?P<time>\d{13})_O(?P<orbit>\d{5})_(?P<sub>\d{2})_.*\.h5$")
@@ -174,6 +191,41 @@ def _read_beam(g: h5py.Group, path: Path, beam: str, fields: Sequence[str], prod
     return out
 
 
+def _read_signal_window(g: h5py.Group, path: Path, beam: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shot L2A signal start/end (``rx_processing_a<n>/toploc``, ``botloc``) of the ``selected_algorithm``.
+
+    Shots whose algorithm group is absent get NaN (dropped later as ``signal_window``); a beam without any
+    ``rx_processing_a<n>`` group is an error naming the file.
+    """
+    sel_ds = g.get("selected_algorithm")
+    n = g["shot_number"].shape[0]
+    if not isinstance(sel_ds, h5py.Dataset) or sel_ds.shape != (n,):
+        raise EODataError(f"{path}: {beam}/selected_algorithm missing or not one value per shot; "
+                          "waveform_window='signal' needs it with rx_processing_a<n>/toploc and botloc")
+    sel = sel_ds[()].astype(np.int64)
+    top = np.full(n, np.nan, np.float64)
+    bot = np.full(n, np.nan, np.float64)
+    found = False
+    for a in np.unique(sel):
+        grp = g.get(f"rx_processing_a{a}")
+        if not isinstance(grp, h5py.Group):
+            continue
+        fields = [grp.get(k) for k in ("toploc", "botloc")]
+        if not all(isinstance(d, h5py.Dataset) and d.shape == (n,) for d in fields):
+            raise EODataError(f"{path}: {beam}/rx_processing_a{a} needs 1-D toploc and botloc with {n} values "
+                              "(one per shot) for waveform_window='signal'")
+        m = sel == a
+        top[m], bot[m] = fields[0][()][m], fields[1][()][m]
+        found = True
+    if n and not found:
+        raise EODataError(f"{path}: {beam} has no rx_processing_a<n> group for its selected_algorithm values "
+                          f"{sorted(set(sel.tolist()))}; waveform_window='signal' reads rx_processing_a<n>/toploc "
+                          "and botloc (or use waveform_window='full')")
+    invalid = (top <= INVALID + 0.5) | (bot <= INVALID + 0.5)
+    top[invalid], bot[invalid] = np.nan, np.nan
+    return top, bot
+
+
 def _join(sn: Sequence[np.ndarray], paths: Sequence[Path], beam: str) -> list[np.ndarray] | None:
     """Indices into each product that align the shots; identity when the orders agree."""
     if all(len(s) == len(sn[0]) and np.array_equal(s, sn[0]) for s in sn[1:]):
@@ -196,6 +248,28 @@ def extract_waveform(flat: np.ndarray, start: int, count: int) -> np.ndarray:
     if start < 1:
         raise EODataError(f"rx_sample_start_index must be >= 1 (1-based), got {start}")
     return np.asarray(flat[start - 1 : start - 1 + count])
+
+
+def shot_months(delta_time: np.ndarray) -> np.ndarray:
+    """Calendar month (1-12, UTC) of GEDI ``delta_time`` values (seconds since 2018-01-01T00:00:00 UTC)."""
+    us = np.round(np.asarray(delta_time, np.float64) * 1e6).astype("timedelta64[us]")
+    when = np.datetime64("2018-01-01T00:00:00", "us") + us
+    return (when.astype("datetime64[M]").astype(np.int64) % 12 + 1).astype(np.int8)
+
+
+def cut_signal(raw: np.ndarray, toploc: float, botloc: float) -> np.ndarray:
+    """Samples of ``raw`` between the signal start ``toploc`` and end ``botloc`` (1-based, inclusive, rounded out).
+
+    ``raw[floor(toploc) - 1 : ceil(botloc)]`` clipped to the waveform; raises :class:`EODataError` for a
+    window that is not finite, not inside the waveform or empty.
+    """
+    n = len(raw)
+    if not (np.isfinite(toploc) and np.isfinite(botloc)) or botloc < toploc or toploc < 1 or toploc > n:
+        raise EODataError(f"signal window toploc={toploc}, botloc={botloc} is not a valid 1-based window of a "
+                          f"{n}-sample waveform; expected 1 <= toploc <= botloc")
+    lo = max(int(np.floor(toploc)) - 1, 0)
+    hi = min(int(np.ceil(botloc)), n)
+    return np.asarray(raw[lo:hi])
 
 
 def process_waveform(raw: np.ndarray, noise: float, length: int, mode: str = "pad") -> np.ndarray:
@@ -275,7 +349,8 @@ class GEDIShots(NonGeoDataset):
                  filter_quality: bool = True, filter_degrade: bool = True, min_sensitivity: float | None = 0.9,
                  filter_l2b_quality: bool = True, power_beams_only: bool = False, night_only: bool = False,
                  beams: Sequence[str] | None = None, split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                 block_deg: float = 0.01, seed: int = 0) -> None:
+                 block_deg: float = 0.01, seed: int = 0, leaf_on_months: Sequence[int] | None = None,
+                 waveform_window: str = "full") -> None:
         """Index the granules under ``root`` (a folder or a list of files) and apply the filters.
 
         Args:
@@ -295,6 +370,10 @@ class GEDIShots(NonGeoDataset):
             split_fractions: Train/val/test fractions of the spatial blocks.
             block_deg: Side of the spatial split blocks in degrees.
             seed: Seed of the block assignment.
+            leaf_on_months: Keep shots acquired in these calendar months (UTC, from L1B ``delta_time``); DUNIA:
+                :data:`LEAF_ON_MONTHS` (April-September). ``None`` (default, GEDI-BDL) keeps all.
+            waveform_window: ``"full"`` (default, the whole receive window) or ``"signal"`` (DUNIA: cut between
+                L2A ``rx_processing_a<n>/toploc`` and ``botloc`` before ``waveform_mode`` is applied).
         """
         if split not in ("all", "train", "val", "test"):
             raise ValueError(f"split must be 'all', 'train', 'val' or 'test', got {split!r}")
@@ -302,6 +381,14 @@ class GEDIShots(NonGeoDataset):
             raise ValueError(f"waveform_length must be a positive integer, got {waveform_length!r}")
         if waveform_mode not in ("pad", "resample"):
             raise ValueError(f"waveform_mode must be 'pad' or 'resample', got {waveform_mode!r}")
+        if waveform_window not in WAVEFORM_WINDOWS:
+            raise ValueError(f"waveform_window must be 'full' or 'signal', got {waveform_window!r}")
+        if leaf_on_months is not None:
+            months = list(leaf_on_months)
+            if not months or any(not isinstance(m, (int, np.integer)) or not 1 <= m <= 12 for m in months):
+                raise ValueError(f"leaf_on_months must be None or a non-empty list of months 1-12, "
+                                 f"got {leaf_on_months!r}")
+            leaf_on_months = tuple(int(m) for m in months)
         bad = [t for t in targets if t not in TARGETS]
         if bad or not targets:
             raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {list(targets)!r}")
@@ -314,11 +401,14 @@ class GEDIShots(NonGeoDataset):
         self.split = split
         self.waveform_length = waveform_length
         self.waveform_mode = waveform_mode
+        self.waveform_window = waveform_window
+        self.leaf_on_months = leaf_on_months
         self.targets = tuple(targets)
         self.granules = find_granules(root)
         self._h5 = _H5Cache()
         cols = self._index(beams, night_only)
-        keep = self._filter(cols, filter_quality, filter_degrade, min_sensitivity, filter_l2b_quality, night_only)
+        keep = self._filter(cols, filter_quality, filter_degrade, min_sensitivity, filter_l2b_quality, night_only,
+                            leaf_on_months)
         self.shots = {k: v[keep] for k, v in cols.items()}
         if split != "all":
             self._apply_split(split, split_fractions, block_deg, seed)
@@ -355,6 +445,11 @@ class GEDIShots(NonGeoDataset):
                                 [gr.l1b, gr.l2a, gr.l2b], b)
                     i1, i2, i3 = idx if idx is not None else (slice(None),) * 3
                     n = len(d2["shot_number"][i2])
+                    if self.waveform_window == "signal":
+                        top, bot = _read_signal_window(f2[b], gr.l2a, b)
+                        top, bot = top[i2], bot[i2]
+                    else:
+                        top = bot = np.full(n, np.nan)
                     parts.append(dict(
                         granule=np.full(n, gi, np.int32), beam=np.full(n, ALL_BEAMS.index(b), np.int8),
                         shot_number=d2["shot_number"][i2].astype(np.int64),
@@ -372,6 +467,7 @@ class GEDIShots(NonGeoDataset):
                         cover=_to_float(d3["cover"][i3]), pai=_to_float(d3["pai"][i3]),
                         l2b_quality=d3["l2b_quality_flag"][i3].astype(np.int16),
                         algorithmrun=d3["algorithmrun_flag"][i3].astype(np.int16),
+                        toploc=top.astype(np.float64), botloc=bot.astype(np.float64),
                     ))
         if not parts:
             raise EODataError(f"GEDI: none of the beams {list(beams)} is present in all three products of "
@@ -379,7 +475,7 @@ class GEDIShots(NonGeoDataset):
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _filter(self, c: dict[str, np.ndarray], quality: bool, degrade: bool, min_sens: float | None,
-                l2b: bool, night: bool) -> np.ndarray:
+                l2b: bool, night: bool, leaf_on: Sequence[int] | None = None) -> np.ndarray:
         """Apply the enabled filters in order, counting the shots each one removes."""
         keep = np.ones(len(c["shot_number"]), bool)
         counts: dict[str, int] = {"total": int(keep.size)}
@@ -392,6 +488,10 @@ class GEDIShots(NonGeoDataset):
             ("sensitivity", c["sensitivity"] >= min_sens if min_sens is not None else None),
             ("l2b_quality", (c["l2b_quality"] == 1) & (c["algorithmrun"] == 1) if l2b else None),
             ("night", c["solar"] < 0 if night else None),
+            ("leaf_off", np.isin(shot_months(c["delta_time"]), leaf_on) if leaf_on is not None else None),
+            ("signal_window", (np.isfinite(c["toploc"]) & np.isfinite(c["botloc"]) & (c["botloc"] >= c["toploc"])
+                               & (c["toploc"] >= 1) & (c["toploc"] <= c["count"]))
+             if self.waveform_window == "signal" else None),
             ("invalid_location", loc_ok),
             ("invalid_target", np.all([np.isfinite(c[t]) for t in self.targets], axis=0)),
         ]
@@ -428,6 +528,8 @@ class GEDIShots(NonGeoDataset):
         beam = ALL_BEAMS[int(s["beam"][i])]
         ds = self._h5.get(str(gr.l1b))[beam]["rxwaveform"]
         raw = extract_waveform(ds, int(s["start"][i]), int(s["count"][i]))
+        if self.waveform_window == "signal":
+            raw = cut_signal(raw, float(s["toploc"][i]), float(s["botloc"][i]))
         w = process_waveform(raw, float(s["noise"][i]), self.waveform_length, self.waveform_mode)
         if not w.any():
             logger.warning("GEDI: shot %d (%s %s) has no energy above noise_mean_corrected; waveform is zeros",

@@ -9,6 +9,7 @@ of every track in the real on-disk layout (see ``../shared/reference/datasets.md
     out_dir/GEDI/GEDI02_A_<...>_003_01_V002.h5
     out_dir/GEDI/GEDI02_B_<...>_003_01_V002.h5
     out_dir/GEDI/S2L2A_S1GRD_composite.tif
+    out_dir/GEDI/S2L2A_20m.tif
     out_dir/GEDI/canopy_height_rh98_10m.tif
 
 Waveform physics (per footprint, using the world pixel under the footprint centre):
@@ -19,6 +20,13 @@ Waveform physics (per footprint, using the world pixel under the footprint centr
   crown profile (beta shape peaking at 70% of the height), convolved with the pulse;
 * a noise floor (``noise_mean_corrected`` ~ 200-240 DN, Gaussian read noise) added to the
   scaled signal; coverage beams carry half the energy of full-power beams.
+
+Leaf-off shots (acquired October-March) over deciduous (non-conifer) forest see a weaker canopy return: the
+canopy energy is scaled by the forest's seasonal leaf factor ``(0.35 + 0.6 * season) / 0.95`` (the world's
+deciduous green-fraction cycle, ~0.37 in January, 1 in July), so the leaf-on filter of DUNIA has shots to
+remove (the tiny world's two tracks fly in January and June). L2B ``cover``/``pai`` stay the leaf-on values.
+L2A ``rx_processing_a1/toploc`` and ``botloc`` (``selected_algorithm`` = 1) are the 1-based first and last
+samples where the noise-free signal exceeds 3 noise standard deviations (-9999 when none does).
 
 RH metrics come from the noise-free cumulative energy above the ground mode, so RH98 follows
 the canopy height in forests and stays at ~1-2 m elsewhere; L2B ``cover`` is the world's
@@ -37,7 +45,9 @@ date).
 The composite is the per-band median of the cloud-free Sentinel-2 dates (float32 BOA
 reflectance, bands B01..B12 with B8A) followed by the median Sentinel-1 VV and VH backscatter
 (dB, both orbits): one 14-band float32 GeoTIFF in the world's UTM grid with band descriptions
-``B01 ... B12, VV, VH``.
+``B01 ... B12, VV, VH``. ``S2L2A_20m.tif`` holds the six native 20 m bands (B05, B06, B07, B8A, B11, B12) of
+that composite at 20 m (2 x 2 pixel means, as the sensor integrates them), same CRS and origin, for DUNIA's
+cubic 20 m -> 10 m upsampling.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from terratorch_eoplugins.synthetic.world import (
     CROPLAND,
+    FOREST,
     GRASSLAND,
     S1_BANDS,
     S2_BANDS,
@@ -70,8 +81,12 @@ POWER_BEAMS: tuple[str, ...] = ("BEAM0101", "BEAM0110", "BEAM1000", "BEAM1011")
 BEAM_ORDER: tuple[str, ...] = ("BEAM0000", "BEAM0101", "BEAM0001", "BEAM0110",
                                "BEAM0010", "BEAM1000", "BEAM0011", "BEAM1011")
 COMPOSITE_NAME = "S2L2A_S1GRD_composite.tif"
+COMPOSITE_20M_NAME = "S2L2A_20m.tif"
+#: Sentinel-2 bands with a native 20 m resolution.
+S2_20M_BANDS: tuple[str, ...] = ("B05", "B06", "B07", "B8A", "B11", "B12")
 CANOPY_HEIGHT_NAME = "canopy_height_rh98_10m.tif"
 GEDI_EPOCH = dt.datetime(2018, 1, 1)
+NOISE_SD = 2.5          # read-noise standard deviation of rxwaveform (DN)
 BIN_M = 0.15            # range of one 1-ns waveform sample (metres)
 PULSE_SIGMA_M = 0.75    # transmit pulse standard deviation (metres)
 BEAM_SPACING_M = 600.0
@@ -225,6 +240,10 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
     cover = world.canopy_cover[rows, cols].astype(np.float64)
     ground = dem[rows, cols].astype(np.float64)
     sigma_g = _ground_sigma(world, dem, green, rows, cols)
+    doy = float(tr["when"].timetuple().tm_yday)
+    season = 0.5 + 0.5 * np.cos(2 * np.pi * (doy - 200) / 365.0)  # as World.green_fraction: 1 in July
+    deciduous = (world.landcover[rows, cols] == FOREST) & ~world._conifer[rows, cols]
+    wave_cover = np.where(deciduous, cover * min(1.0, (0.35 + 0.6 * season) / 0.95), cover)
 
     energy = (6000.0 if power else 3000.0) * np.exp(rng.normal(0, 0.2, n))
     weak = rng.random(n) < 0.03
@@ -237,16 +256,21 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
     bin0 = np.zeros(n)
     lastbin = np.zeros(n)
     rx_energy = np.zeros(n, np.float32)
+    toploc = np.full(n, INVALID, np.float32)
+    botloc = np.full(n, INVALID, np.float32)
     pos = 1  # rx_sample_start_index is 1-based
     for i in range(n):
         z_top = ground[i] + height[i] + rng.uniform(30, 60)
         z_bot = ground[i] - rng.uniform(20, 40)
         cnt = int((z_top - z_bot) / BIN_M) + 1
         z = z_top - BIN_M * np.arange(cnt)
-        wf = simulate_waveform(z, ground[i], height[i], cover[i], sigma_g[i])
+        wf = simulate_waveform(z, ground[i], height[i], wave_cover[i], sigma_g[i])
         rh[i] = rh_metrics(z, wf, ground[i])
         signal = energy[i] * wf
-        raw = noise_mean[i] + signal + rng.normal(0, 2.5, cnt)
+        above = np.nonzero(signal > 3 * NOISE_SD)[0]
+        if len(above):
+            toploc[i], botloc[i] = above[0] + 1, above[-1] + 1
+        raw = noise_mean[i] + signal + rng.normal(0, NOISE_SD, cnt)
         chunks.append(raw.astype(np.float32))
         starts[i], counts[i] = pos, cnt
         pos += cnt
@@ -276,7 +300,7 @@ def _simulate_beam(world: World, dem: np.ndarray, green: np.ndarray, tr: dict, b
         rx_energy=rx_energy, bin0=bin0, lastbin=lastbin, rh=rh, quality=quality, degrade=degrade,
         sensitivity=sens.astype(np.float32), solar=(tr["solar"] + 0.001 * (s - s.mean())).astype(np.float32),
         cover=cov, pai=pai, l2b_quality=l2b_ok.astype(np.uint8), algorithmrun=l2b_ok.astype(np.uint8),
-        rows=rows, cols=cols,
+        rows=rows, cols=cols, toploc=toploc, botloc=botloc,
     )
 
 
@@ -332,6 +356,8 @@ def _write_granule(out: Path, tr: dict, beams: dict[str, dict[str, np.ndarray]])
             g["elev_lowestmode"] = d["ground"].astype(np.float32)
             g["solar_elevation"] = d["solar"]
             g["selected_algorithm"] = np.ones(len(d["shot_number"]), np.uint8)
+            g["rx_processing_a1/toploc"] = d["toploc"]
+            g["rx_processing_a1/botloc"] = d["botloc"]
     with h5py.File(paths["L2B"], "w") as f:
         _metadata(f, "GEDI_L2B", names["L2B"])
         for b, d in beams.items():
@@ -381,6 +407,32 @@ def write_composite(world: World, path: str | Path, block_rows: int = 128) -> Pa
     return path
 
 
+def write_composite_20m(composite: str | Path, path: str | Path) -> Path:
+    """Write the 20 m S2 bands (:data:`S2_20M_BANDS`, 2 x 2 means of ``composite``'s 10 m pixels) to ``path``.
+
+    Same CRS and origin as the composite, pixel size doubled; an odd last row/column is averaged over the
+    pixels it holds.
+    """
+    path = Path(path)
+    with rasterio.open(composite) as src:
+        idx = [list(src.descriptions).index(b) + 1 for b in S2_20M_BANDS]
+        x = src.read(idx).astype(np.float64)
+        crs, t = src.crs, src.transform
+    c, h, w = x.shape
+    h2, w2 = -(-h // 2), -(-w // 2)
+    pad = np.full((c, 2 * h2, 2 * w2), np.nan)
+    pad[:, :h, :w] = x
+    out = np.nanmean(pad.reshape(c, h2, 2, w2, 2), axis=(2, 4)).astype(np.float32)
+    profile = dict(driver="GTiff", width=w2, height=h2, count=c, dtype="float32", crs=crs,
+                   transform=rasterio.Affine(2 * t.a, t.b, t.c, t.d, 2 * t.e, t.f), compress="deflate", predictor=3)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(out)
+        for i, name in enumerate(S2_20M_BANDS, start=1):
+            dst.set_band_description(i, name)
+        dst.update_tags(S2_UNITS="BOA reflectance", RESOLUTION="20 m (native S2 20 m bands, 2x2 means)")
+    return path
+
+
 def write_gedi(out_dir: str | Path, size: str = "tiny", seed: int = 0, world: World | None = None,
                n_tracks: int | None = None) -> Path:
     """Write synthetic GEDI granules and the S2/S1 composite under ``out_dir/GEDI``; return that folder.
@@ -406,5 +458,6 @@ def write_gedi(out_dir: str | Path, size: str = "tiny", seed: int = 0, world: Wo
         beams = {b: _simulate_beam(world, dem, green, tr, b, seed, to_lonlat) for b in COVERAGE_BEAMS + POWER_BEAMS}
         _write_granule(out, tr, beams)
     write_composite(world, out / COMPOSITE_NAME)
+    write_composite_20m(out / COMPOSITE_NAME, out / COMPOSITE_20M_NAME)
     write_canopy_height(world, out / CANOPY_HEIGHT_NAME, dem)
     return out

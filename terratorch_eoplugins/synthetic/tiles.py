@@ -4,7 +4,10 @@ Layout (the LIANet reference layout: one full multi-band GeoTIFF per acquisition
 
     S2_TILES/{TILE}/{YYYYMMDDTHHMMSS}.tif              12 x H x W uint16 DN = 10000 * reflectance + 1000
     S2_TILES/{TILE}/MSK_CLDPRB/{YYYYMMDDTHHMMSS}.tif   1 x H x W uint8 cloud probability (0-100), like L2A's MSK_CLDPRB
-    S1_TILES/{TILE}/{ASC|DESC}/{YYYYMMDDTHHMMSS}.tif   2 x H x W float32 backscatter VV, VH (dB)
+    S1_TILES/{TILE}/{ASC|DESC}/{YYYYMMDDTHHMMSS}.tif   3 x H x W float32 backscatter VV, VH (dB), angle (degrees)
+
+The S1 ``angle`` band is the incidence angle from the ellipsoid, the third band of Google Earth Engine's
+``COPERNICUS/S1_GRD`` exports (VV, VH, angle); readers use it for DUNIA's incidence normalisation.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class S2TileWriter:
 
 
 class S1TileWriter:
-    """Writes one Sentinel-1 VV/VH backscatter GeoTIFF (dB) per rendered date and orbit direction."""
+    """Writes one Sentinel-1 VV/VH backscatter (dB) + incidence angle GeoTIFF per rendered date and orbit."""
 
     def __init__(self, world: World, out_dir: str | Path) -> None:
         self.world = world
@@ -67,9 +70,10 @@ class S1TileWriter:
     def add(self, index: int, orbit: str, backscatter: np.ndarray) -> Path:
         when = self.world.s1_dates(orbit)[index]
         path = self.dir / orbit.upper() / f"{when.strftime(TIMESTAMP_FORMAT)}.tif"
-        with rasterio.open(path, "w", **_profile(self.world, len(S1_BANDS), "float32"), predictor=3) as dst:
-            dst.write(backscatter.astype(np.float32))
-            dst.descriptions = S1_BANDS
-            dst.update_tags(ACQUISITION_TIME=when.isoformat(), ORBIT_DIRECTION=orbit.upper(), UNITS="dB",
-                            TILE_ID=self.world.spec.tile)
+        angle = self.world.s1_incidence_angle(orbit)[None]
+        with rasterio.open(path, "w", **_profile(self.world, len(S1_BANDS) + 1, "float32"), predictor=3) as dst:
+            dst.write(np.concatenate([backscatter.astype(np.float32), angle]))
+            dst.descriptions = (*S1_BANDS, "angle")
+            dst.update_tags(ACQUISITION_TIME=when.isoformat(), ORBIT_DIRECTION=orbit.upper(),
+                            UNITS="dB; angle: degrees", TILE_ID=self.world.spec.tile)
         return path

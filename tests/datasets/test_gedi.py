@@ -23,6 +23,7 @@ from terratorch_eoplugins.datasets.gedi_chips import (
     GEDIChips,
 )
 from terratorch_eoplugins.datasets.gedi_shots import (
+    LEAF_ON_MONTHS,
     GEDIShots,
     extract_waveform,
     find_granules,
@@ -504,14 +505,15 @@ def test_synthetic_dense_rh98_map_matches_footprints(synth: Path) -> None:
         dense, nodata = src.read(1), src.nodata
     assert nodata == -9999.0
     np.testing.assert_array_equal(dense == nodata, world.landcover == WATER)
-    ds = GEDIShots(synth, waveform_length=8)
+    # the map is a leaf-on product: compare with the leaf-on shots (leaf-off deciduous canopies return less)
+    ds = GEDIShots(synth, waveform_length=8, leaf_on_months=LEAF_ON_MONTHS)
     x, y = TO_UTM.transform(ds.shots["lon"], ds.shots["lat"])
     rows, cols = (np.asarray(v) for v in rasterio.transform.rowcol(world.transform, x, y))
     inside = (rows >= 0) & (rows < world.shape[0]) & (cols >= 0) & (cols < world.shape[1])
     at = dense[rows[inside], cols[inside]]
     rh98 = ds.shots["rh98"][inside]
     ok = at != nodata
-    assert ok.sum() > 500
+    assert ok.sum() > 300  # the June track of the tiny world's two
     # The lookup table's linear interpolation is the only difference from the footprints' own RH98.
     assert np.abs(at[ok] - rh98[ok]).max() < 1.0 and np.sqrt(np.mean((at[ok] - rh98[ok]) ** 2)) < 0.2
     forest = world.landcover == FOREST

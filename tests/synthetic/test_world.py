@@ -112,8 +112,10 @@ def test_s2_tiles_hold_l2a_dn_with_offset(tiny_world_dir: Path, tiny_world) -> N
         assert np.array_equal(src.read(1), np.round(tiny_world.cloud_mask(3) * 100).astype(np.uint8))
     s1 = sorted((tiny_world_dir / "S1_TILES" / "T31TFJ" / "ASC").glob("*.tif"))
     with rasterio.open(s1[0]) as src:
-        assert src.descriptions == ("VV", "VH") and src.dtypes[0] == "float32"
-        np.testing.assert_allclose(src.read(), tiny_world.s1_backscatter(0, "asc"), rtol=0, atol=1e-5)
+        assert src.descriptions == ("VV", "VH", "angle") and src.dtypes[0] == "float32"
+        np.testing.assert_allclose(src.read((1, 2)), tiny_world.s1_backscatter(0, "asc"), rtol=0, atol=1e-5)
+        angle = src.read(3)
+        assert 38 < angle.min() < angle.max() < 46 and (np.diff(angle, axis=1) > 0).all()  # ascending looks east
 
 
 def test_pastis_patches_are_cut_from_the_same_tiles(tiny_world_dir: Path, tiny_world) -> None:
