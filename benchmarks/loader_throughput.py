@@ -156,6 +156,89 @@ def burnscars_case(root: Path, min_samples: int) -> tuple[str, dict[str, Loader]
     return f"HLS Burn Scars, {len(ours)} validation scenes", loaders, indices, _same_burnscars
 
 
+class MMSTStyleCropNet:
+    """Reference reader of CropNet county-years as the CropNet authors' MMST-ViT loaders read them (written here
+    from their description, not copied): per sample, every listed Sentinel-2 date group of the county read with
+    h5py and stacked; the daily weather of the season from the monthly WRF-HRRR CSVs (``pandas.read_csv`` with an
+    LRU cache of 128 files, concatenated, filtered on the county and ``Daily``, grouped by month and grid, sorted by
+    day, days 1-28) and the monthly weather of the preceding years the same way on ``Monthly`` rows; the county's
+    USDA row.
+
+    It reads the files ``ours`` reads for the same sample (the dataset's own index: image files and dates, HRRR and
+    USDA paths), so the two do the same I/O; ours also fills gaps, masks and matches grids, which this does not.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        import functools
+
+        import pandas as pd
+
+        self.ds = ds
+        self.read_csv = functools.lru_cache(maxsize=128)(pd.read_csv)
+        self.columns = list(ds.weather_variables)
+
+    def _weather(self, paths: list[Path], fips: str, kind: str) -> list[np.ndarray]:
+        import pandas as pd
+
+        frames = [self.read_csv(str(p)) for p in paths if p.is_file()]
+        if not frames:
+            return []
+        df = pd.concat(frames, ignore_index=True)
+        df = df[(df["FIPS Code"].astype(str).str.zfill(5) == fips) & (df["Daily/Monthly"] == kind)]
+        out = []
+        for _, month in df.groupby("Month"):
+            if kind == "Daily":
+                # days 1-28 as MMST-ViT keeps them; a missing day (the synthetic world drops some, as real
+                # CropNet does) becomes a NaN row so that the grids stack (MMST-ViT's torch.stack would fail)
+                grids = [g.sort_values("Day").drop_duplicates("Day").set_index("Day").reindex(range(1, 29))
+                         [self.columns].to_numpy() for _, g in month.groupby("Grid Index")]
+                out.append(np.stack(grids))
+            else:
+                out.append(month[self.columns].to_numpy().reshape(-1))
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import h5py
+
+        ds, e = self.ds, self.ds._entries[index]
+        images = []
+        for path, dates in e.s2:
+            with h5py.File(path, "r") as h5:
+                grp = h5[e.fips]
+                images.extend(np.asarray(grp[d]["data"]) for d in dates)
+        short = self._weather([ds._hrrr_path(e.year, e.state_fips, e.st, m) for m in ds.months], e.fips, "Daily")
+        long = [self._weather([ds._hrrr_path(y, e.state_fips, e.st, m) for m in range(1, 13)], e.fips, "Monthly")
+                for y in range(e.year - ds.long_term_years, e.year)]
+        usda = self.read_csv(str(ds._usda_path(e.year)))
+        row = usda[(usda["state_ansi"].astype(str).str.zfill(2) + usda["county_ansi"].astype(str).str.zfill(3))
+                   == e.fips]
+        return {"image": torch.from_numpy(np.stack(images)), "weather_short": [torch.from_numpy(x) for x in short],
+                "weather_long": [torch.from_numpy(np.stack(x)) if x else None for x in long], "usda": row}
+
+
+def _same_cropnet(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The images (``ours raw``: ``T x G x C x H x W`` of the kept dates, scaled by 1/255) are the reference's
+    stacked date groups (``T x G x H x W x C``); the weather and targets are shaped differently and not compared."""
+    ref = b["image"].permute(0, 1, 4, 2, 3).float() / 255.0
+    return a["image"].shape == ref.shape and torch.equal(a["image"], ref)
+
+
+def cropnet_case(root: Path, min_samples: int) -> tuple[str, dict[str, Loader], list[int], Callable] | None:
+    """CropNet soybeans, the validation year (2022): ours (``grid_aggregation='none'``, per-channel image
+    statistics of the split applied) and ``ours raw`` (no statistics) vs :class:`MMSTStyleCropNet`."""
+    from terratorch_eoplugins.datasets.cropnet import CropNet
+
+    raw = CropNet(root, crop="Soybeans", split="val", days_per_month=28)
+    if len(raw) == 0:
+        return None
+    ours = CropNet(root, crop="Soybeans", split="val", days_per_month=28)
+    ours.set_statistics(*raw.image_statistics(max_samples=4), **raw.weather_statistics(max_samples=4))
+    ref = MMSTStyleCropNet(raw)
+    indices = list(range(len(raw))) * max(1, -(-min_samples // len(raw)))
+    loaders = {"ours": ours.__getitem__, "ours raw": raw.__getitem__, "MMST-ViT style": ref.__getitem__}
+    return f"CropNet soybeans 2022, {len(raw)} counties", loaders, indices, _same_cropnet
+
+
 def same_arrays(loaders: dict[str, Loader], indices: Sequence[int], same: Callable) -> bool:
     """Whether ``ours raw`` and the reference (the last loader) return the same arrays for every sample."""
     ref = list(loaders)[-1]
@@ -172,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--burnscars-root", help="hls_burn_scars folder (training/, validation/); default "
                     "<root>/hls_burn_scars, else a synthetic 'tiny' tree written to a temporary folder")
     ap.add_argument("--no-burnscars", action="store_true", help="skip the HLS Burn Scars case")
+    ap.add_argument("--no-cropnet", action="store_true", help="skip the CropNet case (<root>/CropNet)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -193,6 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
 
                 bs_root = write_burnscars(tmp, "tiny", seed=0)
             cases.append(burnscars_case(bs_root, 16))
+        if not args.no_cropnet and (root / "CropNet").is_dir():
+            case = cropnet_case(root / "CropNet", 8)
+            if case is not None:
+                cases.append(case)
         for title, loaders, indices, same in cases:
             if args.limit:
                 indices = indices[: args.limit]

@@ -1,6 +1,7 @@
 """Every evaluation metric of the package in one place.
 
-- Regression: :func:`pearson_r` (row-wise), :func:`pearson_from_sums` (from running sums), :func:`r2_score`
+- Regression: :func:`pearson_r` (row-wise), :func:`aligned_pearson_r` (row-wise after the best time shift, DUNIA's
+  waveform score), :func:`pearson_from_sums` (from running sums), :func:`r2_score`
   (coefficient of determination), :func:`cropnet_metrics` (CropNet yields, table 2 of the TS-fusion paper). These
   are the formulas for analyses and tests; the tasks' per-epoch regression metrics are torchmetrics'
   (``PearsonCorrCoef``, ``R2Score``, ``MeanSquaredError(squared=False)``, ``MeanAbsoluteError``), synchronised
@@ -32,10 +33,12 @@ class TokenizerLike(Protocol):
     def decode(self, tokens: Tensor) -> Tensor: ...
 
 __all__ = [
+    "aligned_pearson_r",
     "alignment_similarities",
     "cropnet_metrics",
     "generation_scores",
     "pearson_from_sums",
+    "peak_psnr",
     "pearson_r",
     "r2_score",
     "reconstruction_metrics",
@@ -54,6 +57,34 @@ def pearson_r(a: Tensor, b: Tensor) -> Tensor:
     den = a.norm(dim=1) * b.norm(dim=1)
     r = (a * b).sum(1) / den
     return torch.where(den > 0, r, torch.full_like(r, float("nan")))
+
+
+def aligned_pearson_r(pred: Tensor, ref: Tensor, max_shift: int) -> tuple[Tensor, Tensor]:
+    """Row-wise Pearson r of ``pred`` and ``ref`` (``[N, L]``) after the best time alignment of ``pred``.
+
+    DUNIA scores generated and retrieved waveforms by the Pearson r "computed between the time-aligned" waveforms
+    and the acquired ones (section 4.1) without saying how they are aligned; here ``pred`` is shifted by the integer
+    lag ``d`` in ``[-max_shift, max_shift]`` (samples moved in are 0, the waveforms' value outside the signal) that
+    maximises r, and that r is returned with the lags (``r[i] = max_d pearson_r(shift(pred[i], d), ref[i])``).
+    ``max_shift = 0`` is :func:`pearson_r`. NaN where every shift leaves a constant row.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    n, length = pred.shape
+    max_shift = min(int(max_shift), length - 1)
+    best = torch.full((n,), -math.inf, dtype=torch.promote_types(pred.dtype, ref.dtype), device=pred.device)
+    lag = torch.zeros(n, dtype=torch.long, device=pred.device)
+    for d in range(-max_shift, max_shift + 1):
+        shifted = torch.zeros_like(pred)
+        if d >= 0:
+            shifted[:, d:] = pred[:, :length - d]
+        else:
+            shifted[:, :d] = pred[:, -d:]
+        r = pearson_r(shifted, ref)
+        better = r > best  # NaN never wins
+        best = torch.where(better, r, best)
+        lag = torch.where(better, torch.full_like(lag, d), lag)
+    return torch.where(torch.isfinite(best), best, torch.full_like(best, float("nan"))), lag
 
 
 def pearson_from_sums(n: float, sp: float, st: float, spp: float, stt: float, spt: float) -> float:
@@ -158,3 +189,25 @@ def weighted_f1(pred: Tensor, target: Tensor, num_classes: int, ignore_index: in
         pred = pred.argmax(1)
     return float(multiclass_f1_score(pred, target, num_classes=num_classes, average="weighted",
                                      ignore_index=ignore_index))
+
+
+def peak_psnr(generated: Tensor | np.ndarray, reference: Tensor | np.ndarray, per_sample: bool = False) -> Tensor:
+    """LIANet supplement eq. 3: ``PSNR(I | S) = 10 log10(max(I)^2 / <(I - S)^2>)``, in float64.
+
+    ``I`` is the generated image, ``S`` the reference, ``<.>`` the spatio-spectral mean. The peak is the maximum of
+    the *generated* image (not a fixed data range). With ``per_sample`` the first axis is the batch: one value per
+    sample (mean and max over the other axes); otherwise one value over everything given. ``+inf`` where the error
+    is zero, ``-inf`` where ``max(I) = 0``."""
+    i = torch.as_tensor(generated).detach().to(torch.float64)
+    s = torch.as_tensor(reference).detach().to(device=i.device, dtype=torch.float64)
+    if i.shape != s.shape:
+        raise ValueError(f"generated {tuple(i.shape)} and reference {tuple(s.shape)} shapes differ")
+    if per_sample:
+        i, s = i.reshape(i.shape[0], -1), s.reshape(s.shape[0], -1)
+    else:
+        i, s = i.reshape(1, -1), s.reshape(1, -1)
+    mse = ((i - s) ** 2).mean(dim=1)
+    peak = i.max(dim=1).values ** 2
+    out = 10.0 * torch.log10(peak / mse)
+    out = torch.where(mse == 0, torch.full_like(out, math.inf), out)
+    return out if per_sample else out[0]

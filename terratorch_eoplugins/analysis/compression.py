@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from terratorch_eoplugins.datasets.s2_tiles import RGB, S2TileSampler, scan_region  # noqa: E402
+from terratorch_eoplugins.metrics import peak_psnr  # noqa: E402
 from terratorch_eoplugins.models.lianet import LIANetGenerator, load_generator  # noqa: E402
 
 __all__ = ["bits_per_pixel", "compression_report", "psnr", "rate_distortion_plot"]
@@ -41,16 +42,9 @@ def bits_per_pixel(n_bytes: float, n_acquisitions: int, pixels_per_channel: Sequ
 
 
 def psnr(generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> float:
-    """Eq. 3: ``10 log10(max(I)^2 / mean((I - S)^2))`` over all pixels and channels given."""
-    i = np.asarray(generated, np.float64)
-    s = np.asarray(reference, np.float64)
-    if i.shape != s.shape:
-        raise ValueError(f"generated {i.shape} and reference {s.shape} shapes differ")
-    mse = float(np.mean((i - s) ** 2))
-    peak = float(np.max(i)) ** 2
-    if mse == 0:
-        return float("inf")
-    return 10.0 * np.log10(peak / mse) if peak > 0 else float("-inf")
+    """Eq. 3: ``10 log10(max(I)^2 / mean((I - S)^2))`` over all pixels and channels given
+    (:func:`~terratorch_eoplugins.metrics.peak_psnr`)."""
+    return float(peak_psnr(generated, reference))
 
 
 def _stats(values: list[float]) -> dict[str, float]:

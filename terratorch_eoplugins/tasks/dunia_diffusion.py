@@ -23,8 +23,9 @@ section 3.4.3), then freezes it and trains the diffusion model. Without ``backbo
 randomly initialised (a warning is logged): the pipeline runs, but the condition carries only what a random
 network extracts from the image.
 
-Evaluation (validation on the first ``val_generate_batches`` batches, test and predict on all): Pearson r between
-each reference waveform and (a) the generated waveform, (b) the **retrieval baseline**, the waveform of the
+Evaluation (validation on the first ``val_generate_batches`` batches, test and predict on all): the time-aligned
+Pearson r (best shift within ``align_max_shift`` samples; ``r_*_unaligned`` without) between each reference
+waveform and (a) the generated waveform, (b) the **retrieval baseline**, the waveform of the
 nearest key (cosine) in a database built from the training split when first needed; its keys are, as in the paper
 (section 4.1.2), the L2-normalised waveform embeddings ``O^W = embed(E_w(W))`` of the training footprints, queried
 with the footprint pixel's ``O^V`` (``retrieval_keys: waveform``, the same database as the zero-shot task's
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchgeo.trainers import BaseTask
 
-from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.metrics import aligned_pearson_r, pearson_r
 from terratorch_eoplugins.models.dunia import (
     DUNIA_VARIANTS,
     architecture_overrides,
@@ -72,6 +73,7 @@ from terratorch_eoplugins.nn.diffusion1d import CrossAttentionUNet1D, KarrasLate
 from terratorch_eoplugins.nn.neighborhood_attention import NeighborhoodAttention2D
 from terratorch_eoplugins.nn.waveform import WaveformAutoencoder
 from terratorch_eoplugins.runtime import read_checkpoint
+from terratorch_eoplugins.tasks.ema import SwitchEMA
 from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 from terratorch_eoplugins.tasks.preparation import train_split_batches
 
@@ -166,6 +168,13 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             latents (``sigma_data = 1``), read once when the diffusion phase starts (:meth:`fit_latent_stats`);
             ``0``: the first diffusion batch alone.
         backbone_pretrained_from: written by self-contained checkpoints: the file the weights came from, never read.
+        align_max_shift: the r values are the paper's "time-aligned" Pearson r: each waveform is shifted by the
+            lag within +-``align_max_shift`` samples that maximises r (:func:`~terratorch_eoplugins.metrics.
+            aligned_pearson_r`; the paper does not say how it aligns, 16 = 1/16 of the 256-sample window is this
+            project's choice); ``r_*_unaligned`` are logged beside them. ``0``: no alignment.
+        sema_decay, sema_every, sema_switch_every, sema_coefficient: Switch EMA of the diffusion model during the
+            diffusion phase (:class:`~terratorch_eoplugins.tasks.ema.SwitchEMA`; paper: decay 0.9 every 5 steps,
+            switched in every 1K steps with coefficient 0.9); ``sema_every=0`` disables it. Saved in checkpoints.
         dunia_ckpt_path: former name of ``backbone_ckpt_path``; an error naming it.
     """
 
@@ -188,6 +197,8 @@ class DUNIAWaveformDiffusionTask(BaseTask):
                  predict_output: str | None = None, seed: int = 0,
                  na_backend: Literal["auto", "natten", "torch"] | None = "torch", cache_conditions: bool = True,
                  latent_stats_batches: int = 64, backbone_pretrained_from: str | None = None,
+                 align_max_shift: int = 16, sema_decay: float = 0.9, sema_every: int = 5,
+                 sema_switch_every: int = 1000, sema_coefficient: float = 0.9,
                  dunia_ckpt_path: str | None = None) -> None:
         reject_renamed_flags("DUNIAWaveformDiffusionTask", dunia_ckpt_path=dunia_ckpt_path)
         if latent_stats_batches < 0:
@@ -196,9 +207,12 @@ class DUNIAWaveformDiffusionTask(BaseTask):
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if align_max_shift < 0:
+            raise ValueError(f"align_max_shift must be >= 0 (samples), got {align_max_shift}")
         if retrieval_keys not in ("waveform", "vertical"):
             raise ValueError(f"retrieval_keys must be 'waveform' (O^W) or 'vertical' (O^V), got {retrieval_keys!r}")
         OPTIMIZATION.check(optimizer, optimizer_hparams, scheduler, scheduler_hparams)
+        self._sema = SwitchEMA(sema_decay, sema_every, sema_switch_every, sema_coefficient)  # checks the arguments
         super().__init__()
 
     # ------------------------------------------------------------------------------------- models
@@ -380,6 +394,11 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         self.log("train/diffusion_loss", loss, batch_size=g, on_step=False, on_epoch=True)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Switch EMA of the diffusion model after each optimiser step of the diffusion phase."""
+        if outputs is not None and bool(self.ae_ready):
+            self._sema.step(self.diffusion.named_parameters())
+
     # --------------------------------------------------------------------------------- evaluation
     def _generator(self, batch_idx: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + batch_idx)
@@ -430,6 +449,13 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         sim = F.normalize(cond, dim=1) @ db["keys"].T
         return db["waveform"][sim.argmax(1)]
 
+    def _correlations(self, waveforms: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+        """Pearson r to the reference after the best time shift within ``align_max_shift`` samples (the paper's
+        time-aligned r) and without any shift."""
+        plain = pearson_r(waveforms, ref)
+        shift = int(self.hparams["align_max_shift"])
+        return (aligned_pearson_r(waveforms, ref, shift)[0] if shift > 0 else plain), plain
+
     def evaluate_footprints(self, s: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Generated, retrieved, random and reconstructed waveforms with their Pearson r to the reference."""
         g = self._generator(batch_idx)
@@ -437,15 +463,15 @@ class DUNIAWaveformDiffusionTask(BaseTask):
         out = {"reference": ref, "generated": self.generate(s["cond"], g)}
         with torch.no_grad():
             out["reconstructed"] = self.autoencoder(ref)["recon"] if bool(self.ae_ready) else torch.zeros_like(ref)
-        out["r_generated"] = pearson_r(out["generated"], ref)
-        out["r_reconstructed"] = pearson_r(out["reconstructed"], ref)
+        for name in ("generated", "reconstructed"):
+            out[f"r_{name}"], out[f"r_{name}_unaligned"] = self._correlations(out[name], ref)
         db = self.build_database()
         if db is not None:
             out["retrieved"] = self.retrieve(s["cond"])
             rnd = torch.randint(0, len(db["waveform"]), (len(ref),), generator=g).to(ref.device)
             out["random"] = db["waveform"][rnd]
-            out["r_retrieved"] = pearson_r(out["retrieved"], ref)
-            out["r_random"] = pearson_r(out["random"], ref)
+            for name in ("retrieved", "random"):
+                out[f"r_{name}"], out[f"r_{name}_unaligned"] = self._correlations(out[name], ref)
         return out
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str, generate: bool) -> None:
@@ -486,9 +512,19 @@ class DUNIAWaveformDiffusionTask(BaseTask):
     def on_test_epoch_end(self) -> None:
         self._log_correlations("test")
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the Switch-EMA state."""
+        state = checkpoint.get("dunia_sema")
+        if state is not None:
+            self._sema.load_state_dict(state)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Self-contained hyper-parameters: no pretraining or autoencoder file is read when the task is rebuilt
-        (the weights and ``ae_ready`` are in the ``state_dict``; :mod:`terratorch_eoplugins.models.pretrained`)."""
+        """The Switch-EMA state, and self-contained hyper-parameters: no pretraining or autoencoder file is read
+        when the task is rebuilt (the weights and ``ae_ready`` are in the ``state_dict``;
+        :mod:`terratorch_eoplugins.models.pretrained`)."""
+        sema = self._sema.state_dict()
+        if sema is not None:
+            checkpoint["dunia_sema"] = sema
         hp = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if not isinstance(hp, Mapping):
             return

@@ -50,6 +50,7 @@ from torchgeo.trainers import BaseTask
 from terratorch_eoplugins.losses import dunia_reconstruction_losses, hierarchical_vicreg, zero_cl_loss
 from terratorch_eoplugins.metrics import alignment_similarities
 from terratorch_eoplugins.models.dunia import DUNIA_VARIANTS, DUNIAPretrainModel
+from terratorch_eoplugins.tasks.ema import SwitchEMA
 from terratorch_eoplugins.tasks.optimization import OptimizerDefaults
 
 __all__ = ["OPTIMIZATION", "DUNIAPretrainTask", "gather_footprints"]
@@ -130,12 +131,8 @@ class DUNIAPretrainTask(BaseTask):
         if min_footprints < 2:
             raise ValueError(f"min_footprints must be >= 2 (Zero-CL whitens over the batch's footprints), got "
                              f"{min_footprints}")
-        if not 0.0 <= sema_decay < 1.0 or not 0.0 <= sema_coefficient <= 1.0:
-            raise ValueError(f"sema_decay must lie in [0, 1) and sema_coefficient in [0, 1], got {sema_decay}, "
-                             f"{sema_coefficient}")
+        self._sema = SwitchEMA(sema_decay, sema_every, sema_switch_every, sema_coefficient)  # checks the arguments
         super().__init__()
-        self._ema: dict[str, Tensor] | None = None
-        self._sema_steps = 0
 
     def configure_models(self) -> None:
         """Build :class:`~terratorch_eoplugins.models.dunia.DUNIAPretrainModel`."""
@@ -236,21 +233,7 @@ class DUNIAPretrainTask(BaseTask):
     # ------------------------------------------------------------------ Switch EMA
     def sema_update(self) -> None:
         """One optimiser step of Switch EMA bookkeeping (called after every training batch)."""
-        hp = self.hparams
-        if hp["sema_every"] <= 0:
-            return
-        self._sema_steps += 1
-        params = {n: p for n, p in self.model.named_parameters()}
-        with torch.no_grad():
-            if self._ema is None:
-                self._ema = {n: p.detach().clone() for n, p in params.items()}
-            if self._sema_steps % hp["sema_every"] == 0:
-                for n, p in params.items():
-                    self._ema[n].mul_(hp["sema_decay"]).add_(p.detach(), alpha=1.0 - hp["sema_decay"])
-            if hp["sema_switch_every"] > 0 and self._sema_steps % hp["sema_switch_every"] == 0:
-                c = hp["sema_coefficient"]
-                for n, p in params.items():
-                    p.mul_(1.0 - c).add_(self._ema[n], alpha=c)
+        self._sema.step(self.model.named_parameters())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Switch EMA update."""
@@ -258,11 +241,12 @@ class DUNIAPretrainTask(BaseTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the Switch-EMA state."""
-        if self._ema is not None:
-            checkpoint["dunia_sema"] = {"steps": self._sema_steps, "ema": self._ema}
+        state = self._sema.state_dict()
+        if state is not None:
+            checkpoint["dunia_sema"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the Switch-EMA state."""
         state = checkpoint.get("dunia_sema")
         if state is not None:
-            self._sema_steps, self._ema = int(state["steps"]), dict(state["ema"])
+            self._sema.load_state_dict(state)

@@ -4,8 +4,9 @@ L1 loss on ``clip((DN - 1000) / 10000, 0, 1)``, AdamW (lr 5e-4, no weight decay)
 cosine decay (stepped per epoch by default, 5 warmup epochs, as in the reference; the defaults of the
 ``optimizer`` / ``scheduler`` arguments, :mod:`~terratorch_eoplugins.tasks.optimization`), gradient clipping
 through the trainer (``gradient_clip_val: 1.0``) and mixed precision through ``trainer.precision``
-where a GPU is available. Validation logs MAE, PSNR and SSIM (data range 1) and saves reconstruction
-plots. The generator's region (grid shape, acquisitions, CRS) is what the datamodule publishes as
+where a GPU is available. Validation logs MAE, PSNR and SSIM (data range 1), ``PSNR_eq3`` (the supplement's eq. 3,
+:func:`~terratorch_eoplugins.metrics.peak_psnr`: peak = max of the generated patch, mean over patches) and saves
+reconstruction plots. The generator's region (grid shape, acquisitions, CRS) is what the datamodule publishes as
 ``"region"`` (:class:`~terratorch_eoplugins.datamodules.lianet.LIANetPretrainDataModule`), read at ``setup``
 through :func:`~terratorch_eoplugins.tasks.preparation.train_split_info`; it is stored
 with the weights under the checkpoint key ``"lianet"``, so fine-tuning rebuilds the same generator
@@ -29,6 +30,7 @@ from torchgeo.trainers import BaseTask
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from terratorch_eoplugins.metrics import peak_psnr
 from terratorch_eoplugins.models.lianet import (
     CKPT_KEY,
     LIANetGenerator,
@@ -158,6 +160,8 @@ class LIANetPretrainTask(BaseTask):
         self.log(f"{prefix}/MAE", mae, batch_size=n)
         self.log(f"{prefix}/PSNR", psnr, prog_bar=True, batch_size=n)
         self.log(f"{prefix}/SSIM", ssim, batch_size=n)
+        # supplement eq. 3 (peak = max of the generated patch, not the data range), mean over the patches
+        self.log(f"{prefix}/PSNR_eq3", peak_psnr(pred, target, per_sample=True).mean(), batch_size=n)
         return pred
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

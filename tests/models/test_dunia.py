@@ -251,7 +251,7 @@ def test_switch_ema_updates_and_switches() -> None:
     task.on_save_checkpoint(ckpt)
     other = _task()
     other.on_load_checkpoint(ckpt)
-    assert other._sema_steps == 2
+    assert other._sema.steps == 2 and torch.allclose(other._sema.ema[next(iter(other._sema.ema))], p0 + 0.5)
 
 
 def test_lightning_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:

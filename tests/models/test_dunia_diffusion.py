@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from terratorch_eoplugins.metrics import pearson_r
+from terratorch_eoplugins.metrics import aligned_pearson_r, pearson_r
 from terratorch_eoplugins.tasks.dunia_diffusion import DUNIAWaveformDiffusionTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,6 +41,35 @@ def test_pearson_r_matches_numpy() -> None:
     expected = [np.corrcoef(a[i].numpy(), b[i].numpy())[0, 1] for i in range(5)]
     np.testing.assert_allclose(pearson_r(a, b).numpy(), expected, rtol=1e-5)
     assert torch.isnan(pearson_r(torch.ones(1, 4), torch.rand(1, 4))).all()
+
+
+def test_aligned_pearson_r_matches_a_brute_force_over_lags() -> None:
+    """Independent: every lag d in [-S, S], the prediction shifted by d with zeros moved in, numpy's corrcoef; the
+    maximum per row and its lag."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(6, 40, generator=g)
+    pred = torch.roll(ref, -3, dims=1) + 0.1 * torch.rand(6, 40, generator=g)  # ref shifted 3 samples earlier
+    pred[1] = torch.rand(40, generator=g)
+    r, lag = aligned_pearson_r(pred, ref, 5)
+    for i in range(6):
+        best, best_d = -np.inf, 0
+        for d in range(-5, 6):
+            x = np.zeros(40)
+            src = pred[i].numpy().astype(np.float64)
+            if d >= 0:
+                x[d:] = src[:40 - d]
+            else:
+                x[:d] = src[-d:]
+            c = np.corrcoef(x, ref[i].numpy())[0, 1]
+            if c > best:
+                best, best_d = c, d
+        assert r[i].item() == pytest.approx(best, abs=1e-5) and lag[i].item() == best_d
+    assert (lag[[0, 2, 3, 4, 5]] == 3).all()  # the shift that undoes the roll
+    torch.testing.assert_close(aligned_pearson_r(pred, ref, 0)[0], pearson_r(pred, ref))
+    assert (r >= pearson_r(pred, ref) - 1e-6).all()
+    assert torch.isnan(aligned_pearson_r(torch.zeros(1, 8), torch.rand(1, 8), 2)[0]).all()  # constant at every lag
+    with pytest.raises(ValueError, match="max_shift"):
+        aligned_pearson_r(pred, ref, -1)
 
 
 def test_condition_is_dunia_vertical_embedding_at_footprint_pixels(batch) -> None:
@@ -104,7 +133,7 @@ def test_predict_writes_generated_waveforms_with_shot_numbers(tiny_world_dir: Pa
 
     torch.manual_seed(0)
     out = tmp_path / "pred.h5"
-    task = DUNIAWaveformDiffusionTask(predict_output=str(out), **TINY)
+    task = DUNIAWaveformDiffusionTask(predict_output=str(out), sema_every=1, **TINY)
     dm = _datamodule(tiny_world_dir)
     trainer = Trainer(
         accelerator="cpu",
@@ -118,8 +147,13 @@ def test_predict_writes_generated_waveforms_with_shot_numbers(tiny_world_dir: Pa
         num_sanity_val_steps=0,
     )
     trainer.fit(task, datamodule=dm)
+    # Switch EMA averages the diffusion model alone, once per optimiser step of the diffusion phase
+    assert set(task._sema.ema) == {n for n, _ in task.diffusion.named_parameters()}
+    assert task._sema.steps == trainer.global_step - TINY["autoencoder_steps"] >= 1
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
-    assert {"test/loss", "test/r_generated", "test/r_retrieved", "test/r_random"} <= set(metrics)
+    assert {"test/loss", "test/r_generated", "test/r_retrieved", "test/r_random", "test/r_generated_unaligned"} <= set(
+        metrics)
+    assert metrics["test/r_generated"] >= metrics["test/r_generated_unaligned"] - 1e-6  # the best shift includes 0
     trainer.predict(task, datamodule=dm, return_predictions=False)
     with h5py.File(out) as f:
         n = len(f["shot_number"])

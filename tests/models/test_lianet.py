@@ -212,8 +212,10 @@ def test_pretraining_psnr_rises(tiny_world_dir: Path, tmp_path: Path) -> None:
                          inference_mode=False)
     before = trainer.validate(task, dm, verbose=False)[0]["val/PSNR"]
     trainer.fit(task, dm)
-    after = trainer.validate(task, dm, verbose=False)[0]["val/PSNR"]
+    metrics = trainer.validate(task, dm, verbose=False)[0]
+    after = metrics["val/PSNR"]
     assert after > before + 4.0, (before, after)
+    assert np.isfinite(metrics["val/PSNR_eq3"])  # supplement eq. 3 beside the data-range PSNR
     gen = task.generator
     assert gen.config["region_shape"] == [384, 256] and len(gen.config["acquisitions"]) == 10
     assert (tmp_path / "lianet_generator.pt").is_file() and (tmp_path / "reconstructions").is_dir()
@@ -230,6 +232,18 @@ def test_compression_formulas_and_report(tiny_world_dir: Path, tmp_path: Path) -
     i = np.array([[0.5, 0.2], [0.1, 0.4]])
     s = i + np.array([[0.1, -0.1], [0.0, 0.0]])
     assert psnr(i, s) == pytest.approx(10 * np.log10(0.25 / 0.005))  # eq. 3 with max(I) = 0.5
+    assert psnr(i, i) == np.inf and psnr(np.zeros(3), np.ones(3)) == -np.inf
+    # per sample (the pretraining task's val/PSNR_eq3): eq. 3 of each patch, the peak of that generated patch
+    from terratorch_eoplugins.metrics import peak_psnr
+
+    batch = torch.stack([torch.as_tensor(i), torch.as_tensor(2 * i)])
+    ref = torch.stack([torch.as_tensor(s), torch.as_tensor(s)])
+    mse2 = float(np.mean((2 * i - s) ** 2))
+    torch.testing.assert_close(peak_psnr(batch, ref, per_sample=True),
+                               torch.tensor([10 * np.log10(0.25 / 0.005), 10 * np.log10(1.0 / mse2)],
+                                            dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes differ"):
+        peak_psnr(batch, ref[:1])
     gen = LIANetGenerator("modified", **SMALL, region_size=384, region_shape=[384, 256])
     rep = compression_report(gen, tiny_world_dir / "S2_TILES", n_patches=3, patch_size=32)
     n_bytes = sum(p.numel() * 4 for p in gen.parameters())
