@@ -346,3 +346,33 @@ def test_configs_readme_lists_every_runnable_config_with_its_pieces() -> None:
         actual.append((c.stem, cfg["model"].removeprefix("models/"), cfg["data"].removeprefix("data/"),
                        Path(cfg["trainer"]).stem))
     assert sorted(rows) == actual
+
+
+PRINT_CALLBACKS = r"""
+import contextlib, io, json, sys, warnings
+warnings.filterwarnings("ignore")
+import yaml
+from terratorch.cli_tools import build_lightning_cli
+out = {}
+for name, args in json.loads(sys.argv[1]):
+    buf = io.StringIO()
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(buf):
+        build_lightning_cli(["fit", *args, "--print_config"])
+    out[name] = [c.get("class_path") for c in (yaml.safe_load(buf.getvalue())["trainer"].get("callbacks") or [])]
+print(json.dumps(out))
+"""
+
+
+def test_dunia_classification_configs_log_weighted_f1(cli_env: dict[str, str]) -> None:
+    """DUNIA's classification metric (weighted F1, section 4.1.2) is a callback of the DUNIA PASTIS config, at paper
+    scale and with its CPU profile (which keeps the config's callbacks), beside the checkpointing callbacks."""
+    config = REPO / "configs" / "dunia_pastis.yaml"
+    jobs = [("paper", ["-c", str(config)]),
+            ("cpu", ["-c", str(config), "-c", str(REPO / "configs" / "profiles" / "cpu" / "dunia_pastis.yaml")])]
+    proc = subprocess.run([sys.executable, "-c", PRINT_CALLBACKS, json.dumps(jobs)], cwd=REPO, env=cli_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    callbacks = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, paths in callbacks.items():
+        assert "terratorch_eoplugins.tasks.dunia_metrics.WeightedF1" in paths, (name, paths)
+        assert "terratorch_eoplugins.tasks.callbacks.ResumableModelCheckpoint" in paths, (name, paths)
