@@ -21,6 +21,7 @@ database, a regression head's bias (:class:`TargetMeanBiasInit`). All of them go
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,9 +41,17 @@ __all__ = ["PrepareFromTrainSplit", "TargetMeanBiasInit", "TrainSplitPreparation
 
 
 def _ordered(loader: DataLoader) -> DataLoader:
-    """``loader`` over the same dataset, batch size, collation and workers, in dataset order."""
+    """``loader`` over the same dataset, batch size, collation and workers, in dataset order (a batch sampler, e.g.
+    footprint batches, is kept, unshuffled when it has a ``shuffle`` switch)."""
     if not isinstance(loader, DataLoader):
         return loader
+    if loader.batch_size is None and loader.batch_sampler is not None:
+        batches = loader.batch_sampler
+        if getattr(batches, "shuffle", False):
+            batches = copy.copy(batches)
+            batches.shuffle = False
+        return DataLoader(loader.dataset, batch_sampler=batches, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, drop_last=False, pin_memory=loader.pin_memory)
 
