@@ -109,6 +109,11 @@ def _finetuned_predictions(cli, split: str = "test", dense_map: Path | None = No
     return rmse, r, len(p)
 
 
+#: the top-level configs are paper scale (DUNIA-base); this script pretrains DUNIA-tiny, so every evaluation adds the
+#: CPU profile of its config (DUNIA-tiny and the CPU recipe) as a second ``-c``
+ZEROSHOT_CPU = "configs/profiles/cpu/dunia_gedi_zeroshot.yaml"
+
+
 def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int, finetune_lr: float,
                seed: int = 0, embedding: str | None = None, labels: str = "footprints") -> None:
     """Zero-shot KNN RH98 (pretrained vs random init) and low-shot fine-tuning, printed side by side."""
@@ -119,8 +124,8 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
              "false", "--trainer.enable_progress_bar", "false"]
     rows: list[tuple[str, dict[str, float]]] = []
     for name, path in (("zero-shot KNN, random-init DUNIA-tiny", None), ("zero-shot KNN, pretrained", ckpt)):
-        args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root, *quiet,
-                "--trainer.callbacks", "[]"]
+        args = ["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "-c", ZEROSHOT_CPU, "--data.init_args.root", root,
+                *quiet, "--trainer.callbacks", "[]"]
         if path is not None:
             args += ["--model.init_args.backbone_ckpt_path", str(path)]
         t0 = time.perf_counter()
@@ -133,14 +138,16 @@ def downstream(world: Path, ckpt: Path | None, runs: Path, finetune_epochs: int,
 
     dense_map = world / "GEDI" / CANOPY_HEIGHT_NAME
     if dense_map.is_file() and ckpt is not None:  # the same footprint database, scored on the dense val/test maps
-        cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "--data.init_args.root", root,
+        cli = _cli(["fit", "-c", "configs/dunia_gedi_zeroshot.yaml", "-c", ZEROSHOT_CPU, "--data.init_args.root", root,
                     "--data.init_args.dense_target", str(dense_map), "--data.init_args.dense_splits", "[val, test]",
                     "--model.init_args.backbone_ckpt_path", str(ckpt), *quiet, "--trainer.callbacks", "[]"])
         val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         rows.append(("zero-shot KNN, pretrained, dense maps", {**_test_metrics(cli), **val}))
     if finetune_epochs > 0 and ckpt is not None:
-        config = "configs/dunia_gedi.yaml" if labels == "footprints" else "configs/dunia_gedi_dense.yaml"
-        args = ["fit", "-c", config, "--data.init_args.root", root,
+        config, profile = (("configs/dunia_gedi.yaml", "configs/profiles/cpu/dunia_gedi.yaml") if labels == "footprints"
+                           else ("configs/dunia_gedi_dense.yaml", "configs/profiles/cpu/dunia_gedi_dense.yaml"))
+        args = ["fit", "-c", config, "-c", profile,
+                "--data.init_args.root", root,
                 "--model.init_args.model_args.backbone_ckpt_path", str(ckpt),
                 "--trainer.max_epochs", str(finetune_epochs), "--model.init_args.lr", str(finetune_lr),
                 "--model.init_args.scheduler_hparams", f"{{T_max: {finetune_epochs}}}", *quiet, "--trainer.callbacks",
