@@ -76,6 +76,10 @@ _DELEGATED: dict[str, tuple[str, str]] = {
         "terratorch_eoplugins.analysis.tsfusion_tokenizers",
         "TS fusion: train the image FSQ and time-series tokenizers on a CropNet tree",
     ),
+    "hash-collisions": (
+        "terratorch_eoplugins.analysis.hash_collisions",
+        "LIANet hash-collision rates (supplement eq. 1) per level of a generator checkpoint or grid",
+    ),
     "embed": (
         "terratorch_eoplugins.analysis.embed",
         "per-pixel embeddings (DUNIA O^V/O^H, LIANet trunk features) as a tiled, georeferenced GeoTIFF stack",
@@ -98,15 +102,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_parser(name, help=help_text, add_help=False)
     r = sub.add_parser("registry", help="list the backbones/decoders this package registers in terratorch")
     r.set_defaults(func=_registry)
-    lc = sub.add_parser("compression", help="LIANet rate-distortion: bits per pixel and PSNR over random patches")
-    lc.add_argument("--ckpt", nargs="+", required=True, help="LIANet pretraining checkpoint(s) of the same region")
-    lc.add_argument("--tiles-root", required=True, help="folder of the region's S2 tile folders")
+    lc = sub.add_parser("compression", help="LIANet rate-distortion: bits per pixel and PSNR over random patches, "
+                        "P3 fit, JPEG2000 reference, per-region table")
+    lc.add_argument("--ckpt", nargs="+", default=None, help="LIANet pretraining checkpoint(s) of one region "
+                    "(with --tiles-root)")
+    lc.add_argument("--tiles-root", default=None, help="folder of the region's S2 tile folders (with --ckpt)")
     lc.add_argument("--tiles", nargs="+", default=None, help="tile folders forming the region (default: all)")
+    lc.add_argument("--region-name", default=None, help="name of the --ckpt/--tiles-root region in the table "
+                    "(default: the tiles root's folder name)")
+    lc.add_argument("--region", action="append", default=None, metavar="NAME=CKPT:TILES_ROOT[:TILE,...]",
+                    help="a region and one checkpoint pretrained on it (repeat for more regions or checkpoints; "
+                         "paths without ':'); may be combined with --ckpt/--tiles-root")
     lc.add_argument("--patches", type=int, default=100)
     lc.add_argument("--patch-size", type=int, default=128)
     lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--jpeg2000-ratios", type=float, nargs="+", default=None,
+                    help="JPEG2000 target compression ratios (default: 4 8 16 32 64 128 256)")
+    lc.add_argument("--no-jpeg2000", action="store_true", help="skip the JPEG2000 reference line")
     lc.add_argument("--out", default="rate_distortion.png", help="rate-distortion plot (PNG); '' to skip")
-    lc.add_argument("--json", default=None, help="also write the statistics to this JSON file")
+    lc.add_argument("--csv", default=None, help="write the per-region table to this CSV file")
+    lc.add_argument("--json", default=None, help="write reports, table, fit and JPEG2000 line to this JSON file")
     lc.set_defaults(func=_compression)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
