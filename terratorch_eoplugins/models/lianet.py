@@ -614,10 +614,14 @@ class LIANetHead(nn.Module):
         in_index: which backbone feature map to use.
         num_classes: classes (or regression outputs) of the included classifier; ``None``: no classifier.
         classifier_kernel: kernel size of the included classifier (odd; 3 in the reference, 1 = terratorch's).
+        upsample: output scale of the head: 1 (default), 2 or 4; each factor 2 is one bilinear x2 after the conv
+            blocks, before the classifier (4 = the reference's ``replace_final_block_4x`` for 2.5 m building
+            footprints from 10 m features). Models using it need ``rescale: false`` in terratorch's ``model_args``.
     """
 
     def __init__(self, embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
-                 in_index: int = -1, num_classes: int | None = None, classifier_kernel: int = 3) -> None:
+                 in_index: int = -1, num_classes: int | None = None, classifier_kernel: int = 3,
+                 upsample: int = 1) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one conv block width")
@@ -625,12 +629,16 @@ class LIANetHead(nn.Module):
             raise ValueError(f"classifier_kernel must be a positive odd number, got {classifier_kernel}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if upsample not in (1, 2, 4):
+            raise ValueError(f"upsample must be 1, 2 or 4, got {upsample}")
         self.in_index = in_index
         cin = int(list(embed_dim)[in_index])
         layers: list[nn.Module] = []
         for c in channels:
             layers += [nn.Conv2d(cin, c, 3, padding=1), group_norm(c), nn.ReLU(inplace=True)]
             cin = c
+        layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                   for _ in range(upsample.bit_length() - 1)]
         if num_classes is not None:
             layers.append(nn.Conv2d(cin, num_classes, classifier_kernel, padding=classifier_kernel // 2))
             cin = num_classes
@@ -647,11 +655,11 @@ class LIANetHead(nn.Module):
 
 @TERRATORCH_DECODER_REGISTRY.register
 def lianet_head(embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
-                in_index: int = -1, **kwargs: Any) -> LIANetHead:
+                in_index: int = -1, upsample: int = 1, **kwargs: Any) -> LIANetHead:
     """The LIANet fine-tuning conv blocks as a terratorch decoder; terratorch adds its 1x1 classifier (other keyword
-    arguments are errors)."""
-    check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index"), prefix="decoder_")
-    return LIANetHead(embed_dim, channels, in_index)
+    arguments are errors). ``upsample``: see :class:`LIANetHead`."""
+    check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index", "upsample"), prefix="decoder_")
+    return LIANetHead(embed_dim, channels, in_index, upsample=upsample)
 
 
 #: decoders that include their classifier: terratorch's factory passes them ``num_classes`` and adds no head. It reads
@@ -669,14 +677,16 @@ else:  # module re-imported: reuse the source registered the first time
 @_HEADS.register
 def lianet_classifier_head(embed_dim: Sequence[int],
                            channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
-                           in_index: int = -1, num_classes: int = 1, classifier_kernel: int = 3,
+                           in_index: int = -1, num_classes: int = 1, classifier_kernel: int = 3, upsample: int = 1,
                            **kwargs: Any) -> LIANetHead:
     """The reference's whole fine-tuning head (conv blocks + ``classifier_kernel`` classifier, 3x3 by default) as
     the terratorch decoder ``eoplugins_lianet_classifier_head``; ``num_classes`` is filled by terratorch from the
-    task's ``num_classes`` (the default 1 only serves bare builds). Other keyword arguments are errors."""
+    task's ``num_classes`` (the default 1 only serves bare builds). ``upsample``: see :class:`LIANetHead`. Other
+    keyword arguments are errors."""
     check_builder_kwargs(f"{HEAD_SOURCE}_lianet_classifier_head", kwargs,
-                         ("channels", "in_index", "classifier_kernel"), prefix="decoder_")
-    return LIANetHead(embed_dim, channels, in_index, num_classes=num_classes, classifier_kernel=classifier_kernel)
+                         ("channels", "in_index", "classifier_kernel", "upsample"), prefix="decoder_")
+    return LIANetHead(embed_dim, channels, in_index, num_classes=num_classes, classifier_kernel=classifier_kernel,
+                      upsample=upsample)
 
 
 # terratorch's factory asks the builder whether it has ``includes_head``, then reads the flag of its registry source

@@ -6,7 +6,9 @@ acquisition date and writes every requested product from the same pixels:
 * ``s2_tiles``: Sentinel-2 L2A GeoTIFFs per date (+ cloud probability), ``s1_tiles``: Sentinel-1 VV/VH per date;
 * ``pastis``: the PASTIS-R tree (:mod:`.pastis`);
 * ``burnscars``, ``cropnet``, ``gedi``: HLS BurnScars, CropNet and GEDI writers;
-* ``lianet_burn_tiles``: 10 m Sentinel-2 tiles over the BurnScars region, for LIANet's burn-region pretraining.
+* ``lianet_burn_tiles``: 10 m Sentinel-2 tiles over the BurnScars region, for LIANet's burn-region pretraining;
+* ``lianet_labels``: LIANet's own downstream labels on the region's S2 grid (Dynamic World per date, canopy height,
+  dominant leaf type, building footprints; :mod:`.lianet_labels`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ logger = logging.getLogger("terratorch_eoplugins.synthetic")
 #: Products rendered from the shared region in one pass over the dates.
 REGION_PRODUCTS = ("s2_tiles", "s1_tiles", "pastis")
 #: Products with their own writer module ``terratorch_eoplugins.synthetic.<name>`` exposing ``write_<name>``.
-EXTRA_PRODUCTS = ("burnscars", "cropnet", "gedi", "lianet_burn_tiles")
+EXTRA_PRODUCTS = ("burnscars", "cropnet", "gedi", "lianet_burn_tiles", "lianet_labels")
 ALL_PRODUCTS = REGION_PRODUCTS + EXTRA_PRODUCTS
 MANIFEST = "world.json"
 _STAGING_PREFIX = ".synth-staging-"

@@ -40,7 +40,8 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
 
 
 #: data arguments that size the data, not the model: the paper-scale configs run on the tiny world with these values
-TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2, "footprints_per_batch": 8}
+TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2, "footprints_per_batch": 8,
+             "train_area_km2": 1.0}
 #: steps of the auxiliary fits a task runs before training (tokenizers, waveform autoencoder): not the model's size
 TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
 
@@ -194,8 +195,9 @@ def test_custom_modules_path_registers_the_plugin(with_path: bool, tmp_path: Pat
 # ---- the config tree: every piece parses, every reference resolves, names follow configs/README.md ----
 
 PIECES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent != REPO / "configs")
-TASKS = {"pastis", "burnscars", "gedi", "cropnet", "pretrain"}
-DATASETS = {"pastis", "burnscars", "gedi", "cropnet"}
+TASKS = {"pastis", "burnscars", "gedi", "cropnet", "pretrain", "dynamicworld", "canopyheight", "leaftype",
+         "buildingcover", "buildings"}
+DATASETS = {"pastis", "burnscars", "gedi", "cropnet", "lianetregion"}
 #: a config file named anywhere in the tree's text, comments included (brace lists: s4_{lc,lr}.yaml)
 CONFIG_MENTION = re.compile(r"configs/[\w./{},-]+?\.yaml")
 
