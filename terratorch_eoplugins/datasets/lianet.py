@@ -128,6 +128,8 @@ class _LIANetSamples(NonGeoDataset):
     """(date x patch) samples in a pretraining region; subclasses fill :attr:`samples` and :meth:`_mask`."""
 
     classes: tuple[str, ...] = ()
+    #: title of the target panel of :meth:`plot`
+    mask_title = "Mask"
 
     def __init__(self, region: S2Region, patch_size: int, image: str, boa_offset: float) -> None:
         if image not in ("placeholder", "s2"):
@@ -177,7 +179,7 @@ class _LIANetSamples(NonGeoDataset):
         image = self._s2(col, row, t) if self.image == "s2" else np.zeros((1, p, p), np.float32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "mask": torch.from_numpy(self._mask(s).astype(np.int64)),
+            "mask": self._mask_tensor(s),
             "origin_px": torch.tensor([col, row], dtype=torch.float32),
             "time_days": torch.tensor(self.days[t], dtype=torch.float32),
             "time_index": torch.tensor(t, dtype=torch.long),
@@ -189,17 +191,25 @@ class _LIANetSamples(NonGeoDataset):
             "filename": f"{s['id']}_{self.times[t].strftime('%Y%m%dT%H%M%S')}",
         }
 
+    def _mask_tensor(self, sample: Mapping[str, Any]) -> torch.Tensor:
+        """The sample's target as the batch holds it (class indices; regression subclasses return floats)."""
+        return torch.from_numpy(self._mask(sample).astype(np.int64))
+
+    def _prediction_map(self, pred: np.ndarray) -> np.ndarray:
+        """A ``[C, H, W]`` prediction as the map :meth:`plot` draws (the arg-max class)."""
+        return pred.argmax(0)
+
     def plot(self, sample: Mapping[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:
-        """S2 window (when loaded), mask and, if present, prediction."""
+        """S2 window (when loaded), target and, if present, prediction (drawn by :meth:`_colorize`)."""
         panels = []
         img = np.asarray(sample["image"], np.float32)
         if img.shape[0] >= 12:
             panels.append((np.clip(img[list(RGB)].transpose(1, 2, 0) * 3.5, 0, 1), "Sentinel-2 (RGB)"))
-        panels.append((self._colorize(np.asarray(sample["mask"])), "Mask"))
+        panels.append((self._colorize(np.asarray(sample["mask"])), self.mask_title))
         if "prediction" in sample:
             pred = np.asarray(sample["prediction"])
             if pred.ndim == 3:
-                pred = pred.argmax(0)
+                pred = self._prediction_map(pred)
             panels.append((self._colorize(pred), "Prediction"))
         if suptitle is None and show_titles:
             suptitle = f"{sample.get('patch_id', '')} {sample.get('date', '')}"

@@ -53,13 +53,11 @@ import rasterio.features
 import rasterio.warp
 import torch
 from affine import Affine
-from matplotlib.figure import Figure
 from shapely import STRtree
 from shapely.geometry import box as shapely_box
 
-from terratorch_eoplugins.datasets.common import plot_panels
 from terratorch_eoplugins.datasets.lianet import _LIANetSamples
-from terratorch_eoplugins.datasets.s2_tiles import RGB, S2Region
+from terratorch_eoplugins.datasets.s2_tiles import S2Region
 from terratorch_eoplugins.dates import days_since_epoch, to_datetime
 from terratorch_eoplugins.errors import EODataError, require_dir, require_file
 
@@ -288,29 +286,20 @@ class RegionLabels(_LIANetSamples):
             return self.coverage(col, row)
         return self.footprints(col, row)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        out = super().__getitem__(index)
+    mask_title = "Target"
+
+    def _mask_tensor(self, sample: Mapping[str, Any]) -> torch.Tensor:
+        """Class indices, or float targets for the regression tasks (read once)."""
         if self.kind == "regression":
-            out["mask"] = torch.from_numpy(np.ascontiguousarray(self._mask(self.samples[index]), np.float32))
-        return out
+            return torch.from_numpy(np.ascontiguousarray(self._mask(sample), np.float32))
+        return super()._mask_tensor(sample)
 
-    def plot(self, sample: Mapping[str, Any], show_titles: bool = True, suptitle: str | None = None) -> Figure:
-        """S2 window (when loaded), target and, if present, prediction (classes coloured; regression in grey)."""
-        panels = []
-        img = np.asarray(sample["image"], np.float32)
-        if img.shape[0] >= 12:
-            panels.append((np.clip(img[list(RGB)].transpose(1, 2, 0) * 3.5, 0, 1), "Sentinel-2 (RGB)"))
-        panels.append((self._show(np.asarray(sample["mask"])), "Target"))
-        if "prediction" in sample:
-            pred = np.asarray(sample["prediction"])
-            if pred.ndim == 3:
-                pred = pred.argmax(0) if self.kind == "segmentation" else pred[0]
-            panels.append((self._show(pred), "Prediction"))
-        if suptitle is None and show_titles:
-            suptitle = f"{sample.get('patch_id', '')} {sample.get('date', '')}"
-        return plot_panels(panels, show_titles, suptitle)
+    def _prediction_map(self, pred: np.ndarray) -> np.ndarray:
+        """The arg-max class, or the single regression output."""
+        return pred.argmax(0) if self.kind == "segmentation" else pred[0]
 
-    def _show(self, arr: np.ndarray) -> np.ndarray:
+    def _colorize(self, arr: np.ndarray) -> np.ndarray:
+        """Classes coloured; regression targets in grey (ignored pixels black)."""
         if self.kind == "regression":
             v = np.where(arr == self.ignore_value, 0.0, arr).astype(np.float32)
             return np.repeat(np.clip(v / max(float(v.max()), 1e-6), 0, 1)[..., None], 3, axis=-1)
