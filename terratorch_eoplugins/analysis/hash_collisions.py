@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from terratorch_eoplugins.models.lianet import LIANetGenerator, generator_config, load_generator
-from terratorch_eoplugins.nn.hash_encoding import hash_2d, level_resolutions, level_seeds
+from terratorch_eoplugins.nn.hash_encoding import axis_nodes, level_resolutions, level_row_counts, level_seeds
 
 __all__ = ["GRID_KEYS", "axis_nodes", "grid_from_generator", "hash_collision_report", "main"]
 
@@ -48,36 +48,12 @@ LEVEL_FIELDS = ("level", "resolution", "nodes", "rows", "colliding_nodes", "rate
                 "expected_uniform_rate")
 
 
-def axis_nodes(n_pixels: int, scale: float, pixel_centers: bool = False) -> torch.Tensor:
-    """Sorted distinct grid-node indices along one axis touched by pixels ``0 ... n_pixels - 1`` at ``scale``
-    (``N_l / S``): ``floor(p * scale)`` and ``floor(p * scale) + 1``, computed in float32 like the encoder."""
-    if n_pixels < 1:
-        raise ValueError(f"n_pixels must be >= 1, got {n_pixels}")
-    p = torch.arange(n_pixels, dtype=torch.float32)
-    if pixel_centers:
-        p = p + 0.5
-    lower = torch.floor(p * scale).to(torch.int64)
-    return torch.unique(torch.cat([lower, lower + 1]))
-
-
 def grid_from_generator(generator: LIANetGenerator) -> dict[str, Any]:
     """The :data:`GRID_KEYS` of a generator (region shape from its configuration, else the square region)."""
     cfg = generator.config
     out = {k: cfg[k] for k in GRID_KEYS if k != "region_shape"}
     out["region_shape"] = list(generator.region_extent())
     return out
-
-
-def _level_counts(xs: torch.Tensor, ys: torch.Tensor, seed: int, table_size: int, chunk: int) -> torch.Tensor:
-    """Nodes per table row (``[T]``) of the node grid ``ys x xs`` at one level, hashed in row chunks."""
-    counts = torch.zeros(table_size, dtype=torch.int64)
-    rows_per_chunk = max(1, chunk // xs.numel())
-    for start in range(0, ys.numel(), rows_per_chunk):
-        iy = ys[start:start + rows_per_chunk]
-        h = hash_2d(xs[None, :].expand(iy.numel(), -1).reshape(-1), iy[:, None].expand(-1, xs.numel()).reshape(-1),
-                    seed, table_size)
-        counts += torch.bincount(h, minlength=table_size)
-    return counts
 
 
 def hash_collision_report(levels: int, log2_table_size: int, base_resolution: int, growth: float,
@@ -102,7 +78,7 @@ def hash_collision_report(levels: int, log2_table_size: int, base_resolution: in
     for level, (n_l, seed) in enumerate(zip(res, seeds)):
         scale = n_l / float(region_size)  # the encoder's per-level scale (a Python float, applied to float32)
         xs, ys = axis_nodes(w_px, scale, pixel_centers), axis_nodes(h_px, scale, pixel_centers)
-        counts = _level_counts(xs, ys, seed, t_size, chunk)
+        counts = level_row_counts(xs, ys, seed, t_size, chunk)
         if total is not None:
             total += counts
         n = int(xs.numel() * ys.numel())

@@ -31,7 +31,6 @@ global-norm clipping must skip (or densify) the table gradient.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -40,10 +39,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "HashGridEncoding2D",
+    "axis_nodes",
     "collision_statistics",
     "naive_hash_grid",
     "hash_2d",
     "level_resolutions",
+    "level_row_counts",
     "level_seeds",
     "HASH_PRIMES",
     "SEED_BASE",
@@ -282,6 +283,33 @@ class HashGridEncoding2D(nn.Module):
         return hash_2d(ix.to(torch.int64), iy.to(torch.int64), self.seeds[level], self.table_size)
 
 
+def axis_nodes(n_pixels: int, scale: float, pixel_centers: bool = False) -> torch.Tensor:
+    """Sorted distinct grid-node indices along one axis that :class:`HashGridEncoding2D` reads for pixels
+    ``0 ... n_pixels - 1`` (``p + 0.5`` with ``pixel_centers``) at ``scale`` (``N_l / S``): ``floor(p * scale)``
+    and ``floor(p * scale) + 1``, computed in float32 like the encoder."""
+    if n_pixels < 1:
+        raise ValueError(f"n_pixels must be >= 1, got {n_pixels}")
+    p = torch.arange(n_pixels, dtype=torch.float32)
+    if pixel_centers:
+        p = p + 0.5
+    lower = torch.floor(p * scale).to(torch.int64)
+    return torch.unique(torch.cat([lower, lower + 1]))
+
+
+def level_row_counts(xs: torch.Tensor, ys: torch.Tensor, seed: int, table_size: int,
+                     chunk: int = 1 << 22) -> torch.Tensor:
+    """Nodes per table row (``[T]``, int64) of the node grid ``ys x xs`` at one level (hash seed ``seed``),
+    hashed in chunks of about ``chunk`` nodes."""
+    counts = torch.zeros(table_size, dtype=torch.int64)
+    rows_per_chunk = max(1, chunk // max(1, xs.numel()))
+    for start in range(0, ys.numel(), rows_per_chunk):
+        iy = ys[start:start + rows_per_chunk]
+        h = hash_2d(xs[None, :].expand(iy.numel(), -1).reshape(-1), iy[:, None].expand(-1, xs.numel()).reshape(-1),
+                    seed, table_size)
+        counts += torch.bincount(h, minlength=table_size)
+    return counts
+
+
 def collision_statistics(levels: int = 13, log2_table_size: int = 19, base_resolution: int = 16, growth: float = 2.0,
                          region_size: float = 10980.0, per_level_seeds: bool = True, shared_table: bool = True,
                          n_pixels: int = 1 << 20, exact_limit: int = 1 << 24, seed: int = 0) -> dict[str, object]:
@@ -289,10 +317,11 @@ def collision_statistics(levels: int = 13, log2_table_size: int = 19, base_resol
 
     Returns a dict with
 
-    * ``level_rate``: per level, the fraction of the level's grid nodes inside the region that share
-      their table row with another node of the same level (exact count when the level has at most
-      ``exact_limit`` nodes, else the expectation ``1 - (1 - 1/T)**(n - 1)`` of a uniform hash, flagged
-      in ``level_exact``);
+    * ``level_rate``: per level, the fraction of the grid nodes the encoder reads for the square region's pixels
+      (:func:`axis_nodes` per axis) that share their table row with another node of the same level (exact count
+      when the level has at most ``exact_limit`` such nodes, else the expectation ``1 - (1 - 1/T)**(n - 1)`` of a
+      uniform hash, flagged in ``level_exact``); ``level_nodes`` the node counts. The per-level report of
+      ``eoplugins hash-collisions`` (:mod:`terratorch_eoplugins.analysis.hash_collisions`) counts the same nodes;
     * ``full_rate``: over ``n_pixels`` random pixel positions, the fraction whose lower-corner rows
       coincide with those of another, spatially distinct sampled position at *every* level (identical
       concatenated embedding up to interpolation);
@@ -303,16 +332,14 @@ def collision_statistics(levels: int = 13, log2_table_size: int = 19, base_resol
     t_size = 1 << log2_table_size
     res = level_resolutions(levels, base_resolution, growth)
     seeds = level_seeds(levels, per_level_seeds)
-    level_rate, level_exact = [], []
+    level_rate, level_exact, level_nodes = [], [], []
     for level, n_l in enumerate(res):
-        side = int(math.floor((region_size - 1) * n_l / region_size)) + 2  # nodes touched along one axis
-        n_nodes = side * side
+        nodes = axis_nodes(int(region_size), n_l / float(region_size))  # read along one axis of the square region
+        n_nodes = nodes.numel() ** 2
+        level_nodes.append(int(n_nodes))
         if n_nodes <= exact_limit:
-            ii = torch.arange(side, dtype=torch.int64)
-            iy, ix = torch.meshgrid(ii, ii, indexing="ij")
-            h = hash_2d(ix.reshape(-1), iy.reshape(-1), seeds[level], t_size)
-            counts = torch.bincount(h, minlength=t_size)
-            level_rate.append(float((counts[h] > 1).double().mean()))
+            counts = level_row_counts(nodes, nodes, seeds[level], t_size)
+            level_rate.append(float(counts[counts > 1].sum()) / n_nodes)
             level_exact.append(True)
         else:
             level_rate.append(1.0 - (1.0 - 1.0 / t_size) ** (n_nodes - 1))
@@ -327,7 +354,7 @@ def collision_statistics(levels: int = 13, log2_table_size: int = 19, base_resol
     _, inverse, counts = torch.unique(sig, dim=0, return_inverse=True, return_counts=True)
     full = int((counts[inverse] > 1).sum())
     out: dict[str, object] = {
-        "resolutions": res, "level_rate": level_rate, "level_exact": level_exact,
+        "resolutions": res, "level_rate": level_rate, "level_exact": level_exact, "level_nodes": level_nodes,
         "full_rate": full / pix.shape[0], "full_count": full, "n_pixels": int(pix.shape[0]),
     }
     if shared_table:

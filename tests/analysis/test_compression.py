@@ -28,7 +28,13 @@ from terratorch_eoplugins.analysis.compression import (
 )
 from terratorch_eoplugins.analysis.hash_collisions import hash_collision_report
 from terratorch_eoplugins.models.lianet import LIANetGenerator, save_generator
-from terratorch_eoplugins.nn.hash_encoding import HASH_PRIMES, _level_lookup, level_resolutions, level_seeds
+from terratorch_eoplugins.nn.hash_encoding import (
+    HASH_PRIMES,
+    _level_lookup,
+    collision_statistics,
+    level_resolutions,
+    level_seeds,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(levels=6, features_per_level=4, log2_table_size=12, base_resolution=8, growth=2.0, preproj_channels=16,
@@ -141,6 +147,17 @@ def test_hash_collisions_match_brute_force_and_encoder(centers: bool) -> None:
     for level, (n_l, seed) in enumerate(zip(level_resolutions(5, 2, 2.0), level_seeds(5))):
         idx, _ = _level_lookup(coords, n_l / 20.0, seed, 64, True)
         assert set(idx.unique().tolist()) == set(brute[level][2])
+
+
+def test_collision_statistics_per_level_equals_the_report_on_a_square_region() -> None:
+    """nn.hash_encoding.collision_statistics counts the same nodes as eoplugins hash-collisions (the nodes read),
+    also at levels finer than the pixels, where a node lattice of the whole axis would overcount."""
+    grid = dict(levels=6, log2_table_size=8, base_resolution=4, growth=2.0, region_size=40.0)
+    stats = collision_statistics(**grid, n_pixels=256)
+    rep = hash_collision_report(**grid)
+    assert [r["nodes"] for r in rep["levels"]] == stats["level_nodes"]
+    assert [r["rate"] for r in rep["levels"]] == pytest.approx(stats["level_rate"])
+    assert stats["level_nodes"][-1] < (128 + 1) ** 2  # N = 128 > 40 px: fewer nodes read than the lattice holds
 
 
 def test_commands_on_the_tiny_world(tiny_world_dir: Path, tmp_path: Path) -> None:
