@@ -41,7 +41,7 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
 
 #: data arguments that size the data, not the model: the paper-scale configs run on the tiny world with these values
 TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2, "footprints_per_batch": 8,
-             "train_area_km2": 1.0}
+             "train_area_km2": 1.0, "max_dates": 1}
 #: steps of the auxiliary fits a task runs before training (tokenizers, waveform autoencoder): not the model's size
 TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
 
