@@ -41,7 +41,10 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
 
 #: data arguments that size the data, not the model: the paper-scale configs run on the tiny world with these values
 TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2, "footprints_per_batch": 8,
-             "train_area_km2": 1.0, "max_dates": 1}
+             "train_area_km2": 1.0}
+#: data-size arguments for one model family only: TS fusion's paper-scale configs encode every grid x date of a
+#: county with TerraMind-base (minutes per step on 6 dates); Prithvi's CropNet config needs its frames
+TINY_DATA_BY_PREFIX = {"tsfusion_": {"max_dates": 1}}
 #: steps of the auxiliary fits a task runs before training (tokenizers, waveform autoencoder): not the model's size
 TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
 
@@ -52,7 +55,11 @@ def _tiny_data(config: Path) -> list[str]:
     cfg = yaml.safe_load(config.read_text())
     data = yaml.safe_load((config.parent / cfg["data"]).read_text())["init_args"]
     model = yaml.safe_load((config.parent / cfg["model"]).read_text()).get("init_args", {})
-    return ([f"--data.init_args.{k}={v}" for k, v in TINY_DATA.items() if k in data]
+    tiny = dict(TINY_DATA)
+    for prefix, extra in TINY_DATA_BY_PREFIX.items():
+        if config.stem.startswith(prefix):
+            tiny.update(extra)
+    return ([f"--data.init_args.{k}={v}" for k, v in tiny.items() if k in data]
             + [f"--model.init_args.{k}={v}" for k, v in TINY_FITS.items() if k in model] + ["--trainer.precision=32"])
 
 
