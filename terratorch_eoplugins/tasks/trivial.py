@@ -123,10 +123,10 @@ class TrivialBaselineTask(TrainSplitPreparation, BaseTask):
             else:
                 v = v.double()
                 counts += torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64), v.sum()])
-        if not (counts.sum() > 0 if self.kind == "segmentation" else counts[0] > 0):
+        self.counts.copy_(counts)
+        if not self.fitted:
             raise RuntimeError(f"TrivialBaselineTask: the training split has no valid {self.target_key!r} values "
                                f"(all equal ignore_index={self.ignore_index} or non-finite)")
-        self.counts.copy_(counts)
 
     @property
     def constant(self) -> float:
