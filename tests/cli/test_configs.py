@@ -42,25 +42,37 @@ def _data_root_override(config: Path, world: Path) -> list[str]:
 #: data arguments that size the data, not the model: the paper-scale configs run on the tiny world with these values
 TINY_DATA = {"batch_size": 2, "patch_size": 32, "samples_per_epoch": 4, "val_samples": 2, "footprints_per_batch": 8,
              "train_area_km2": 1.0}
-#: data-size arguments for one model family only: TS fusion's paper-scale configs encode every grid x date of a
-#: county with TerraMind-base (minutes per step on 6 dates); Prithvi's CropNet config needs its frames
-TINY_DATA_BY_PREFIX = {"tsfusion_": {"max_dates": 1}}
+#: input-size arguments for one model family only, ``{prefix: {"data": {...}, "model": {...}}}``; each is applied
+#: where the config's data / model piece has it. The model (architecture, width, depth) and the recipe stay the
+#: paper's. TS fusion's paper-scale configs encode every grid x date of a county at 224 px with TerraMind-base and
+#: generate a 40-day weather window token by token (minutes per step on CPU): one date, 32 px images and a two-day
+#: window here. The ViT-L/H baselines take one sample per batch (their decoders' BatchNorm sees >1 value per channel),
+#: except on CropNet, whose county-level R^2 needs two counties; Prithvi's CropNet config needs its frames.
+TINY_BY_PREFIX = {
+    "tsfusion_": {"data": {"max_dates": 1, "image_size": 32, "before": 1, "after": 0, "window_before": 1,
+                           "window_after": 0},
+                  "model": {"image_size": 32, "before": 1, "after": 0}},
+    **{prefix: {"data": {"batch_size": 1}}
+       for prefix in ("prithvi_pastis", "prithvi_burnscars", "prithvi_gedi", "terramind_", "dofa_")},
+}
 #: steps of the auxiliary fits a task runs before training (tokenizers, waveform autoencoder): not the model's size
 TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
 
 
 def _tiny_data(config: Path) -> list[str]:
-    """``--data.init_args.<arg>=<small>`` for the data-size arguments of the config's data piece (``TINY_DATA``);
-    the model, its recipe and the trainer stay the paper's (precision 32: fp16/bf16 mixed precision is a GPU's)."""
+    """``--data.init_args.<arg>=<small>`` for the data-size arguments of the config's data piece (``TINY_DATA``,
+    ``TINY_BY_PREFIX``); the model, its recipe and the trainer stay the paper's (precision 32: fp16/bf16 mixed
+    precision is a GPU's)."""
     cfg = yaml.safe_load(config.read_text())
     data = yaml.safe_load((config.parent / cfg["data"]).read_text())["init_args"]
     model = yaml.safe_load((config.parent / cfg["model"]).read_text()).get("init_args", {})
-    tiny = dict(TINY_DATA)
-    for prefix, extra in TINY_DATA_BY_PREFIX.items():
+    tiny_data, tiny_model = dict(TINY_DATA), dict(TINY_FITS)
+    for prefix, extra in TINY_BY_PREFIX.items():
         if config.stem.startswith(prefix):
-            tiny.update(extra)
-    return ([f"--data.init_args.{k}={v}" for k, v in tiny.items() if k in data]
-            + [f"--model.init_args.{k}={v}" for k, v in TINY_FITS.items() if k in model] + ["--trainer.precision=32"])
+            tiny_data.update(extra.get("data", {}))
+            tiny_model.update(extra.get("model", {}))
+    return ([f"--data.init_args.{k}={v}" for k, v in tiny_data.items() if k in data]
+            + [f"--model.init_args.{k}={v}" for k, v in tiny_model.items() if k in model] + ["--trainer.precision=32"])
 
 
 #: worker for the fit + test runs: configs are claimed one at a time (an exclusive file per config) by
@@ -151,6 +163,7 @@ def test_config_fits_and_tests_through_the_cli(config: Path, config_runs: dict[s
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 def test_terratorch_executable_needs_no_extra_flag(tiny_world_dir: Path, tmp_path: Path,
                                                    cli_env: dict[str, str]) -> None:
     """``terratorch fit -c configs/micro_unet_pastis.yaml`` with only the data root changed."""
@@ -174,6 +187,7 @@ print(type(cli.model.model.encoder).__name__, "terratorch_eoplugins" in sys.modu
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 @pytest.mark.parametrize("with_path", [True, False], ids=["custom_modules_path", "no_import"])
 def test_custom_modules_path_registers_the_plugin(with_path: bool, tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A config whose only plugin reference is the string backbone name needs ``custom_modules_path``."""
@@ -285,6 +299,7 @@ def _class_paths(node: object) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 def test_every_piece_composes_into_a_config_the_cli_accepts(cli_env: dict[str, str]) -> None:
     """Each runnable config and each piece, composed into a full config, passes terratorch's parser.
 
