@@ -40,9 +40,10 @@ lianet-demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check terratorch_eoplugins tests benchmarks
 
-## test: install, then run the whole test suite (what .ci/run calls)
+## test: install, then run the whole test suite (what .ci/run calls); PYTEST_ARGS adds pytest options
+PYTEST_ARGS ?=
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf data/demo runs

@@ -297,6 +297,7 @@ def test_cropnet_predict_batches_name_county_years(tiny_world_dir: Path) -> None
 
 # ------------------------------------------------------------------ the real command, from another folder
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 def test_terratorch_predict_from_another_folder(tiny_world_dir: Path, tmp_path: Path,
                                                 cli_env: dict[str, str]) -> None:
     """``terratorch fit`` in one folder, ``terratorch predict --ckpt_path`` in another, relative output folder."""

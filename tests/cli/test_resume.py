@@ -63,6 +63,7 @@ def _val_loss_by_epoch(metrics_csv: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 def test_fit_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_fit(tiny_world_dir: Path, tmp_path: Path,
                                                                         cli_env: dict[str, str]) -> None:
     common = _cpu_overlay(tiny_world_dir)

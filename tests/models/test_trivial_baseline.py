@@ -142,6 +142,7 @@ def test_a_split_without_valid_targets_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # also in CI's Python 3.12 leg (.ci/run)
 def test_fit_and_test_through_the_terratorch_cli(tiny_world_dir: Path, tmp_path: Path,
                                                  cli_env: dict[str, str]) -> None:
     """The shipped model piece with the LIANet region data piece, as the lianet_tasks sweeps run it."""
