@@ -60,9 +60,10 @@ TINY_FITS = {"tokenizer_steps": 2, "autoencoder_steps": 2}
 
 
 def _tiny_data(config: Path) -> list[str]:
-    """``--data.init_args.<arg>=<small>`` for the data-size arguments of the config's data piece (``TINY_DATA``,
-    ``TINY_BY_PREFIX``); the model, its recipe and the trainer stay the paper's (precision 32: fp16/bf16 mixed
-    precision is a GPU's)."""
+    """``--data.init_args.<arg>=<small>`` for the data-size arguments of the config's data piece (``TINY_DATA``)
+    and ``--model.init_args.<arg>=<small>`` for the task's auxiliary fits (``TINY_FITS``), each family's input-size
+    arguments added (``TINY_BY_PREFIX``); the architecture, its recipe and the trainer stay the paper's (precision
+    32: fp16/bf16 mixed precision is a GPU's)."""
     cfg = yaml.safe_load(config.read_text())
     data = yaml.safe_load((config.parent / cfg["data"]).read_text())["init_args"]
     model = yaml.safe_load((config.parent / cfg["model"]).read_text()).get("init_args", {})
