@@ -17,10 +17,11 @@ its source's format::
 * **Dominant leaf type** (``DLT.tif``): 0 all non-tree area, 1 broadleaved, 2 coniferous (the world's conifer
   mask), 255 outside the production area (a strip along the east edge, ``DLT_OUTSIDE_FRACTION`` of the width).
 * **Buildings** (``buildings.geojson``): a FeatureCollection of polygons in EPSG:4326 (properties ``height`` and
-  ``confidence`` = -1, as the Microsoft Global ML Building Footprints). Buildings lie only on URBAN pixels (so the
-  built-up signal of the S2 images carries them): the urban area is cut into 40 m blocks and each block whose
-  10 m pixels are all urban holds one seeded rectangle (axis-aligned in the region CRS, corners on the 2.5 m
-  grid, 15-40 m a side), so rasterising at 2.5 m is exact.
+  ``confidence`` = -1, as the Microsoft Global ML Building Footprints). Buildings lie only on URBAN pixels: the
+  urban area is cut into 40 m blocks and each block whose 10 m pixels are all urban holds one seeded rectangle
+  (axis-aligned in the region CRS, corners on the 2.5 m grid, 15-40 m a side), so rasterising at 2.5 m is exact.
+  The world's S2 images mix bright roofs into each urban pixel by its building coverage
+  (:attr:`World.building_coverage`), so the images carry the sub-pixel buildings as real ones do.
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ import pyproj
 import rasterio
 
 from terratorch_eoplugins.dates import TIMESTAMP_FORMAT
-from terratorch_eoplugins.synthetic.world import CROPLAND, FOREST, GRASSLAND, URBAN, WATER, World, _rng, make_world
+from terratorch_eoplugins.synthetic.world import (
+    BUILDING_BLOCK_PX,
+    BUILDING_FINE_M,
+    CROPLAND,
+    FOREST,
+    GRASSLAND,
+    URBAN,
+    WATER,
+    World,
+    make_world,
+)
 
 __all__ = ["DLT_NODATA", "DW_CLASSES", "DW_NODATA", "LABELS_DIR", "building_rectangles", "dw_label",
            "dlt_label", "write_lianet_labels"]
@@ -50,8 +61,8 @@ DW_CLOUD_THRESHOLD = 0.3
 #: green fraction from which a cropland pixel is "crops" (below: "bare")
 CROP_GREEN_THRESHOLD = 0.25
 #: building block side (10 m pixels) and fine grid step (metres)
-BLOCK_PX = 4
-FINE_M = 2.5
+BLOCK_PX = BUILDING_BLOCK_PX
+FINE_M = BUILDING_FINE_M
 
 
 def dw_label(world: World, index: int) -> np.ndarray:
@@ -80,27 +91,9 @@ def dlt_label(world: World) -> np.ndarray:
 
 
 def building_rectangles(world: World) -> list[tuple[float, float, float, float]]:
-    """Building rectangles ``(left, bottom, right, top)`` in the region CRS (metres), seeded by the world's seed."""
-    rng = _rng(world.spec.seed, "buildings")
-    urban = world.landcover == URBAN
-    res = world.spec.resolution
-    steps = int(round(res / FINE_M))  # fine cells per 10 m pixel
-    block = BLOCK_PX * steps  # fine cells per block side
-    left0, top0 = world.transform.c, world.transform.f
-    out = []
-    for r in range(0, world.height - BLOCK_PX + 1, BLOCK_PX):
-        for c in range(0, world.width - BLOCK_PX + 1, BLOCK_PX):
-            draw = rng.integers(0, 1 << 30, 4)  # drawn for every block, so the layout depends on the seed only
-            if not urban[r:r + BLOCK_PX, c:c + BLOCK_PX].all():
-                continue
-            w = 6 + int(draw[0] % (block - 5))  # 6..16 fine cells = 15..40 m
-            h = 6 + int(draw[1] % (block - 5))
-            x = int(draw[2] % (block - w + 1))
-            y = int(draw[3] % (block - h + 1))
-            left = left0 + c * res + x * FINE_M
-            top = top0 - r * res - y * FINE_M
-            out.append((left, top - h * FINE_M, left + w * FINE_M, top))
-    return out
+    """Building rectangles ``(left, bottom, right, top)`` in the region CRS (metres), seeded by the world's seed
+    (:meth:`World.building_rectangles`; their coverage is mixed into the world's S2 reflectance)."""
+    return world.building_rectangles()
 
 
 def _profile(world: World, dtype: str, nodata: float | None) -> dict:

@@ -1,7 +1,7 @@
 """A seeded, procedural Earth-observation region with known, learnable structure.
 
 The :class:`World` holds the static geography of one region (land cover, crop parcels with
-their PASTIS class, forest canopy height and cover) and renders, for any acquisition date,
+their PASTIS class, forest canopy height and cover, buildings in the urban area) and renders, for any acquisition date,
 Sentinel-2 L2A bottom-of-atmosphere reflectance (12 bands, with clouds) and Sentinel-1
 backscatter (VV, VH in dB, with speckle). Writers in this package cut the real datasets'
 on-disk formats out of it, so loaders, models and configs are exercised end to end offline,
@@ -43,8 +43,16 @@ _SOIL = np.array([0.08, 0.09, 0.12, 0.16, 0.19, 0.21, 0.23, 0.25, 0.26, 0.27, 0.
 _VEG = np.array([0.02, 0.03, 0.07, 0.03, 0.10, 0.30, 0.40, 0.45, 0.47, 0.48, 0.22, 0.11], np.float32)
 _WATER = np.array([0.06, 0.06, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.01, 0.008, 0.005, 0.004], np.float32)
 _URBAN = np.array([0.12, 0.13, 0.15, 0.17, 0.18, 0.19, 0.20, 0.21, 0.21, 0.22, 0.26, 0.24], np.float32)
+#: roofs: brighter than the urban ground (streets, yards) in every band, so a 10 m pixel's building coverage shows in
+#: its reflectance by linear mixing, as sub-pixel roofs do in real Sentinel-2 images
+_ROOF = np.array([0.20, 0.22, 0.25, 0.28, 0.29, 0.30, 0.31, 0.32, 0.32, 0.32, 0.37, 0.34], np.float32)
 _CONIFER = np.array([0.01, 0.02, 0.04, 0.02, 0.06, 0.18, 0.24, 0.27, 0.28, 0.29, 0.13, 0.06], np.float32)
 _CLOUD = np.array([0.55, 0.56, 0.57, 0.58, 0.58, 0.59, 0.60, 0.60, 0.60, 0.45, 0.50, 0.42], np.float32)
+
+#: building layout: the urban area is cut into blocks of this many 10 m pixels a side; each block whose pixels are
+#: all urban holds one rectangle with corners on a grid of this step (metres)
+BUILDING_BLOCK_PX = 4
+BUILDING_FINE_M = 2.5
 
 # Per-class phenology: (start-of-season DOY, end-of-season DOY, peak green fraction, base green
 # fraction, soil brightness, leaf tweak band, leaf tweak amount, structure factor for radar).
@@ -308,6 +316,45 @@ class World:
         g = np.where((lc == URBAN) | (lc == WATER), 0.05 * (lc == URBAN), g)
         return np.clip(g, 0, 1).astype(np.float32)
 
+    @cached_property
+    def _building_cells(self) -> list[tuple[int, int, int, int]]:
+        """Building rectangles as ``(row, col, height, width)`` in cells of the fine grid (``BUILDING_FINE_M``),
+        seeded by the world's seed: one per all-urban block of ``BUILDING_BLOCK_PX`` pixels, 15-40 m a side."""
+        rng = _rng(self.spec.seed, "buildings")
+        urban = self.landcover == URBAN
+        steps = int(round(self.spec.resolution / BUILDING_FINE_M))  # fine cells per 10 m pixel
+        bpx = BUILDING_BLOCK_PX
+        block = bpx * steps  # fine cells per block side
+        out = []
+        for r in range(0, self.height - bpx + 1, bpx):
+            for c in range(0, self.width - bpx + 1, bpx):
+                draw = rng.integers(0, 1 << 30, 4)  # drawn for every block, so the layout depends on the seed only
+                if not urban[r:r + bpx, c:c + bpx].all():
+                    continue
+                w = 6 + int(draw[0] % (block - 5))  # 6..16 fine cells = 15..40 m
+                h = 6 + int(draw[1] % (block - 5))
+                x = int(draw[2] % (block - w + 1))
+                y = int(draw[3] % (block - h + 1))
+                out.append((r * steps + y, c * steps + x, h, w))
+        return out
+
+    def building_rectangles(self) -> list[tuple[float, float, float, float]]:
+        """Building rectangles ``(left, bottom, right, top)`` in the region CRS (metres)."""
+        left0, top0 = self.transform.c, self.transform.f
+        f = BUILDING_FINE_M
+        return [(left0 + x * f, top0 - (y + h) * f, left0 + (x + w) * f, top0 - y * f)
+                for y, x, h, w in self._building_cells]
+
+    @cached_property
+    def building_coverage(self) -> np.ndarray:
+        """Fraction (float32, 0-1) of each 10 m pixel covered by buildings: mixes roofs into the S2 reflectance
+        (:meth:`s2_reflectance`), the ground truth of the LIANet building-coverage task."""
+        steps = int(round(self.spec.resolution / BUILDING_FINE_M))
+        fine = np.zeros((self.height * steps, self.width * steps), np.float32)
+        for y, x, h, w in self._building_cells:
+            fine[y:y + h, x:x + w] = 1.0
+        return fine.reshape(self.height, steps, self.width, steps).mean(axis=(1, 3), dtype=np.float32)
+
     def cloud_mask(self, index: int, window: tuple[slice, slice] | None = None) -> np.ndarray:
         """Cloud opacity in [0, 1] of S2 date ``index`` (0 on clear dates)."""
         if not self.cloudy_dates[index]:
@@ -339,7 +386,8 @@ class World:
         needles = (1 - g)[None] * soil * 0.6 + g[None] * _CONIFER[:, None, None]
         refl = np.where((lc == FOREST)[None] & conifer[None], needles, refl)
         refl = np.where((lc == WATER)[None], _WATER[:, None, None], refl)
-        refl = np.where((lc == URBAN)[None], _URBAN[:, None, None], refl)
+        roofs = self._window(self.building_coverage, window)[None]
+        refl = np.where((lc == URBAN)[None], (1 - roofs) * _URBAN[:, None, None] + roofs * _ROOF[:, None, None], refl)
         refl = refl * self._window(self._brightness, window)[None]
         rng = _rng(self.spec.seed, "s2noise", index, None if window is None else (window[0].start, window[1].start))
         refl = refl + rng.normal(0, 0.004, refl.shape).astype(np.float32)

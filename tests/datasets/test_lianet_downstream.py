@@ -23,7 +23,7 @@ from terratorch_eoplugins.datamodules.lianet_downstream import LIANetRegionDataM
 from terratorch_eoplugins.datasets.lianet_downstream import DW_TO_TASK, RegionLabels, patch_grid, train_box
 from terratorch_eoplugins.datasets.s2_tiles import scan_region
 from terratorch_eoplugins.synthetic.lianet_labels import building_rectangles, dlt_label, dw_label
-from terratorch_eoplugins.synthetic.world import URBAN
+from terratorch_eoplugins.synthetic.world import _ROOF, _URBAN, URBAN
 
 P = 64
 
@@ -134,6 +134,28 @@ def test_building_footprints_and_coverage_against_polygon_areas(labels, region, 
     assert checked >= 1
     s = fp[next(i for i, smp in enumerate(fp.samples) if fp.footprints(*smp["origin"]).any())]
     assert s["mask"].shape == (4 * P, 4 * P) and set(np.unique(s["mask"].numpy())) == {0, 1}
+
+
+def test_s2_images_carry_the_building_coverage_by_linear_mixing(labels, region, tiny_world) -> None:
+    """The coverage the dataset reads from the GeoJSON is the world's, and every urban pixel of a clear S2 date is
+    the roof / urban-ground mix of that coverage (x brightness, + noise of std 0.004): the images show the
+    sub-pixel buildings that the building tasks ask for."""
+    cov = _ds(labels, region, "building_coverage", train_area_km2=None, train_area_bounds=[0, 0, 1, 1])
+    for col, row in patch_grid(region.shape, P):
+        np.testing.assert_allclose(tiny_world.building_coverage[row:row + P, col:col + P], cov.coverage(col, row),
+                                   atol=1e-6)
+
+    clear = next(i for i in range(len(tiny_world.s2_dates)) if not tiny_world.cloudy_dates[i])
+    refl = tiny_world.s2_reflectance(clear)
+    urban = tiny_world.landcover == URBAN
+    c = tiny_world.building_coverage[urban]
+    assert c.min() == 0 and c.max() > 0.5  # bare urban ground and mostly-roofed pixels both occur
+    mix = ((1 - c)[None] * _URBAN[:, None] + c[None] * _ROOF[:, None]) * tiny_world._brightness[urban][None]
+    resid = refl[:, urban] - mix
+    assert abs(float(resid.mean())) < 1e-3 and float(resid.std()) < 0.0045
+    # the band-mean reflectance of urban pixels follows the coverage (roofs are brighter in every band)
+    assert np.corrcoef(refl[:, urban].mean(0), c)[0, 1] > 0.9
+    assert ((tiny_world.building_coverage > 0) <= urban).all()
 
 
 @pytest.mark.parametrize("km2", [0.5, 1.0, 2.0])
