@@ -614,14 +614,19 @@ class LIANetHead(nn.Module):
         in_index: which backbone feature map to use.
         num_classes: classes (or regression outputs) of the included classifier; ``None``: no classifier.
         classifier_kernel: kernel size of the included classifier (odd; 3 in the reference, 1 = terratorch's).
-        upsample: output scale of the head: 1 (default), 2 or 4; each factor 2 is one bilinear x2 after the conv
-            blocks, before the classifier (4 = the reference's ``replace_final_block_4x`` for 2.5 m building
-            footprints from 10 m features). Models using it need ``rescale: false`` in terratorch's ``model_args``.
+        upsample: output scale of the head: 1 (default), 2 or 4; each factor 2 is one bilinear x2 (4 = the
+            reference's ``replace_final_block_4x`` for 2.5 m building footprints from 10 m features). Models using
+            it need ``rescale: false`` in terratorch's ``model_args``.
+        upsample_after: indices of the conv blocks each x2 comes after (one per factor 2, non-decreasing).
+            ``None``: the reference's placement, after the last block of each width stage but the last (blocks 4
+            and 8 of the default channels, so the later blocks work at 5 m and 2.5 m), factors left over after the
+            last block (e.g. both after a single-width ``[32, 32]``). ``[n - 1, n - 1]`` (``n`` blocks) puts both
+            after the conv blocks, the layout of this project's earlier releases.
     """
 
     def __init__(self, embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                  in_index: int = -1, num_classes: int | None = None, classifier_kernel: int = 3,
-                 upsample: int = 1) -> None:
+                 upsample: int = 1, upsample_after: Sequence[int] | None = None) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one conv block width")
@@ -631,14 +636,16 @@ class LIANetHead(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if upsample not in (1, 2, 4):
             raise ValueError(f"upsample must be 1, 2 or 4, got {upsample}")
+        channels = [int(c) for c in channels]
+        self.upsample_after = self.upsample_positions(channels, upsample, upsample_after)
         self.in_index = in_index
         cin = int(list(embed_dim)[in_index])
         layers: list[nn.Module] = []
-        for c in channels:
+        for i, c in enumerate(channels):
             layers += [nn.Conv2d(cin, c, 3, padding=1), group_norm(c), nn.ReLU(inplace=True)]
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                       for _ in range(self.upsample_after.count(i))]
             cin = c
-        layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-                   for _ in range(upsample.bit_length() - 1)]
         if num_classes is not None:
             layers.append(nn.Conv2d(cin, num_classes, classifier_kernel, padding=classifier_kernel // 2))
             cin = num_classes
@@ -649,17 +656,33 @@ class LIANetHead(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def upsample_positions(channels: Sequence[int], upsample: int,
+                           upsample_after: Sequence[int] | None = None) -> list[int]:
+        """Indices of the conv blocks each x2 upsampling follows (see the class doc)."""
+        n_up, n = upsample.bit_length() - 1, len(channels)
+        if upsample_after is None:
+            ends = [i for i in range(n - 1) if channels[i + 1] != channels[i]]  # last block of each stage but the last
+            return (ends[:n_up] + [n - 1] * n_up)[:n_up]
+        after = [int(i) for i in upsample_after]
+        if len(after) != n_up or any(not 0 <= i < n for i in after) or after != sorted(after):
+            raise ValueError(f"upsample_after must list {n_up} non-decreasing conv block indices in [0, {n - 1}] "
+                             f"(one per factor 2 of upsample={upsample}), got {list(upsample_after)}")
+        return after
+
     def forward(self, x: list[Tensor]) -> Tensor:
         return self.net(x[self.in_index])
 
 
 @TERRATORCH_DECODER_REGISTRY.register
 def lianet_head(embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
-                in_index: int = -1, upsample: int = 1, **kwargs: Any) -> LIANetHead:
+                in_index: int = -1, upsample: int = 1, upsample_after: Sequence[int] | None = None,
+                **kwargs: Any) -> LIANetHead:
     """The LIANet fine-tuning conv blocks as a terratorch decoder; terratorch adds its 1x1 classifier (other keyword
-    arguments are errors). ``upsample``: see :class:`LIANetHead`."""
-    check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index", "upsample"), prefix="decoder_")
-    return LIANetHead(embed_dim, channels, in_index, upsample=upsample)
+    arguments are errors). ``upsample``, ``upsample_after``: see :class:`LIANetHead`."""
+    check_builder_kwargs("lianet_head", kwargs, ("channels", "in_index", "upsample", "upsample_after"),
+                         prefix="decoder_")
+    return LIANetHead(embed_dim, channels, in_index, upsample=upsample, upsample_after=upsample_after)
 
 
 #: decoders that include their classifier: terratorch's factory passes them ``num_classes`` and adds no head. It reads
@@ -678,15 +701,15 @@ else:  # module re-imported: reuse the source registered the first time
 def lianet_classifier_head(embed_dim: Sequence[int],
                            channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                            in_index: int = -1, num_classes: int = 1, classifier_kernel: int = 3, upsample: int = 1,
-                           **kwargs: Any) -> LIANetHead:
+                           upsample_after: Sequence[int] | None = None, **kwargs: Any) -> LIANetHead:
     """The reference's whole fine-tuning head (conv blocks + ``classifier_kernel`` classifier, 3x3 by default) as
     the terratorch decoder ``eoplugins_lianet_classifier_head``; ``num_classes`` is filled by terratorch from the
-    task's ``num_classes`` (the default 1 only serves bare builds). ``upsample``: see :class:`LIANetHead`. Other
-    keyword arguments are errors."""
+    task's ``num_classes`` (the default 1 only serves bare builds). ``upsample``, ``upsample_after``: see
+    :class:`LIANetHead`. Other keyword arguments are errors."""
     check_builder_kwargs(f"{HEAD_SOURCE}_lianet_classifier_head", kwargs,
-                         ("channels", "in_index", "classifier_kernel", "upsample"), prefix="decoder_")
+                         ("channels", "in_index", "classifier_kernel", "upsample", "upsample_after"), prefix="decoder_")
     return LIANetHead(embed_dim, channels, in_index, num_classes=num_classes, classifier_kernel=classifier_kernel,
-                      upsample=upsample)
+                      upsample=upsample, upsample_after=upsample_after)
 
 
 # terratorch's factory asks the builder whether it has ``includes_head``, then reads the flag of its registry source

@@ -62,6 +62,34 @@ def test_the_factory_builds_the_reference_head_with_its_3x3_classifier() -> None
     assert out.output.shape == (1, 5, 16, 16)
 
 
+def test_x4_head_upsamples_between_width_stages_as_the_reference() -> None:
+    """upsample 4 with the paper's channels: [conv-GN-ReLU] x 4 at 10 m, x2, x 4 at 5 m, x2, x 2 at 2.5 m, 3x3
+    classifier (the reference's replace_final_block_4x); a single-width head and upsample_after [n-1, n-1] keep both
+    x2 after the blocks; a bad upsample_after is refused by name."""
+    head = DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [128], num_classes=2, upsample=4)
+    kinds = ["up" if isinstance(m, torch.nn.Upsample) else type(m).__name__ for m in head.net]
+    block = ["Conv2d", "GroupNorm", "ReLU"]
+    assert kinds == block * 4 + ["up"] + block * 4 + ["up"] + block * 2 + ["Conv2d"]
+    sizes: list[tuple[int, int]] = []  # (output channels, output width) of each conv, in call order
+    for m in head.net:
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append((mod.out_channels, out.shape[-1])) and None)
+    out = head([torch.zeros(1, 128, 8, 8)])
+    assert out.shape == (1, 2, 32, 32)
+    assert sizes == [(128, 8)] * 4 + [(64, 16)] * 4 + [(32, 32)] * 2 + [(2, 32)]
+    small = DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [16], channels=[8, 8], num_classes=2, upsample=4)
+    assert small.upsample_after == [1, 1]
+    assert [type(m).__name__ for m in small.net][-3:] == ["Upsample", "Upsample", "Conv2d"]
+    legacy = DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [128], num_classes=2, upsample=4,
+                                    upsample_after=[9, 9])
+    assert [type(m).__name__ for m in legacy.net][30:] == ["Upsample", "Upsample", "Conv2d"]
+    assert DECODER_REGISTRY.build("lianet_head", [128], upsample=2).upsample_after == [3]
+    with pytest.raises(ValueError, match="upsample_after must list 2"):
+        DECODER_REGISTRY.build("lianet_head", [128], upsample=4, upsample_after=[3])
+    with pytest.raises(ValueError, match="upsample_after"):
+        DECODER_REGISTRY.build("lianet_head", [128], upsample=4, upsample_after=[7, 3])
+
+
 def test_reference_coordinates_features_decoder_and_legacy_options(tmp_path: Path) -> None:
     from terratorch_eoplugins.nn.hash_encoding import level_seeds, naive_hash_grid
 
