@@ -599,6 +599,10 @@ def lianet_modified(ckpt_path: str | None = None, pretrained: bool = False, free
     return _build_backbone("modified", ckpt_path, pretrained, freeze, generator_args, kwargs, pretrained_from)
 
 
+#: initialisations of :class:`LIANetHead`'s included classifier (the first is the reference's)
+CLASSIFIER_INITS: tuple[str, ...] = ("kaiming", "zero")
+
+
 class LIANetHead(nn.Module):
     """The paper's fine-tuning head: 3x3 conv + GN + ReLU blocks, optionally with its classifier conv.
 
@@ -622,11 +626,16 @@ class LIANetHead(nn.Module):
             and 8 of the default channels, so the later blocks work at 5 m and 2.5 m), factors left over after the
             last block (e.g. both after a single-width ``[32, 32]``). ``[n - 1, n - 1]`` (``n`` blocks) puts both
             after the conv blocks, the layout of this project's earlier releases.
+        classifier_init: initialisation of the included classifier: ``"kaiming"`` (default, the reference's
+            Kaiming-normal fan-out like the conv blocks) or ``"zero"`` (zero weights and bias: the head starts at
+            output 0, i.e. uniform logits or a regression of 0). Not the paper's; for short fine-tuning runs of a
+            regression on a 0-1 target, whose Kaiming start lies several units off (see the profiles that use it).
     """
 
     def __init__(self, embed_dim: Sequence[int], channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                  in_index: int = -1, num_classes: int | None = None, classifier_kernel: int = 3,
-                 upsample: int = 1, upsample_after: Sequence[int] | None = None) -> None:
+                 upsample: int = 1, upsample_after: Sequence[int] | None = None,
+                 classifier_init: str = "kaiming") -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one conv block width")
@@ -636,6 +645,11 @@ class LIANetHead(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if upsample not in (1, 2, 4):
             raise ValueError(f"upsample must be 1, 2 or 4, got {upsample}")
+        if classifier_init not in CLASSIFIER_INITS:
+            raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got {classifier_init!r}")
+        if classifier_init != "kaiming" and num_classes is None:
+            raise ValueError(f"classifier_init={classifier_init!r} needs num_classes (the head's own classifier); "
+                             "without it terratorch adds and initialises the classifier")
         channels = [int(c) for c in channels]
         self.upsample_after = self.upsample_positions(channels, upsample, upsample_after)
         self.in_index = in_index
@@ -651,10 +665,13 @@ class LIANetHead(nn.Module):
             cin = num_classes
         self.net = nn.Sequential(*layers)
         self.out_channels = cin
+        self.classifier_init = classifier_init
         for m in self.net:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+        if num_classes is not None and classifier_init == "zero":
+            nn.init.zeros_(self.net[-1].weight)
 
     @staticmethod
     def upsample_positions(channels: Sequence[int], upsample: int,
@@ -701,15 +718,17 @@ else:  # module re-imported: reuse the source registered the first time
 def lianet_classifier_head(embed_dim: Sequence[int],
                            channels: Sequence[int] = (128, 128, 128, 128, 64, 64, 64, 64, 32, 32),
                            in_index: int = -1, num_classes: int = 1, classifier_kernel: int = 3, upsample: int = 1,
-                           upsample_after: Sequence[int] | None = None, **kwargs: Any) -> LIANetHead:
+                           upsample_after: Sequence[int] | None = None, classifier_init: str = "kaiming",
+                           **kwargs: Any) -> LIANetHead:
     """The reference's whole fine-tuning head (conv blocks + ``classifier_kernel`` classifier, 3x3 by default) as
     the terratorch decoder ``eoplugins_lianet_classifier_head``; ``num_classes`` is filled by terratorch from the
-    task's ``num_classes`` (the default 1 only serves bare builds). ``upsample``, ``upsample_after``: see
-    :class:`LIANetHead`. Other keyword arguments are errors."""
+    task's ``num_classes`` (the default 1 only serves bare builds). ``upsample``, ``upsample_after``,
+    ``classifier_init``: see :class:`LIANetHead`. Other keyword arguments are errors."""
     check_builder_kwargs(f"{HEAD_SOURCE}_lianet_classifier_head", kwargs,
-                         ("channels", "in_index", "classifier_kernel", "upsample", "upsample_after"), prefix="decoder_")
+                         ("channels", "in_index", "classifier_kernel", "upsample", "upsample_after", "classifier_init"),
+                         prefix="decoder_")
     return LIANetHead(embed_dim, channels, in_index, num_classes=num_classes, classifier_kernel=classifier_kernel,
-                      upsample=upsample, upsample_after=upsample_after)
+                      upsample=upsample, upsample_after=upsample_after, classifier_init=classifier_init)
 
 
 # terratorch's factory asks the builder whether it has ``includes_head``, then reads the flag of its registry source

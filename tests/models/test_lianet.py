@@ -18,6 +18,7 @@ from terratorch_eoplugins.models.lianet import (
     LEGACY_DEFAULTS,
     LIANetBackbone,
     LIANetGenerator,
+    LIANetHead,
     load_generator,
     parameter_counts,
     save_generator,
@@ -88,6 +89,35 @@ def test_x4_head_upsamples_between_width_stages_as_the_reference() -> None:
         DECODER_REGISTRY.build("lianet_head", [128], upsample=4, upsample_after=[3])
     with pytest.raises(ValueError, match="upsample_after"):
         DECODER_REGISTRY.build("lianet_head", [128], upsample=4, upsample_after=[7, 3])
+
+
+def test_classifier_init_zero_starts_at_zero_and_still_learns() -> None:
+    """decoder_classifier_init: the default keeps the reference's Kaiming fan-out classifier (weight std
+    sqrt(2 / fan_out)); "zero" starts the model's output at exactly 0 and the first optimiser step moves it; the
+    option is refused by name where the head has no classifier of its own or with an unknown value."""
+    from terratorch.models import EncoderDecoderFactory
+
+    torch.manual_seed(0)
+    ref = DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [64], channels=[64, 64], num_classes=32)
+    w = ref.net[-1].weight
+    fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+    assert abs(float(w.detach().std()) / (2.0 / fan_out) ** 0.5 - 1) < 0.05 and ref.classifier_init == "kaiming"
+    model = EncoderDecoderFactory().build_model(
+        task="regression", backbone="lianet_modified", backbone_generator_args={**SMALL, "region_size": 64.0},
+        decoder="eoplugins_lianet_classifier_head", decoder_channels=[8, 8], decoder_classifier_init="zero")
+    batch = {"origin_px": torch.tensor([[0.0, 0.0], [8.0, 4.0]]), "time_days": torch.tensor([15.0, 40.0])}
+    out = model(torch.zeros(2, 1, 16, 16), **batch).output
+    assert out.shape == (2, 16, 16) and torch.count_nonzero(out) == 0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ((out - 0.5) ** 2).mean().backward()
+    opt.step()
+    assert torch.count_nonzero(model(torch.zeros(2, 1, 16, 16), **batch).output) > 0
+    with pytest.raises(ValueError, match="classifier_init must be one of"):
+        DECODER_REGISTRY.build("eoplugins_lianet_classifier_head", [16], channels=[8], classifier_init="xavier")
+    with pytest.raises(ValueError, match="needs num_classes"):
+        LIANetHead([16], [8], classifier_init="zero")
+    with pytest.raises(ValueError, match="classifier_init"):  # terratorch's own 1x1 classifier: not this head's
+        DECODER_REGISTRY.build("lianet_head", [16], channels=[8], classifier_init="zero")
 
 
 def test_reference_coordinates_features_decoder_and_legacy_options(tmp_path: Path) -> None:
